@@ -1,0 +1,386 @@
+//! One SMTP session: an explicit state, bytes in and replies out, generic over
+//! the transport so whole dialogues run in memory in tests. Verbs live in
+//! their own files; this file owns the I/O, the state and the dispatch.
+
+mod auth;
+mod data;
+mod ehlo;
+mod mail;
+mod misc;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{RelayConfig, secs};
+use crate::limits::Limits;
+use crate::parse::{self, Command, MAX_COMMAND_LINE, ParseError};
+use crate::reply::{Reply, canned};
+use crate::spool::{QueueRecord, Spool};
+use crate::stats::RelayStats;
+use crate::tls::TlsStore;
+use crate::users::{UserDb, UserEntry};
+
+/// Which listener accepted the connection; decides TLS start and the wording
+/// of refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Port 587: plaintext, STARTTLS offered.
+    Submission,
+    /// Port 465: TLS done before the session starts.
+    Submissions,
+    /// Port-25 connections redirected by the datapath: like 587, but
+    /// unauthenticated MAIL/RCPT get the configured intercept message.
+    Intercept,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake: {source}")]
+    Handshake {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every session shares: configuration, credentials, limits, spool.
+pub struct Shared {
+    pub config: Arc<RelayConfig>,
+    pub tls: Arc<TlsStore>,
+    pub users: Arc<UserDb>,
+    pub limits: Limits,
+    pub stats: Arc<RelayStats>,
+    pub spool: Spool,
+    /// New messages for the delivery side, sent after they are on disk.
+    pub queued: mpsc::UnboundedSender<QueueRecord>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+enum Stream<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Only while the handshake owns the stream.
+    Upgrading,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf).await,
+            Self::Tls(s) => s.read(buf).await,
+            Self::Upgrading => Err(std::io::Error::other("stream lost in TLS upgrade")),
+        }
+    }
+
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => {
+                s.write_all(buf).await?;
+                s.flush().await
+            }
+            Self::Tls(s) => {
+                s.write_all(buf).await?;
+                s.flush().await
+            }
+            Self::Upgrading => Err(std::io::Error::other("stream lost in TLS upgrade")),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Self::Plain(s) => s.shutdown().await,
+            Self::Tls(s) => s.shutdown().await,
+            Self::Upgrading => Ok(()),
+        };
+    }
+}
+
+/// Result of reading one line.
+enum Line {
+    Ok(Vec<u8>),
+    /// Over the limit; the rest of the line up to LF was discarded.
+    TooLong,
+    /// Ended in LF without CR.
+    BareLf,
+    Eof,
+    Timeout,
+    Shutdown,
+}
+
+/// Whether the session goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    Close,
+}
+
+/// An open mail transaction (after MAIL).
+#[derive(Debug)]
+pub(crate) struct Txn {
+    pub from: parse::Address,
+    pub rcpts: Vec<parse::Address>,
+    pub smtputf8: bool,
+}
+
+/// Authenticated identity.
+#[derive(Debug)]
+pub(crate) struct Login {
+    pub user: String,
+    pub entry: UserEntry,
+}
+
+/// Protocol phase. Transitions: Fresh -(EHLO/HELO)-> Greeted -(MAIL)-> Mail
+/// -(RCPT)-> Rcpt -(DATA done, RSET)-> Greeted. STARTTLS goes back to Fresh;
+/// AUTH keeps the phase but sets `login`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Fresh,
+    Greeted,
+    Mail,
+    Rcpt,
+}
+
+pub struct Session<S> {
+    stream: Stream<S>,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    shared: Arc<Shared>,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    login: Option<Login>,
+    txn: Option<Txn>,
+    errors: u32,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// `tls` says whether `stream` is already encrypted (port 465).
+    pub fn new(stream: S, shared: Arc<Shared>, kind: ListenerKind, peer: SocketAddr, local: SocketAddr, tls: bool) -> Self {
+        let shutdown = shared.shutdown.clone();
+        Self {
+            stream: Stream::Plain(stream),
+            rbuf: Vec::with_capacity(1024),
+            wbuf: Vec::with_capacity(1024),
+            shared,
+            kind,
+            peer,
+            local,
+            tls,
+            helo: None,
+            esmtp: false,
+            login: None,
+            txn: None,
+            errors: 0,
+            shutdown,
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match (&self.helo, &self.txn) {
+            (None, _) => Phase::Fresh,
+            (Some(_), None) => Phase::Greeted,
+            (Some(_), Some(t)) if t.rcpts.is_empty() => Phase::Mail,
+            (Some(_), Some(_)) => Phase::Rcpt,
+        }
+    }
+
+    fn cfg(&self) -> &RelayConfig {
+        &self.shared.config
+    }
+
+    /// Queues a reply; it is written when we next wait for input. Counts
+    /// errors towards the per-session limit.
+    pub(crate) fn reply(&mut self, r: &Reply) {
+        if r.is_error() {
+            self.errors += 1;
+        }
+        self.wbuf.extend_from_slice(&r.to_bytes());
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if !self.wbuf.is_empty() {
+            let out = std::mem::take(&mut self.wbuf);
+            self.stream.write_all(&out).await.map_err(|source| SessionError::Io { op: "writing reply", source })?;
+        }
+        Ok(())
+    }
+
+    /// Reads more input into `rbuf`; Ok(false) on EOF.
+    async fn fill(&mut self, timeout: Duration, watch_shutdown: bool) -> Result<Option<bool>, SessionError> {
+        self.flush().await?;
+        let mut chunk = [0u8; 8192];
+        let read = tokio::time::timeout(timeout, self.stream.read(&mut chunk));
+        let n = if watch_shutdown {
+            tokio::select! {
+                r = read => r,
+                _ = self.shutdown.wait_for(|s| *s) => return Ok(None),
+            }
+        } else {
+            read.await
+        };
+        match n {
+            Err(_) => Err(SessionError::Io { op: "reading", source: std::io::ErrorKind::TimedOut.into() }),
+            Ok(Err(source)) => Err(SessionError::Io { op: "reading", source }),
+            Ok(Ok(0)) => Ok(Some(false)),
+            Ok(Ok(n)) => {
+                self.rbuf.extend_from_slice(&chunk[..n]);
+                Ok(Some(true))
+            }
+        }
+    }
+
+    /// Reads one CRLF-terminated line of at most `max` octets (CRLF included).
+    async fn read_line(&mut self, max: usize, watch_shutdown: bool) -> Result<Line, SessionError> {
+        let timeout = secs(self.cfg().limits.command_timeout_secs);
+        let mut discarding = false;
+        loop {
+            if let Some(i) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.rbuf.drain(..=i).collect();
+                if discarding || line.len() > max {
+                    return Ok(Line::TooLong);
+                }
+                line.pop();
+                if line.pop() != Some(b'\r') {
+                    return Ok(Line::BareLf);
+                }
+                return Ok(Line::Ok(line));
+            }
+            if self.rbuf.len() >= max {
+                // Never buffer an over-long line: drop it and remember to
+                // refuse it once its end arrives.
+                discarding = true;
+                self.rbuf.clear();
+            }
+            match self.fill(timeout, watch_shutdown).await {
+                Ok(Some(true)) => {}
+                Ok(Some(false)) => return Ok(Line::Eof),
+                Ok(None) => return Ok(Line::Shutdown),
+                Err(SessionError::Io { source, .. }) if source.kind() == std::io::ErrorKind::TimedOut => {
+                    return Ok(Line::Timeout);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs the whole dialogue. Errors are I/O problems only: protocol
+    /// problems are answered on the wire.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        RelayStats::inc(&self.shared.stats.sessions_total);
+        RelayStats::inc(&self.shared.stats.sessions_active);
+        let r = self.run_inner().await;
+        RelayStats::dec(&self.shared.stats.sessions_active);
+        let _ = self.flush().await;
+        self.stream.shutdown().await;
+        r
+    }
+
+    async fn run_inner(&mut self) -> Result<(), SessionError> {
+        if self.kind == ListenerKind::Intercept {
+            // The redirected socket's local address is where the client
+            // meant to connect: worth logging, it names the bypass attempt.
+            tracing::info!(peer = %self.peer, original_destination = %self.local, "intercepted port-25 session");
+        }
+        let greeting = Reply::new(220, "", format!("{} ESMTP smtpgate", self.cfg().hostname));
+        self.reply(&greeting);
+        loop {
+            let line = match self.read_line(MAX_COMMAND_LINE, true).await? {
+                Line::Ok(l) => l,
+                Line::TooLong => {
+                    self.reply(&canned::line_too_long());
+                    if self.too_many_errors() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Line::BareLf => {
+                    self.reply(&canned::bare_lf_command());
+                    if self.too_many_errors() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Line::Eof => return Ok(()),
+                Line::Timeout => {
+                    self.reply(&canned::timeout());
+                    return Ok(());
+                }
+                Line::Shutdown => {
+                    self.reply(&canned::shutting_down());
+                    return Ok(());
+                }
+            };
+            let flow = match parse::parse_command(&line) {
+                Ok(cmd) => self.dispatch(cmd).await?,
+                Err(e) => self.parse_error(&line, &e),
+            };
+            if flow == Flow::Close || self.too_many_errors() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn too_many_errors(&mut self) -> bool {
+        if self.errors >= self.cfg().limits.max_errors {
+            tracing::info!(peer = %self.peer, errors = self.errors, "closing session after repeated errors");
+            // Not via reply(): this one must not count itself.
+            self.wbuf.extend_from_slice(&canned::too_many_errors().to_bytes());
+            return true;
+        }
+        false
+    }
+
+    fn parse_error(&mut self, line: &[u8], e: &ParseError) -> Flow {
+        let verb = line.get(..4).map(<[u8]>::to_ascii_uppercase);
+        let r = match e {
+            ParseError::Http => {
+                tracing::info!(peer = %self.peer, "HTTP request on SMTP port");
+                self.reply(&canned::http_refused());
+                return Flow::Close;
+            }
+            ParseError::Unknown => canned::unknown_command(),
+            ParseError::Syntax { what } => canned::syntax(what),
+            ParseError::UnsupportedParam { param } => Reply::new(555, "5.5.4", format!("Unsupported parameter {param}")),
+            ParseError::Address { source } => {
+                let enh = if verb.as_deref() == Some(b"MAIL") { "5.1.7" } else { "5.1.3" };
+                Reply::new(553, enh, format!("Address rejected: {source}"))
+            }
+        };
+        self.reply(&r);
+        Flow::Continue
+    }
+
+    async fn dispatch(&mut self, cmd: Command) -> Result<Flow, SessionError> {
+        Ok(match cmd {
+            Command::Ehlo(d) => self.cmd_helo(d, true),
+            Command::Helo(d) => self.cmd_helo(d, false),
+            Command::StartTls => return self.cmd_starttls().await,
+            Command::Auth { mechanism, initial } => return self.cmd_auth(&mechanism, initial).await,
+            Command::Mail { from, params } => self.cmd_mail(from, &params),
+            Command::Rcpt { to } => self.cmd_rcpt(to),
+            Command::Data => return self.cmd_data().await,
+            Command::Rset => self.cmd_rset(),
+            Command::Noop => self.cmd_noop(),
+            Command::Quit => self.cmd_quit(),
+            Command::Vrfy => self.cmd_vrfy(),
+            Command::Expn => self.cmd_expn(),
+            Command::Help => self.cmd_help(),
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

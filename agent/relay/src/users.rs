@@ -1,0 +1,337 @@
+//! Users file and password verification.
+//!
+//! Format (TOML), one table per user:
+//!
+//! ```toml
+//! [users.alice]
+//! # argon2id ($argon2id$), bcrypt ($2b$/$2y$/$2a$) or SHA-512-crypt ($6$).
+//! # Dovecot scheme prefixes ({ARGON2ID}, {BLF-CRYPT}, {SHA512-CRYPT}) are
+//! # accepted so hashes can be pasted from a Dovecot passwd file.
+//! hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
+//! # Envelope senders this user may use: full addresses, or "@domain" for a
+//! # whole domain. Anything else is refused (reject_sender_login_mismatch).
+//! senders = ["alice@example.com", "@example.org"]
+//! ```
+//!
+//! The relay re-reads the file when its modification time changes, so
+//! `smtpgate user add` takes effect without a restart.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::SystemTime;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use serde::{Deserialize, Serialize};
+
+use crate::parse::Address;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing users file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("users file {path}: user {user}: {problem}")]
+    Invalid { path: PathBuf, user: String, problem: String },
+    #[error("user {user} already exists")]
+    Exists { user: String },
+    #[error("no such user {user}")]
+    NoSuchUser { user: String },
+    #[error("hashing password: {problem}")]
+    Hash { problem: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub hash: String,
+    pub senders: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    #[serde(default)]
+    pub users: BTreeMap<String, UserEntry>,
+}
+
+/// What `user list` shows: never the hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSummary {
+    pub name: String,
+    pub scheme: &'static str,
+    pub senders: Vec<String>,
+}
+
+fn strip_dovecot_prefix(hash: &str) -> &str {
+    if hash.starts_with('{')
+        && let Some(end) = hash.find('}')
+    {
+        return &hash[end + 1..];
+    }
+    hash
+}
+
+/// The hash scheme, or None when unsupported.
+pub fn scheme(hash: &str) -> Option<&'static str> {
+    let h = strip_dovecot_prefix(hash);
+    if h.starts_with("$argon2id$") || h.starts_with("$argon2i$") {
+        Some("argon2")
+    } else if h.starts_with("$2b$") || h.starts_with("$2y$") || h.starts_with("$2a$") {
+        Some("bcrypt")
+    } else if h.starts_with("$6$") {
+        Some("sha512-crypt")
+    } else {
+        None
+    }
+}
+
+/// Verifies `password` against `hash`. Each backend compares in constant time.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    let h = strip_dovecot_prefix(hash);
+    match scheme(h) {
+        Some("argon2") => {
+            PasswordHash::new(h).is_ok_and(|ph| argon2::Argon2::default().verify_password(password.as_bytes(), &ph).is_ok())
+        }
+        // bcrypt's $2y$ (PHP/Dovecot) is the same algorithm as $2b$.
+        Some("bcrypt") => bcrypt::verify(password, &h.replacen("$2y$", "$2b$", 1)).unwrap_or(false),
+        Some("sha512-crypt") => sha_crypt::sha512_check(password, h).is_ok(),
+        _ => false,
+    }
+}
+
+/// New hashes are argon2id with the crate's defaults (OWASP-recommended
+/// m=19 MiB, t=2, p=1).
+pub fn hash_password(password: &str) -> Result<String, UsersError> {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| UsersError::Hash { problem: e.to_string() })
+}
+
+/// Hash verified for unknown users so that "no such user" costs as much as
+/// "wrong password" and timing reveals nothing.
+static DUMMY_HASH: LazyLock<String> =
+    LazyLock::new(|| hash_password("smtpgate-dummy-password").expect("argon2 hashing a constant cannot fail"));
+
+impl UserEntry {
+    /// Whether this user may use `from` as envelope sender.
+    pub fn may_send_as(&self, from: &Address) -> bool {
+        self.senders.iter().any(|s| {
+            if let Some(domain) = s.strip_prefix('@') {
+                domain.eq_ignore_ascii_case(&from.domain)
+            } else {
+                // Local parts are compared case-insensitively: mailbox
+                // providers treat them so, and the risk is only a user
+                // sending as a case variant of their own address.
+                s.eq_ignore_ascii_case(&from.to_string())
+            }
+        })
+    }
+}
+
+impl UsersFile {
+    /// Loads the file; a missing file is an empty user list (fresh install).
+    pub fn load(path: &Path) -> Result<Self, UsersError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(UsersError::Io { op: "reading", path: path.into(), source }),
+        };
+        let file: Self = toml::from_str(&text).map_err(|source| UsersError::Parse { path: path.into(), source })?;
+        for (name, u) in &file.users {
+            let bad = |problem: &str| UsersError::Invalid { path: path.into(), user: name.clone(), problem: problem.into() };
+            if name.is_empty() || name.contains(['\0', ' ', '\t']) {
+                return Err(bad("user names must be non-empty and contain no spaces"));
+            }
+            if scheme(&u.hash).is_none() {
+                return Err(bad("unsupported hash (want $argon2id$, $2b$/$2y$ or $6$)"));
+            }
+            if u.senders.is_empty() {
+                return Err(bad("needs at least one allowed sender"));
+            }
+            if let Some(s) = u.senders.iter().find(|s| !valid_sender_pattern(s)) {
+                return Err(bad(&format!("bad sender pattern {s:?} (want user@domain or @domain)")));
+            }
+        }
+        Ok(file)
+    }
+
+    /// Writes the file atomically (temp, fsync, rename, fsync dir) with mode
+    /// 0600: it holds password hashes.
+    pub fn save(&self, path: &Path) -> Result<(), UsersError> {
+        let text = toml::to_string_pretty(self).expect("users file serialises");
+        crate::spool::write_atomic(path, text.as_bytes(), 0o600)
+            .map_err(|source| UsersError::Io { op: "writing", path: path.into(), source })
+    }
+}
+
+fn valid_sender_pattern(s: &str) -> bool {
+    match s.strip_prefix('@') {
+        Some(d) => crate::parse::parse_address(&format!("x@{d}")).is_ok(),
+        None => crate::parse::parse_address(s).is_ok(),
+    }
+}
+
+/// `smtpgate user add`: hashes `password` with argon2id.
+pub fn user_add(path: &Path, name: &str, password: &str, senders: Vec<String>) -> Result<(), UsersError> {
+    user_add_hash(path, name, &hash_password(password)?, senders)
+}
+
+/// `smtpgate user add --hash`: imports an existing hash (Dovecot, Postfix).
+pub fn user_add_hash(path: &Path, name: &str, hash: &str, senders: Vec<String>) -> Result<(), UsersError> {
+    let mut f = UsersFile::load(path)?;
+    if f.users.contains_key(name) {
+        return Err(UsersError::Exists { user: name.into() });
+    }
+    f.users.insert(name.into(), UserEntry { hash: hash.into(), senders });
+    validate_then_save(&f, path)
+}
+
+pub fn user_remove(path: &Path, name: &str) -> Result<(), UsersError> {
+    let mut f = UsersFile::load(path)?;
+    f.users.remove(name).ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?;
+    f.save(path)
+}
+
+pub fn user_passwd(path: &Path, name: &str, password: &str) -> Result<(), UsersError> {
+    let mut f = UsersFile::load(path)?;
+    let hash = hash_password(password)?;
+    f.users.get_mut(name).ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?.hash = hash;
+    f.save(path)
+}
+
+pub fn user_list(path: &Path) -> Result<Vec<UserSummary>, UsersError> {
+    Ok(UsersFile::load(path)?
+        .users
+        .into_iter()
+        .map(|(name, u)| UserSummary { name, scheme: scheme(&u.hash).unwrap_or("unknown"), senders: u.senders })
+        .collect())
+}
+
+/// Saves, then reloads through the validating loader so a bad entry never
+/// stays on disk silently.
+fn validate_then_save(f: &UsersFile, path: &Path) -> Result<(), UsersError> {
+    let tmp = path.with_extension("check");
+    let mut file = std::fs::File::create(&tmp).map_err(|source| UsersError::Io { op: "creating", path: tmp.clone(), source })?;
+    file.write_all(toml::to_string_pretty(f).expect("users file serialises").as_bytes())
+        .map_err(|source| UsersError::Io { op: "writing", path: tmp.clone(), source })?;
+    let check = UsersFile::load(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    check?;
+    f.save(path)
+}
+
+/// The relay's view of the users file, reloaded when it changes.
+#[derive(Debug)]
+pub struct UserDb {
+    path: PathBuf,
+    cache: Mutex<(Option<SystemTime>, Arc<UsersFile>)>,
+}
+
+impl UserDb {
+    pub fn open(path: &Path) -> Result<Self, UsersError> {
+        let db = Self { path: path.into(), cache: Mutex::new((None, Arc::new(UsersFile::default()))) };
+        db.current()?;
+        Ok(db)
+    }
+
+    fn current(&self) -> Result<Arc<UsersFile>, UsersError> {
+        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.0 != mtime || mtime.is_none() {
+            let f = Arc::new(UsersFile::load(&self.path)?);
+            *cache = (mtime, f);
+        }
+        Ok(cache.1.clone())
+    }
+
+    /// Blocking (hashing is CPU-heavy): call from `spawn_blocking`. Returns
+    /// the entry when the password matches. Unknown users are verified
+    /// against a dummy hash so both failures take the same time.
+    pub fn authenticate(&self, user: &str, password: &str) -> Option<UserEntry> {
+        let file = match self.current() {
+            Ok(f) => f,
+            Err(e) => {
+                // Keep serving with nothing rather than crash: a broken file
+                // after a bad manual edit must not take the relay down.
+                tracing::error!(error = %e, "users file unreadable; refusing all logins");
+                Arc::new(UsersFile::default())
+            }
+        };
+        match file.users.get(user) {
+            Some(u) if verify_password(&u.hash, password) => Some(u.clone()),
+            Some(_) => None,
+            None => {
+                let _ = verify_password(&DUMMY_HASH, password);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_verify() {
+        let a = hash_password("pw").unwrap();
+        assert!(a.starts_with("$argon2id$"));
+        assert!(verify_password(&a, "pw"));
+        assert!(!verify_password(&a, "PW"));
+        let b = bcrypt::hash("pw", 4).unwrap();
+        assert!(verify_password(&b, "pw") && !verify_password(&b, "px"));
+        let y = b.replacen("$2b$", "$2y$", 1);
+        assert!(verify_password(&y, "pw"));
+        assert!(verify_password(&format!("{{BLF-CRYPT}}{y}"), "pw"));
+        let params = sha_crypt::Sha512Params::new(1000).unwrap();
+        let s = sha_crypt::sha512_simple("pw", &params).unwrap();
+        assert!(s.starts_with("$6$"));
+        assert!(verify_password(&s, "pw") && !verify_password(&s, "pv"));
+        assert!(!verify_password("plain", "plain"));
+    }
+
+    #[test]
+    fn file_crud() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        user_add(&p, "alice", "secret", vec!["alice@example.com".into(), "@example.org".into()]).unwrap();
+        assert!(matches!(user_add(&p, "alice", "x", vec!["a@b.c".into()]), Err(UsersError::Exists { .. })));
+        assert!(user_add(&p, "bob", "x", vec!["not an address".into()]).is_err());
+        assert!(user_add(&p, "bob", "x", vec![]).is_err());
+        let list = user_list(&p).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].scheme, "argon2");
+        let db = UserDb::open(&p).unwrap();
+        let u = db.authenticate("alice", "secret").unwrap();
+        let addr = |s: &str| crate::parse::parse_address(s).unwrap();
+        assert!(u.may_send_as(&addr("alice@example.com")));
+        assert!(u.may_send_as(&addr("Alice@EXAMPLE.com")));
+        assert!(u.may_send_as(&addr("anyone@example.org")));
+        assert!(!u.may_send_as(&addr("bob@example.com")));
+        assert!(db.authenticate("alice", "wrong").is_none());
+        assert!(db.authenticate("nobody", "secret").is_none());
+        user_passwd(&p, "alice", "new").unwrap();
+        assert!(UserDb::open(&p).unwrap().authenticate("alice", "new").is_some());
+        user_remove(&p, "alice").unwrap();
+        assert!(matches!(user_remove(&p, "alice"), Err(UsersError::NoSuchUser { .. })));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+}
