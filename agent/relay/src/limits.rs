@@ -158,7 +158,7 @@ impl RateLimiter {
     pub fn check(&self, user: &str, rcpts: u32) -> Result<(), RateError> {
         let now = Instant::now();
         let mut m = lock(&self.sent);
-        let Some(q) = m.get_mut(user) else { return Ok(()) };
+        let q = m.entry(user.to_owned()).or_default();
         while q.front().is_some_and(|(t, _)| now.duration_since(*t) >= self.window) {
             q.pop_front();
         }

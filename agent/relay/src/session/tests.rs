@@ -1,0 +1,583 @@
+//! In-memory dialogues: a duplex pipe instead of a socket, the real session
+//! code on the other end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::{mpsc, watch};
+
+use super::{ListenerKind, Session, Shared};
+use crate::config::RelayConfig;
+use crate::limits::Limits;
+use crate::spool::{QueueRecord, Spool};
+use crate::stats::RelayStats;
+use crate::tls::TlsStore;
+use crate::users::UserDb;
+
+pub(crate) struct Harness {
+    pub shared: Arc<Shared>,
+    pub queued: mpsc::UnboundedReceiver<QueueRecord>,
+    pub shutdown: watch::Sender<bool>,
+    pub cert_pem: String,
+    pub _dir: tempfile::TempDir,
+}
+
+fn fast_hash(pw: &str) -> String {
+    sha_crypt::sha512_simple(pw, &sha_crypt::Sha512Params::new(1000).unwrap()).unwrap()
+}
+
+pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::tls::write_lab_cert(dir.path(), &["localhost"]).unwrap();
+    let users = dir.path().join("users.toml");
+    std::fs::write(
+        &users,
+        format!(
+            "[users.alice]\nhash = \"{}\"\nsenders = [\"alice@example.com\", \"@example.org\"]\n\
+             [users.bob]\nhash = \"{}\"\nsenders = [\"bob@example.com\"]\n",
+            fast_hash("alice-pw"),
+            fast_hash("bob-pw")
+        ),
+    )
+    .unwrap();
+    let mut cfg = RelayConfig { hostname: "relay.test".into(), ..RelayConfig::default() };
+    cfg.limits.auth_failure_delay_secs = 0.0;
+    tweak(&mut cfg);
+    let (tx, queued) = mpsc::unbounded_channel();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        tls: Arc::new(TlsStore::load(&cert, &key).unwrap()),
+        users: Arc::new(UserDb::open(&users).unwrap()),
+        limits: Limits::new(&cfg.limits),
+        stats: Arc::new(RelayStats::default()),
+        spool: Spool::open(&dir.path().join("spool")).unwrap(),
+        queued: tx,
+        shutdown: shutdown_rx,
+        config: Arc::new(cfg),
+    });
+    let cert_pem = std::fs::read_to_string(&cert).unwrap();
+    Harness { shared, queued, shutdown, cert_pem, _dir: dir }
+}
+
+pub(crate) fn client_tls(cert_pem: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+enum CStream {
+    Plain(DuplexStream),
+    Tls(Box<tokio_rustls::client::TlsStream<DuplexStream>>),
+    Gone,
+}
+
+pub(crate) struct Client {
+    s: CStream,
+    buf: Vec<u8>,
+    cert_pem: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const PEER: &str = "192.0.2.7:40000";
+
+impl Harness {
+    pub(crate) async fn connect(&self, kind: ListenerKind) -> Client {
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let local: SocketAddr = if kind == ListenerKind::Intercept { "198.51.100.25:25" } else { "127.0.0.1:587" }.parse().unwrap();
+        let sess = Session::new(s, self.shared.clone(), kind, PEER.parse().unwrap(), local, false);
+        let task = tokio::spawn(async move {
+            let _ = sess.run().await;
+        });
+        let mut cl = Client { s: CStream::Plain(c), buf: Vec::new(), cert_pem: self.cert_pem.clone(), task };
+        cl.expect("220 relay.test ESMTP").await;
+        cl
+    }
+
+    /// A session that has done EHLO, STARTTLS, EHLO and AUTH as `user`.
+    pub(crate) async fn authed(&self, user: &str, pw: &str) -> Client {
+        let mut c = self.connect(ListenerKind::Submission).await;
+        c.starttls().await;
+        c.cmd(&format!("AUTH PLAIN {}", plain(user, pw)), "235 2.7.0").await;
+        c
+    }
+}
+
+pub(crate) fn plain(user: &str, pw: &str) -> String {
+    B64.encode(format!("\0{user}\0{pw}"))
+}
+
+impl Client {
+    pub(crate) async fn send(&mut self, data: &str) {
+        self.send_bytes(data.as_bytes()).await;
+    }
+
+    pub(crate) async fn send_bytes(&mut self, data: &[u8]) {
+        let r = match &mut self.s {
+            CStream::Plain(s) => s.write_all(data).await,
+            CStream::Tls(s) => s.write_all(data).await.and(s.flush().await),
+            CStream::Gone => unreachable!(),
+        };
+        r.unwrap();
+    }
+
+    async fn read_more(&mut self) -> usize {
+        let mut chunk = [0u8; 4096];
+        let fut = async {
+            match &mut self.s {
+                CStream::Plain(s) => s.read(&mut chunk).await,
+                CStream::Tls(s) => s.read(&mut chunk).await,
+                CStream::Gone => unreachable!(),
+            }
+        };
+        let n = tokio::time::timeout(Duration::from_secs(10), fut).await.expect("server reply timed out").unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    /// Reads one complete (possibly multi-line) reply.
+    pub(crate) async fn reply(&mut self) -> String {
+        loop {
+            let mut start = 0;
+            while let Some(i) = self.buf[start..].iter().position(|&b| b == b'\n') {
+                let line = &self.buf[start..start + i + 1];
+                if line.len() >= 4 && line[3] == b' ' {
+                    let all: Vec<u8> = self.buf.drain(..start + i + 1).collect();
+                    return String::from_utf8(all).unwrap();
+                }
+                start += i + 1;
+            }
+            if self.read_more().await == 0 {
+                panic!("connection closed; partial reply {:?}", String::from_utf8_lossy(&self.buf));
+            }
+        }
+    }
+
+    pub(crate) async fn expect(&mut self, prefix: &str) -> String {
+        let r = self.reply().await;
+        assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
+        r
+    }
+
+    pub(crate) async fn cmd(&mut self, line: &str, prefix: &str) -> String {
+        self.send(&format!("{line}\r\n")).await;
+        self.expect(prefix).await
+    }
+
+    /// Asserts the server closed the connection (after any pending reply).
+    pub(crate) async fn expect_closed(&mut self) {
+        assert!(self.buf.is_empty(), "unexpected data {:?}", String::from_utf8_lossy(&self.buf));
+        assert_eq!(self.read_more().await, 0, "expected close, got {:?}", String::from_utf8_lossy(&self.buf));
+        tokio::time::timeout(Duration::from_secs(5), &mut self.task).await.expect("session task ended").unwrap();
+    }
+
+    pub(crate) async fn starttls(&mut self) {
+        self.cmd("EHLO client.test", "250").await;
+        self.cmd("STARTTLS", "220 2.0.0").await;
+        self.upgrade().await;
+        let r = self.cmd("EHLO client.test", "250-relay.test").await;
+        assert!(r.contains("AUTH PLAIN LOGIN") && !r.contains("STARTTLS"), "{r}");
+    }
+
+    pub(crate) async fn upgrade(&mut self) {
+        let CStream::Plain(raw) = std::mem::replace(&mut self.s, CStream::Gone) else { panic!("already TLS") };
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = client_tls(&self.cert_pem).connect(name, raw).await.expect("TLS handshake");
+        self.s = CStream::Tls(Box::new(tls));
+    }
+
+    /// MAIL, RCPT..., DATA with `body` (already dot-stuffed, without the
+    /// final dot line); returns the final reply.
+    pub(crate) async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &str) -> String {
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250 2.1.0").await;
+        for r in rcpts {
+            self.cmd(&format!("RCPT TO:<{r}>"), "250 2.1.5").await;
+        }
+        self.cmd("DATA", "354").await;
+        self.send(&format!("{body}.\r\n")).await;
+        self.reply().await
+    }
+}
+
+#[tokio::test]
+async fn ehlo_before_tls_offers_starttls_not_auth() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    let r = c.cmd("EHLO client.test", "250-relay.test").await;
+    for ext in ["SIZE 26214400", "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"] {
+        assert!(r.contains(ext), "{ext} missing in {r}");
+    }
+    assert!(!r.contains("AUTH"), "AUTH offered before TLS: {r}");
+    c.cmd("HELO client.test", "250 relay.test").await;
+    c.cmd("QUIT", "221 2.0.0").await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn auth_before_tls_refused() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "538 5.7.11").await;
+    c.cmd("AUTH LOGIN", "538 5.7.11").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "530 5.7.0").await;
+}
+
+#[tokio::test]
+async fn no_mail_or_rcpt_without_auth_anywhere() {
+    let h = harness(|c| c.intercept_message = "Use port 587 with your credentials".into());
+    for kind in [ListenerKind::Submission, ListenerKind::Intercept] {
+        let mut c = h.connect(kind).await;
+        c.cmd("EHLO client.test", "250").await;
+        let r = c.cmd("MAIL FROM:<alice@example.com>", "530 5.7.0").await;
+        if kind == ListenerKind::Intercept {
+            assert_eq!(r, "530 5.7.0 Use port 587 with your credentials\r\n");
+        }
+        c.cmd("RCPT TO:<victim@example.net>", "530 5.7.0").await;
+        c.cmd("DATA", "530 5.7.0").await;
+        // Also after TLS without AUTH.
+        c.cmd("STARTTLS", "220").await;
+        c.upgrade().await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<alice@example.com>", "530 5.7.0").await;
+        c.cmd("RCPT TO:<victim@example.net>", "530 5.7.0").await;
+    }
+    assert!(h.shared.spool.scan().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn full_submission_is_spooled_with_received_header() {
+    let mut h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    let body = "From: alice@example.com\r\nSubject: hi\r\n\r\n..dot line\r\nbody\r\n";
+    let r = c.send_mail("alice@example.com", &["r1@example.net", "r2@example.net"], body).await;
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    let id = r.trim_end().rsplit(' ').next().unwrap().to_owned();
+    let rec = h.queued.try_recv().expect("delivery side told");
+    assert_eq!(rec.id, id);
+    assert_eq!(rec.from, "alice@example.com");
+    assert_eq!(rec.recipients.len(), 2);
+    assert_eq!(rec.auth_user.as_deref(), Some("alice"));
+    let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
+    assert!(stored.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby relay.test (smtpgate) with ESMTPSA id "), "{stored}");
+    assert!(stored.ends_with("From: alice@example.com\r\nSubject: hi\r\n\r\n.dot line\r\nbody\r\n"), "{stored}");
+    // The session goes on: a second message in the same session.
+    let r = c.send_mail("someone@example.org", &["r@example.net"], "x\r\n").await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    assert_eq!(h.shared.stats.snapshot().messages_accepted, 2);
+    c.cmd("QUIT", "221").await;
+}
+
+#[tokio::test]
+async fn intercept_with_auth_relays_and_records_original_destination() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Intercept).await;
+    c.starttls().await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235").await;
+    let r = c.send_mail("alice@example.com", &["r@example.net"], "hi\r\n").await;
+    let id = r.trim_end().rsplit(' ').next().unwrap().to_owned();
+    let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
+    assert!(stored.contains("(intercepted; original destination 198.51.100.25:25)"), "{stored}");
+    assert!(stored.contains("for <r@example.net>;"), "{stored}");
+}
+
+#[tokio::test]
+async fn auth_variants() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.starttls().await;
+    // PLAIN with a challenge, cancelled.
+    c.cmd("AUTH PLAIN", "334 ").await;
+    c.cmd("*", "501 5.0.0").await;
+    // Unknown mechanism.
+    c.cmd("AUTH CRAM-MD5", "504 5.5.4").await;
+    // Bad base64.
+    c.cmd("AUTH PLAIN !!!", "501 5.5.2").await;
+    // Wrong password, unknown user, foreign authzid.
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "nope")), "535 5.7.8").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("mallory", "x")), "535 5.7.8").await;
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode("bob\0alice\0alice-pw")), "535 5.7.8").await;
+    // LOGIN with challenges.
+    c.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
+    c.cmd(&B64.encode("bob"), "334 UGFzc3dvcmQ6").await;
+    c.cmd(&B64.encode("bob-pw"), "235 2.7.0").await;
+    c.cmd("AUTH LOGIN", "503 5.5.1").await;
+    let s = h.shared.stats.snapshot();
+    assert_eq!((s.auth_successes, s.auth_failures), (1, 2));
+    // PLAIN with challenge, success; LOGIN with initial response.
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.starttls().await;
+    c.cmd("AUTH PLAIN", "334 ").await;
+    c.cmd(&plain("alice", "alice-pw"), "235").await;
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.starttls().await;
+    c.cmd(&format!("AUTH LOGIN {}", B64.encode("alice")), "334 UGFzc3dvcmQ6").await;
+    c.cmd(&B64.encode("alice-pw"), "235").await;
+}
+
+#[tokio::test]
+async fn sender_must_belong_to_user() {
+    let h = harness(|_| {});
+    let mut c = h.authed("bob", "bob-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "553 5.7.1").await;
+    c.cmd("MAIL FROM:<anyone@example.org>", "553 5.7.1").await;
+    c.cmd("MAIL FROM:<>", "550 5.7.1").await;
+    c.cmd("MAIL FROM:<bob@example.com>", "250").await;
+}
+
+#[tokio::test]
+async fn commands_out_of_order_get_503() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.cmd("MAIL FROM:<alice@example.com>", "503 5.5.1").await;
+    c.cmd("STARTTLS", "503 5.5.1").await;
+    c.starttls().await;
+    c.cmd("STARTTLS", "503 5.5.1").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235").await;
+    c.cmd("RCPT TO:<r@example.net>", "503 5.5.1").await;
+    c.cmd("DATA", "503 5.5.1").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "503 5.5.1").await;
+    c.cmd("DATA", "503 5.5.1").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "503 5.5.1").await;
+    c.cmd("RSET", "250 2.0.0").await;
+    c.cmd("DATA", "503 5.5.1").await;
+}
+
+#[tokio::test]
+async fn open_relay_address_tricks_refused() {
+    let h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    for rcpt in [
+        "<victim%example.net@relay.test>",
+        "<example.net!victim@relay.test>",
+        "<@relay.test,@hop.example:victim@example.net>",
+        "<@relay.test:victim@example.net>",
+        "<\"victim@example.net\"@relay.test>",
+        "<victim@example.net@relay.test>",
+        "<victim@[192.0.2.1]>",
+        "victim@example.net",
+        "<victim>",
+    ] {
+        c.cmd(&format!("RCPT TO:{rcpt}"), "553 5.1.3").await;
+    }
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<alice%example.com@relay.test>", "553 5.1.7").await;
+}
+
+#[tokio::test]
+async fn smuggling_is_refused_and_connection_closed() {
+    for payload in [
+        "Subject: a\r\n\r\nx\n.\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<v@example.net>\r\nDATA\r\nsmuggled\r\n.\r\n",
+        "Subject: a\r\n\r\nx\r\n.\nMAIL FROM:<alice@example.com>\r\n.\r\n",
+        "Subject: a\r\n\r\nx\n.\r\nMAIL FROM:<alice@example.com>\r\n.\r\n",
+        "Subject: a\r\n\r\nx\r.\r\nMAIL FROM:<alice@example.com>\r\n.\r\n",
+        "Subject: a\r\n\r\nbare\rcr\r\n.\r\n",
+    ] {
+        let mut h = harness(|_| {});
+        let mut c = h.authed("alice", "alice-pw").await;
+        c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+        c.cmd("RCPT TO:<r@example.net>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(payload).await;
+        c.expect("521 5.5.2").await;
+        c.expect_closed().await;
+        assert!(h.queued.try_recv().is_err(), "nothing may be queued for {payload:?}");
+        assert!(h.shared.spool.scan().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_is_discarded() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.cmd("EHLO client.test", "250").await;
+    // The classic injection: the NOOP (or a MAIL) rides in the same packet.
+    c.send("STARTTLS\r\nNOOP\r\nMAIL FROM:<alice@example.com>\r\n").await;
+    c.expect("220 2.0.0").await;
+    c.upgrade().await;
+    // Had the injected lines run inside TLS we would see 250/530 replies
+    // before the EHLO answer.
+    c.cmd("EHLO client.test", "250-relay.test").await;
+    c.cmd("NOOP", "250 2.0.0").await;
+}
+
+#[tokio::test]
+async fn http_verbs_get_421_and_close() {
+    let h = harness(|_| {});
+    for req in ["GET / HTTP/1.1", "POST /submit HTTP/1.1", "CONNECT example.net:25 HTTP/1.1", "HEAD / HTTP/1.0"] {
+        let mut c = h.connect(ListenerKind::Submission).await;
+        c.cmd(req, "421 4.7.0").await;
+        c.expect_closed().await;
+    }
+}
+
+#[tokio::test]
+async fn misc_verbs() {
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("VRFY alice", "252 2.5.0").await;
+    c.cmd("VRFY nosuchuser", "252 2.5.0").await;
+    c.cmd("EXPN staff", "502 5.5.1").await;
+    c.cmd("HELP", "214 2.0.0").await;
+    c.cmd("NOOP", "250 2.0.0").await;
+    c.cmd("RSET", "250 2.0.0").await;
+    c.cmd("BDAT 10 LAST", "500 5.5.2").await;
+    c.cmd("EHLO", "501 5.5.4").await;
+    c.cmd("QUIT now", "501").await;
+    c.send("NOOP\n").await;
+    c.expect("500 5.5.2").await;
+    c.cmd("QUIT", "221 2.0.0").await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn pipelined_transaction() {
+    let h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.send("MAIL FROM:<alice@example.com>\r\nRCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n").await;
+    c.expect("250 2.1.0").await;
+    c.expect("250 2.1.5").await;
+    c.expect("250 2.1.5").await;
+    c.expect("354").await;
+    c.send("hi\r\n.\r\nNOOP\r\n").await;
+    c.expect("250 2.0.0 Ok: queued").await;
+    c.expect("250 2.0.0 Ok").await;
+}
+
+#[tokio::test]
+async fn size_recipient_and_line_limits() {
+    let h = harness(|c| {
+        c.limits.max_message_bytes = 2000;
+        c.limits.max_recipients = 2;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com> SIZE=5000", "552 5.3.4").await;
+    c.cmd("MAIL FROM:<alice@example.com> SIZE=500", "250").await;
+    c.cmd("RCPT TO:<a@example.net>", "250").await;
+    c.cmd("RCPT TO:<b@example.net>", "250").await;
+    c.cmd("RCPT TO:<c@example.net>", "452 4.5.3").await;
+    c.cmd("DATA", "354").await;
+    let big = "x".repeat(900) + "\r\n";
+    c.send(&format!("{big}{big}{big}.\r\n")).await;
+    c.expect("552 5.3.4").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<a@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    // A single over-long line, within the size limit.
+    c.send(&format!("{}\r\n.\r\n", "y".repeat(999))).await;
+    c.expect("550 5.6.0").await;
+    // Over-long command line.
+    c.send(&format!("NOOP {}\r\n", "z".repeat(600))).await;
+    c.expect("500 5.5.2 Line too long").await;
+    c.cmd("NOOP", "250").await;
+    c.cmd("MAIL FROM:<alice@example.com> NOTIFY=NEVER", "555 5.5.4").await;
+}
+
+#[tokio::test]
+async fn repeated_errors_close_with_421() {
+    let h = harness(|c| c.limits.max_errors = 3);
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.cmd("FOO", "500").await;
+    c.cmd("BAR", "500").await;
+    c.send("BAZ\r\n").await;
+    c.expect("500").await;
+    c.expect("421 4.7.0").await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn auth_lockout_per_client_and_per_user() {
+    let h = harness(|c| c.limits.auth_max_failures = 2);
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.starttls().await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("bob", "x")), "535").await;
+    // Locked now, even with the right password.
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "454 4.7.0").await;
+    assert!(h.shared.limits.auth.ip_locked("192.0.2.7".parse().unwrap()));
+
+    // Per user: failures from different clients add up.
+    let h = harness(|c| c.limits.auth_max_failures = 2);
+    h.shared.limits.auth.record_failure("203.0.113.1".parse().unwrap(), "bob");
+    h.shared.limits.auth.record_failure("203.0.113.2".parse().unwrap(), "bob");
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.starttls().await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("bob", "bob-pw")), "454 4.7.0").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235").await;
+}
+
+#[tokio::test]
+async fn auth_failure_is_delayed() {
+    let h = harness(|c| c.limits.auth_failure_delay_secs = 0.3);
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.starttls().await;
+    let t = std::time::Instant::now();
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535").await;
+    assert!(t.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn per_user_rate_limits() {
+    let h = harness(|c| {
+        c.limits.messages_per_hour = 1;
+        c.limits.recipients_per_hour = 3;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    assert!(c.send_mail("alice@example.com", &["a@example.net"], "x\r\n").await.starts_with("250"));
+    c.cmd("MAIL FROM:<alice@example.com>", "450 4.7.1").await;
+    let mut c = h.authed("bob", "bob-pw").await;
+    c.cmd("MAIL FROM:<bob@example.com>", "250").await;
+    for r in ["a", "b", "c"] {
+        c.cmd(&format!("RCPT TO:<{r}@example.net>"), "250").await;
+    }
+    c.cmd("RCPT TO:<d@example.net>", "450 4.7.1").await;
+}
+
+#[tokio::test]
+async fn utf8_addresses_need_smtputf8() {
+    let h = harness(|c| {
+        c.limits.messages_per_hour = 0;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<jösé@bücher.example>", "553 5.6.7").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<alice@example.com> SMTPUTF8", "250").await;
+    c.cmd("RCPT TO:<jösé@bücher.example>", "250").await;
+}
+
+#[tokio::test]
+async fn command_timeout_and_shutdown() {
+    let h = harness(|c| c.limits.command_timeout_secs = 0.2);
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.expect("421 4.4.2").await;
+    c.expect_closed().await;
+
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.cmd("EHLO client.test", "250").await;
+    h.shutdown.send(true).unwrap();
+    c.expect("421 4.3.2").await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn mail_loop_refused() {
+    let h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    let body = "Received: from x\r\n".repeat(31) + "\r\nbody\r\n";
+    let r = c.send_mail("alice@example.com", &["a@example.net"], &body).await;
+    assert!(r.starts_with("554 5.4.6"), "{r}");
+}
