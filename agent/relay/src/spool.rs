@@ -183,9 +183,17 @@ impl Spool {
         rx.await.map_err(|_| SpoolError::CommitterGone)?
     }
 
+    pub fn exists(&self, id: &str) -> bool {
+        check_id(id).is_ok() && self.meta_path(id).exists()
+    }
+
     /// Atomically replaces a record (recipient state changed). Blocking.
     pub fn rewrite(&self, record: &QueueRecord) -> Result<(), SpoolError> {
         let p = self.meta_path(&record.id);
+        // Never resurrect a message deleted meanwhile.
+        if !p.exists() {
+            return Err(SpoolError::NotFound { id: record.id.clone() });
+        }
         let json = serde_json::to_vec_pretty(record).expect("record serialises");
         write_atomic(&p, &json, 0o600).map_err(io_err("rewriting", &p))
     }

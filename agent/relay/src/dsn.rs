@@ -1,0 +1,146 @@
+//! Delivery status notifications (RFC 3464 multipart/report) sent back to the
+//! envelope sender when recipients fail permanently or expire.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use crate::spool::{QueueRecord, RcptState, RecipientStatus, new_id, now_ms};
+
+/// Builds the DSN for the failed recipients of `original`; `headers` is the
+/// original message's header section. Returns the new queue record and body.
+pub fn build(hostname: &str, original: &QueueRecord, failed: &[&RecipientStatus], headers: &[u8]) -> (QueueRecord, Vec<u8>) {
+    let id = new_id();
+    let boundary = format!("{id}/{hostname}");
+    let arrival = SystemTime::UNIX_EPOCH + Duration::from_millis(original.created_unix_ms);
+    let now = crate::date::rfc5322(SystemTime::now());
+    let mut m = String::new();
+    let _ = write!(
+        m,
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{to}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {now}\r\n\
+         Message-ID: <{id}@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated message.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         This is the mail system at host {hostname}.\r\n\
+         \r\n\
+         Your message could not be delivered to one or more recipients.\r\n\
+         \r\n",
+        to = original.from,
+    );
+    for r in failed {
+        let _ = write!(m, "<{}>: {}\r\n", r.address, one_line(r.last_error.as_deref().unwrap_or("delivery failed")));
+    }
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {hostname}\r\n\
+         X-Smtpgate-Queue-ID: {qid}\r\n\
+         Arrival-Date: {arrival}\r\n",
+        qid = original.id,
+        arrival = crate::date::rfc5322(arrival),
+    );
+    for r in failed {
+        let err = r.last_error.as_deref().unwrap_or("delivery failed");
+        let _ = write!(
+            m,
+            "\r\nFinal-Recipient: rfc822; {addr}\r\n\
+             Action: failed\r\n\
+             Status: {status}\r\n\
+             Diagnostic-Code: smtp; {diag}\r\n",
+            addr = r.address,
+            status = status_of(err),
+            diag = one_line(err),
+        );
+    }
+    let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n");
+    let mut body = m.into_bytes();
+    body.extend_from_slice(headers);
+    if !headers.ends_with(b"\r\n") {
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let now = now_ms();
+    let record = QueueRecord {
+        id,
+        from: String::new(),
+        recipients: vec![RecipientStatus { address: original.from.clone(), state: RcptState::Pending, attempts: 0, last_error: None }],
+        created_unix_ms: now,
+        next_attempt_unix_ms: now,
+        attempts: 0,
+        auth_user: None,
+        client: "localhost".into(),
+        is_dsn: true,
+        size: body.len() as u64,
+    };
+    (record, body)
+}
+
+/// The header section of a message (up to and including the blank line's
+/// CRLF, excluded), capped so a huge header does not bloat the bounce.
+pub fn header_section(msg: &[u8]) -> &[u8] {
+    let end = msg.windows(4).position(|w| w == b"\r\n\r\n").map_or(msg.len(), |i| i + 2);
+    &msg[..end.min(64 * 1024)]
+}
+
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// The RFC 3463 code in an error text ("550 5.1.1 ..."), or a generic one.
+fn status_of(err: &str) -> String {
+    err.split_whitespace()
+        .find(|w| {
+            let p: Vec<&str> = w.split('.').collect();
+            p.len() == 3 && matches!(p[0], "2" | "4" | "5") && p.iter().all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
+        })
+        // A 4.x.x code in a final failure means the message expired.
+        .map_or_else(|| "5.0.0".to_owned(), |s| if s.starts_with('4') { "4.4.7".to_owned() } else { s.to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_shape() {
+        let orig = QueueRecord {
+            id: new_id(),
+            from: "alice@example.com".into(),
+            recipients: vec![],
+            created_unix_ms: now_ms(),
+            next_attempt_unix_ms: 0,
+            attempts: 3,
+            auth_user: Some("alice".into()),
+            client: "127.0.0.1".into(),
+            is_dsn: false,
+            size: 0,
+        };
+        let failed = RecipientStatus {
+            address: "bob@example.net".into(),
+            state: RcptState::Failed,
+            attempts: 3,
+            last_error: Some("550 5.1.1 no such user\r\nsecond".into()),
+        };
+        let (rec, body) = build("relay.test", &orig, &[&failed], header_section(b"Subject: x\r\nFrom: a\r\n\r\nbody"));
+        let text = String::from_utf8(body).unwrap();
+        assert!(rec.is_dsn && rec.from.is_empty() && rec.recipients[0].address == "alice@example.com");
+        assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
+        assert!(text.contains("Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"));
+        assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user  second\r\n"));
+        assert!(text.contains("text/rfc822-headers\r\n\r\nSubject: x\r\nFrom: a\r\n"));
+        assert!(!text.contains("body"));
+        assert_eq!(status_of("timed out"), "5.0.0");
+        assert_eq!(status_of("451 4.3.0 try later"), "4.4.7");
+    }
+}

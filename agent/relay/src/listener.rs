@@ -1,0 +1,65 @@
+//! Accept loops: session limits first (cheapest refusal), then TLS for 465,
+//! then a `Session` per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use crate::config::secs;
+use crate::session::{ListenerKind, Session, Shared};
+use crate::stats::RelayStats;
+
+pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let (mut sock, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, listener = ?kind, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // For intercepted connections this is the address the client meant
+        // to reach (the datapath redirects without rewriting it).
+        let local = sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let Some(guard) = shared.limits.conns.try_acquire(peer.ip()) else {
+            RelayStats::inc(&shared.stats.sessions_refused);
+            tracing::info!(peer = %peer, "session limit reached; refusing connection");
+            tokio::spawn(async move {
+                let _ = sock.write_all(b"421 4.7.0 Too many connections, try again later\r\n").await;
+                let _ = sock.shutdown().await;
+            });
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let res = if kind == ListenerKind::Submissions {
+                let acceptor = shared.tls.acceptor();
+                let timeout = secs(shared.config.limits.command_timeout_secs);
+                match tokio::time::timeout(timeout, acceptor.accept(sock)).await {
+                    Ok(Ok(tls)) => Session::new(tls, shared.clone(), kind, peer, local, true).run().await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            } else {
+                Session::new(sock, shared.clone(), kind, peer, local, false).run().await
+            };
+            if let Err(e) = res {
+                tracing::debug!(peer = %peer, error = %e, "session ended with error");
+            }
+        });
+    }
+}
