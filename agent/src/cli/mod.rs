@@ -1,0 +1,72 @@
+//! Command-line interface: one module per subcommand, each with `execute()`.
+
+mod check_config;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "smtpgate",
+    version,
+    about = "Port-25 egress policy agent for gateway hosts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: attach the programs and enforce until SIGINT/SIGTERM.
+    Run(run::Args),
+    /// Validate a config file without touching a running agent.
+    CheckConfig(check_config::Args),
+    /// Print shell completions.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+}
+
+fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("SMTPGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => {
+            init_logging();
+            run::execute(args)
+        }
+        Command::CheckConfig(args) => check_config::execute(&args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "smtpgate",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smtpgate: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The agent's configuration: a TOML file, parsed strictly, then validated
+//! into typed values.
+//!
+//! Load order: built-in defaults -> the file -> validation. Unknown keys are
+//! errors (a typo must not silently turn a setting off), and so is every
+//! value that would make the datapath do something other than what the admin
+//! wrote.
+
+use std::{collections::BTreeSet, fmt, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{paths, policy::Prefix};
+
+/// The config the agent runs with when given none: protect this host itself.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("allowlist entry {index} ({entry:?}): {source}")]
+    Allowlist {
+        index: usize,
+        entry: String,
+        #[source]
+        source: crate::policy::PrefixError,
+    },
+    #[error("allowlist entry {entry:?} is listed twice")]
+    DuplicateEntry { entry: String },
+    #[error("ports: {reason}")]
+    Ports { reason: String },
+    #[error("attach point {index}: {reason}")]
+    Attach { index: usize, reason: String },
+    #[error("no [[attach]] points: smtpgate would enforce nothing")]
+    NoAttachPoints,
+    #[error("action = \"redirect\" needs the embedded relay, which this build does not have yet")]
+    RedirectUnsupported,
+    #[error("datapath.table_nodes = {value}: must be between {min} and {max}")]
+    TableNodes { value: u32, min: u32, max: u32 },
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `enforce` (default) or `audit`: count and log denials, let them through.
+    #[serde(default)]
+    pub mode: Mode,
+    /// What non-allowlisted SMTP egress gets: `drop` or `reject` (default).
+    #[serde(default)]
+    pub action: Action,
+    /// TCP destination ports that count as SMTP egress. Default: `[25]`.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// Source prefixes allowed to send SMTP egress: IPv4 or IPv6, with or
+    /// without a prefix length (a bare address is a host).
+    #[serde(default)]
+    pub allowlist: Vec<String>,
+    /// Where the programs attach.
+    #[serde(default)]
+    pub attach: Vec<AttachPoint>,
+    #[serde(default)]
+    pub datapath: Datapath,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Drop,
+    #[default]
+    Reject,
+    Redirect,
+}
+
+/// One attach point.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(tag = "hook", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AttachPoint {
+    /// Ingress of the client-facing interface: sees client addresses before
+    /// NAT. The right choice for NAT gateways.
+    TcIngress { interface: String },
+    /// Egress of an interface: for routed gateways without NAT. Behind a
+    /// masquerade it sees the gateway's address, not the client's.
+    TcEgress { interface: String },
+    /// Egress of every process in a cgroup v2 (and its descendants): for the
+    /// gateway host's own processes. Without a path: the whole host (the
+    /// root of the cgroup v2 hierarchy, wherever it is mounted).
+    Cgroup {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<PathBuf>,
+    },
+}
+
+impl fmt::Display for AttachPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachPoint::TcIngress { interface } => write!(f, "tc-ingress:{interface}"),
+            AttachPoint::TcEgress { interface } => write!(f, "tc-egress:{interface}"),
+            AttachPoint::Cgroup { path: Some(path) } => write!(f, "cgroup:{}", path.display()),
+            AttachPoint::Cgroup { path: None } => write!(f, "cgroup:<root>"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datapath {
+    /// Nodes (1 KiB each) in each of the two allowlist tables. 0 (default)
+    /// sizes them from the allowlist at start, with room to grow.
+    #[serde(default)]
+    pub table_nodes: u32,
+}
+
+impl Default for Datapath {
+    fn default() -> Self {
+        Self { table_nodes: 0 }
+    }
+}
+
+fn default_ports() -> Vec<u16> {
+    vec![25]
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub mode: Mode,
+    pub action: Action,
+    pub ports: BTreeSet<u16>,
+    pub allowlist: Vec<Prefix>,
+    pub attach: Vec<AttachPoint>,
+    pub table_nodes: u32,
+}
+
+/// Upper bound on `table_nodes`: 2 tables of 4 GiB would not be a sane
+/// amount of locked kernel memory for an allowlist.
+pub const MAX_TABLE_NODES: u32 = 2 * 1024 * 1024;
+/// Lower bound: the two roots take 512 nodes.
+pub const MIN_TABLE_NODES: u32 = 1024;
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The built-in default config.
+    pub fn default_config() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_TOML, "built-in default config")
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source,
+        })?;
+        file.validate()
+    }
+}
+
+impl File {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.action == Action::Redirect {
+            return Err(ConfigError::RedirectUnsupported);
+        }
+        let ports = validate_ports(&self.ports)?;
+        let mut seen = BTreeSet::new();
+        let mut allowlist = Vec::with_capacity(self.allowlist.len());
+        for (index, entry) in self.allowlist.iter().enumerate() {
+            let prefix: Prefix = entry.parse().map_err(|source| ConfigError::Allowlist {
+                index,
+                entry: entry.clone(),
+                source,
+            })?;
+            if !seen.insert(prefix) {
+                return Err(ConfigError::DuplicateEntry {
+                    entry: entry.clone(),
+                });
+            }
+            allowlist.push(prefix);
+        }
+        if self.attach.is_empty() {
+            return Err(ConfigError::NoAttachPoints);
+        }
+        let mut attach = self.attach;
+        for point in &mut attach {
+            if let AttachPoint::Cgroup { path: path @ None } = point {
+                *path = Some(cgroup2_root());
+            }
+        }
+        for (index, point) in attach.iter().enumerate() {
+            validate_attach(point).map_err(|reason| ConfigError::Attach { index, reason })?;
+            if attach[..index].contains(point) {
+                return Err(ConfigError::Attach {
+                    index,
+                    reason: format!("{point} is listed twice"),
+                });
+            }
+        }
+        let n = self.datapath.table_nodes;
+        if n != 0 && !(MIN_TABLE_NODES..=MAX_TABLE_NODES).contains(&n) {
+            return Err(ConfigError::TableNodes {
+                value: n,
+                min: MIN_TABLE_NODES,
+                max: MAX_TABLE_NODES,
+            });
+        }
+        Ok(Config {
+            mode: self.mode,
+            action: self.action,
+            ports,
+            allowlist,
+            attach,
+            table_nodes: n,
+        })
+    }
+}
+
+fn validate_ports(ports: &[u16]) -> Result<BTreeSet<u16>, ConfigError> {
+    if ports.is_empty() {
+        return Err(ConfigError::Ports {
+            reason: "empty: list at least one port (usually 25)".into(),
+        });
+    }
+    let mut set = BTreeSet::new();
+    for &p in ports {
+        if p == 0 {
+            return Err(ConfigError::Ports {
+                reason: "0 is not a TCP port".into(),
+            });
+        }
+        if !set.insert(p) {
+            return Err(ConfigError::Ports {
+                reason: format!("{p} is listed twice"),
+            });
+        }
+    }
+    Ok(set)
+}
+
+fn validate_attach(point: &AttachPoint) -> Result<(), String> {
+    match point {
+        AttachPoint::TcIngress { interface } | AttachPoint::TcEgress { interface } => {
+            // IFNAMSIZ is 16 with the terminating NUL.
+            if interface.is_empty() || interface.len() > 15 {
+                return Err(format!(
+                    "interface name {interface:?} must be 1 to 15 bytes"
+                ));
+            }
+            if interface.contains(['/', ' ', '\0']) || interface == "." || interface == ".." {
+                return Err(format!("{interface:?} is not a valid interface name"));
+            }
+            Ok(())
+        }
+        AttachPoint::Cgroup { path: None } => Ok(()),
+        AttachPoint::Cgroup { path: Some(path) } => {
+            if !path.is_absolute() {
+                return Err(format!("cgroup path {} must be absolute", path.display()));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted on this host, for the default
+/// config: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones.
+pub fn cgroup2_root() -> PathBuf {
+    paths::cgroup2_mount().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test")
+    }
+
+    const ATTACH: &str = "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n";
+
+    #[test]
+    fn default_config_is_valid() {
+        let c = Config::default_config().unwrap();
+        assert_eq!(c.ports, BTreeSet::from([25]));
+        assert_eq!(c.action, Action::Reject);
+        assert!(matches!(c.attach[0], AttachPoint::Cgroup { .. }));
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&format!("allowlist = [\"192.0.2.10\"]\n{ATTACH}")).unwrap();
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.action, Action::Reject);
+        assert_eq!(c.ports, BTreeSet::from([25]));
+        assert_eq!(c.allowlist[0].to_string(), "192.0.2.10/32");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = parse(&format!("alowlist = []\n{ATTACH}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `alowlist`"), "{e}");
+        let e = parse("[[attach]]\nhook = \"tc-ingress\"\ninterface = \"x\"\nprio = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prio"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let cases = [
+            (format!("mode = \"permissive\"\n{ATTACH}"), "permissive"),
+            (format!("action = \"bounce\"\n{ATTACH}"), "bounce"),
+            (format!("ports = []\n{ATTACH}"), "empty"),
+            (format!("ports = [0]\n{ATTACH}"), "0 is not a TCP port"),
+            (format!("ports = [25, 25]\n{ATTACH}"), "listed twice"),
+            (format!("ports = [70000]\n{ATTACH}"), "70000"),
+            (
+                format!("allowlist = [\"192.0.2.1/24\"]\n{ATTACH}"),
+                "host bits",
+            ),
+            (
+                format!("allowlist = [\"192.0.2.300\"]\n{ATTACH}"),
+                "192.0.2.300",
+            ),
+            (
+                format!("allowlist = [\"::ffff:192.0.2.1\"]\n{ATTACH}"),
+                "IPv4-mapped",
+            ),
+            (
+                format!("allowlist = [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n{ATTACH}"),
+                "twice",
+            ),
+            (String::new(), "no [[attach]]"),
+            (
+                "[[attach]]\nhook = \"xdp\"\ninterface = \"x\"\n".to_owned(),
+                "xdp",
+            ),
+            (
+                "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"a/b\"\n".to_owned(),
+                "not a valid",
+            ),
+            (
+                "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"abcdefghijklmnopq\"\n".to_owned(),
+                "1 to 15",
+            ),
+            (
+                "[[attach]]\nhook = \"cgroup\"\npath = \"relative\"\n".to_owned(),
+                "absolute",
+            ),
+            (format!("{ATTACH}{ATTACH}"), "listed twice"),
+            (format!("action = \"redirect\"\n{ATTACH}"), "relay"),
+            (
+                format!("[datapath]\ntable_nodes = 5\n{ATTACH}"),
+                "table_nodes",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = parse(&text).map(|_| ()).unwrap_err();
+            let msg = format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            );
+            assert!(
+                msg.contains(needle),
+                "{text:?} gave {msg:?}, want {needle:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The datapath: loads the eBPF object, writes its maps, attaches its
+//! programs and reads its counters. It takes decisions from `policy` and
+//! `config`, never the other way round.
+
+mod attach;
+mod nodes;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, PerCpuArray},
+};
+use smtpgate_common::{self as common, Counter, Family, PORT_WORDS, Reason, Verdict, counters};
+
+pub use attach::Attachment;
+use nodes::NodeRegion;
+
+use crate::{
+    config::{Action, Mode},
+    policy::{Table, TableFull},
+};
+
+/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpgate-ebpf"));
+
+/// How long a table half stays untouched after it stops being the active
+/// one. Programs read the active index, then walk that half; TC and cgroup
+/// programs run to completion in microseconds without sleeping, so a packet
+/// that read the old index is long done after this.
+const GRACE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this binary was built without its eBPF programs (AYA_BUILD_SKIP); rebuild without it")]
+    NoObject,
+    #[error("loading the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("the eBPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("{op}")]
+    Map {
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{op}")]
+    Program {
+        op: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("mapping the allowlist table into memory")]
+    Mmap(#[source] std::io::Error),
+    #[error(transparent)]
+    TableFull(#[from] TableFull),
+    #[error("interface {name:?} not found")]
+    NoInterface { name: String },
+    #[error("opening cgroup {path}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Summed counters for one (family, verdict, reason).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct CounterRow {
+    pub family: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub packets: u64,
+    pub connections: u64,
+}
+
+/// Sizing for a table of `needed` nodes: room for it to double, and never
+/// below the configured minimum.
+#[must_use]
+pub fn table_capacity(needed: usize, configured: u32) -> u32 {
+    if configured != 0 {
+        return configured;
+    }
+    let want = (needed * 2).max(crate::config::MIN_TABLE_NODES as usize);
+    u32::try_from(want)
+        .unwrap_or(crate::config::MAX_TABLE_NODES)
+        .min(crate::config::MAX_TABLE_NODES)
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    config: Array<MapData, common::Config>,
+    ports: Array<MapData, u64>,
+    counters: PerCpuArray<MapData, Counter>,
+    nodes: NodeRegion,
+    /// Kept open: programs loaded later are relocated against this fd.
+    _node_map: MapData,
+    settings: common::Config,
+    last_flip: Option<Instant>,
+    attached: Vec<Attachment>,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
+    ebpf.take_map(name)
+        .ok_or(DatapathError::MissingMap { name })
+}
+
+fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { op, source }
+}
+
+impl Datapath {
+    /// Loads the eBPF object with tables of `nodes_per_table` nodes. Nothing
+    /// is attached yet, and the (empty) tables deny every SMTP source.
+    pub fn load(nodes_per_table: u32) -> Result<Self, DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(common::maps::ALLOW_NODES, 2 * nodes_per_table)
+            .load(OBJECT)
+            .map_err(DatapathError::Load)?;
+        let config = Array::try_from(take_map(&mut ebpf, common::maps::CONFIG)?)
+            .map_err(map_err("opening the config map"))?;
+        let ports = Array::try_from(take_map(&mut ebpf, common::maps::PORTS)?)
+            .map_err(map_err("opening the ports map"))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, common::maps::COUNTERS)?)
+            .map_err(map_err("opening the counters map"))?;
+        let Map::Array(node_map) = take_map(&mut ebpf, common::maps::ALLOW_NODES)? else {
+            return Err(DatapathError::MissingMap {
+                name: common::maps::ALLOW_NODES,
+            });
+        };
+        let nodes = NodeRegion::map(node_map.fd(), 2 * nodes_per_table as usize)
+            .map_err(DatapathError::Mmap)?;
+        let settings = common::Config {
+            active_table: 0,
+            nodes_per_table,
+            action: common::Action::Drop as u32,
+            mode: common::Mode::Enforce as u32,
+        };
+        let mut dp = Self {
+            ebpf,
+            config,
+            ports,
+            counters,
+            nodes,
+            _node_map: node_map,
+            settings,
+            last_flip: None,
+            attached: Vec::new(),
+        };
+        dp.write_settings()?;
+        Ok(dp)
+    }
+
+    fn write_settings(&mut self) -> Result<(), DatapathError> {
+        self.config
+            .set(0, self.settings, 0)
+            .map_err(map_err("writing the config map"))
+    }
+
+    /// Sets what denied sources get.
+    pub fn set_action(&mut self, mode: Mode, action: Action) -> Result<(), DatapathError> {
+        self.settings.mode = match mode {
+            Mode::Enforce => common::Mode::Enforce,
+            Mode::Audit => common::Mode::Audit,
+        } as u32;
+        self.settings.action = match action {
+            Action::Drop => common::Action::Drop,
+            Action::Reject => common::Action::Reject,
+            // Rejected by config validation until the relay exists; fail
+            // closed if it ever gets here.
+            Action::Redirect => common::Action::Drop,
+        } as u32;
+        self.write_settings()
+    }
+
+    /// Sets the ports that count as SMTP. Words are written one by one, so
+    /// a port being added or removed changes at one instant; the others
+    /// never flicker.
+    pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DatapathError> {
+        let mut words = [0u64; PORT_WORDS as usize];
+        for p in ports {
+            words[usize::from(*p) / 64] |= 1 << (p % 64);
+        }
+        for (i, w) in words.iter().enumerate() {
+            let i = i as u32;
+            let old = self
+                .ports
+                .get(&i, 0)
+                .map_err(map_err("reading the ports map"))?;
+            if old != *w {
+                self.ports
+                    .set(i, *w, 0)
+                    .map_err(map_err("writing the ports map"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Nodes per table half.
+    #[must_use]
+    pub fn table_capacity(&self) -> usize {
+        self.settings.nodes_per_table as usize
+    }
+
+    /// Installs a new allowlist table atomically: it is written into the
+    /// inactive half, then one word switches the programs over. A packet
+    /// sees the whole old table or the whole new one.
+    pub fn install(&mut self, table: &Table) -> Result<(), DatapathError> {
+        let per = self.settings.nodes_per_table as usize;
+        if table.len() > per {
+            return Err(TableFull {
+                needed: table.len(),
+                capacity: per,
+            }
+            .into());
+        }
+        if let Some(at) = self.last_flip {
+            let since = at.elapsed();
+            if since < GRACE {
+                std::thread::sleep(GRACE - since);
+            }
+        }
+        let next = 1 - (self.settings.active_table & 1);
+        let base = next as usize * per;
+        let region = self.nodes.slice_mut(base, per);
+        // Nodes past the new table's length are unreachable from it and are
+        // left as they are.
+        table.write_to(&mut region[..table.len()], base as u32)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.settings.active_table = next;
+        self.write_settings()?;
+        self.last_flip = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Reads every counter, summed over CPUs, in [`counters::index`] order.
+    pub fn counters(&self) -> Result<Vec<CounterRow>, DatapathError> {
+        let mut rows = Vec::with_capacity(counters::SLOTS as usize);
+        for family in Family::ALL {
+            for verdict in Verdict::ALL {
+                for reason in Reason::ALL {
+                    let idx = counters::index(family, verdict, reason);
+                    let per_cpu = self
+                        .counters
+                        .get(&idx, 0)
+                        .map_err(map_err("reading the counters map"))?;
+                    let (packets, connections) = per_cpu
+                        .iter()
+                        .fold((0, 0), |(p, c), v| (p + v.packets, c + v.connections));
+                    rows.push(CounterRow {
+                        family: family.as_str(),
+                        verdict: verdict.as_str(),
+                        reason: reason.as_str(),
+                        packets,
+                        connections,
+                    });
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// What is attached, in attach order.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attached
+    }
+}

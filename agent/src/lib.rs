@@ -1,0 +1,9 @@
+//! smtpgate: a port-25 egress policy agent for gateway hosts.
+//!
+//! Data flows one way: `config` (and the CLI) -> `policy` -> `datapath` ->
+//! kernel verdicts -> counters -> logs and metrics.
+
+pub mod config;
+pub mod datapath;
+pub mod paths;
+pub mod policy;

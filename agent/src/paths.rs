@@ -1,0 +1,17 @@
+//! Every filesystem path smtpgate uses by default, in one place. They follow
+//! systemd's directories: RuntimeDirectory=smtpgate, StateDirectory=smtpgate,
+//! ConfigurationDirectory=smtpgate.
+
+use std::path::PathBuf;
+
+pub const CONFIG_FILE: &str = "/etc/smtpgate/smtpgate.toml";
+
+/// Finds where the cgroup v2 hierarchy is mounted, from /proc/self/mounts.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}

@@ -1,0 +1,92 @@
+//! Types and names shared by smtpgate's eBPF programs and its agent.
+//!
+//! Everything here is read by both sides, so it is `#[repr(C)]`, built from
+//! fixed-width integers only, and its size is asserted at compile time. The
+//! names of maps and programs live here too, so a rename cannot leave the two
+//! sides disagreeing.
+#![no_std]
+
+pub mod counters;
+pub mod parse;
+pub mod rst;
+pub mod table;
+
+pub use counters::{Counter, Family, Reason, Verdict};
+
+/// Program names, as the ELF symbols the agent looks up.
+pub mod programs {
+    /// TC classifier for the client-facing interface's ingress.
+    pub const TC_INGRESS: &str = "smtpgate_tc_ingress";
+    /// TC classifier for an interface's egress (routed gateways).
+    pub const TC_EGRESS: &str = "smtpgate_tc_egress";
+    /// cgroup/skb egress program for processes on the gateway host itself.
+    pub const CGROUP_EGRESS: &str = "smtpgate_cgroup";
+    /// A classifier that returns "pass" and does nothing else: the baseline
+    /// the datapath benchmark compares against. The agent never attaches it.
+    pub const TC_BASELINE: &str = "smtpgate_baseline";
+}
+
+/// Map names, as the ELF symbols the agent looks up (and the pin file names).
+pub mod maps {
+    pub const CONFIG: &str = "SMTPGATE_CONFIG";
+    pub const PORTS: &str = "SMTPGATE_PORTS";
+    pub const ALLOW_NODES: &str = "SMTPGATE_ALLOW_NODES";
+    pub const COUNTERS: &str = "SMTPGATE_COUNTERS";
+}
+
+/// What happens to SMTP egress from a source that is not allowlisted.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Drop silently: the client retries until it times out.
+    Drop = 0,
+    /// Answer with a TCP RST (TC) or EPERM (cgroup) so the client fails fast.
+    Reject = 1,
+}
+
+/// Whether denials are enforced or only counted.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce = 0,
+    /// Count what would be denied under [`Verdict::Audited`] and let it through.
+    Audit = 1,
+}
+
+/// The one entry of the [`maps::CONFIG`] array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Which half of [`maps::ALLOW_NODES`] holds the live allowlist (0 or 1).
+    /// Userspace builds a new table in the other half and flips this word, so
+    /// a packet sees the old table or the new one, never a mix.
+    pub active_table: u32,
+    /// Number of nodes in each half of [`maps::ALLOW_NODES`].
+    pub nodes_per_table: u32,
+    /// An [`Action`] as `u32`.
+    pub action: u32,
+    /// A [`Mode`] as `u32`.
+    pub mode: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: `Config` is `repr(C)`, has no padding and only integer fields.
+unsafe impl aya::Pod for Config {}
+
+/// Entries in [`maps::PORTS`]: a bitmap of the 65536 TCP destination ports,
+/// one bit per port, 64 ports per `u64` word. A bitmap makes "is this port
+/// SMTP?" one array read, which is what keeps non-SMTP traffic as cheap as
+/// a program that does nothing.
+pub const PORT_WORDS: u32 = 65536 / 64;
+
+/// Maximum number of VLAN tags (802.1Q / 802.1ad) the parser walks, counting
+/// a tag the kernel has already moved into skb metadata. Deeper stacks are
+/// dropped under [`Reason::VlanTooDeep`].
+pub const MAX_VLAN_DEPTH: u32 = 4;
+
+/// Maximum number of IPv6 extension headers the parser walks. Longer chains
+/// are dropped under [`Reason::HeaderChainTooLong`]. Real traffic uses a few
+/// at most.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 8;

@@ -1,0 +1,365 @@
+//! Header parsing: Ethernet and VLAN tags, IPv4, IPv6 extension headers, TCP.
+//!
+//! The parser answers one question: is this packet SMTP egress, and if so,
+//! from which source? Anything it cannot answer for sure about a TCP packet
+//! (fragments, truncated or over-long header chains) comes back as a denial
+//! with its own [`Reason`], so an evasion trick never gets through by luck.
+//! Everything that is certainly not SMTP comes back as [`Parsed::Other`].
+
+use crate::{Family, MAX_IPV6_EXT_HEADERS, MAX_VLAN_DEPTH, Reason};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// Pre-standard QinQ outer tag, still emitted by some switches.
+const ETH_P_QINQ1: u16 = 0x9100;
+
+pub const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
+/// Headers are only looked for in the first bytes of a packet; the TC
+/// program pulls this much into the linear area when it must.
+pub const MAX_HEADER_BYTES: usize = 512;
+
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The bytes of a packet the program may read directly.
+#[derive(Clone, Copy)]
+pub struct Bytes {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Bytes {
+    /// A pointer to `N` bytes at `off`, or `None` past the linear data.
+    #[inline(always)]
+    pub fn at<const N: usize>(&self, off: usize) -> Option<&[u8; N]> {
+        let p = self.start + off;
+        if p + N > self.end {
+            return None;
+        }
+        // SAFETY: the range was checked against the end of the packet data
+        // just above, which is also what the verifier wants to see.
+        Some(unsafe { &*(p as *const [u8; N]) })
+    }
+
+    #[inline(always)]
+    fn be16(&self, off: usize) -> Option<u16> {
+        self.at::<2>(off).map(|b| u16::from_be_bytes(*b))
+    }
+}
+
+/// The source address of an SMTP packet, in network byte order.
+#[derive(Clone, Copy)]
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// What a reject needs to answer an SMTP packet with a RST.
+#[derive(Clone, Copy)]
+pub struct Smtp {
+    pub source: Source,
+    /// Offset of the network header.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub l4: usize,
+    /// TCP payload length, for the RST's acknowledgement number.
+    pub payload: u32,
+    pub flags: u8,
+}
+
+impl Smtp {
+    #[inline(always)]
+    pub fn family(&self) -> Family {
+        match self.source {
+            Source::V4(_) => Family::Ipv4,
+            Source::V6(_) => Family::Ipv6,
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+pub enum Parsed {
+    /// Not SMTP egress: the program leaves it alone.
+    Other,
+    /// SMTP egress whose verdict depends on the allowlist.
+    Smtp(Smtp),
+    /// A TCP packet whose port cannot be known, and which cannot carry a
+    /// connection on its own: let through, counted.
+    Pass(Family, Reason),
+    /// Dropped whatever the allowlist says.
+    Deny(Family, Reason),
+    /// The headers run past the linear data. If the packet is longer, the
+    /// caller pulls more into the linear area and parses again; if not, the
+    /// packet is truncated and dropped as malformed.
+    Truncated(Family),
+}
+
+/// Parses from the Ethernet header. `tag_in_meta` is set when the kernel has
+/// already moved the outer VLAN tag into skb metadata: it counts towards the
+/// depth limit though it is no longer in the data.
+#[inline(always)]
+pub fn ethernet(pkt: &Bytes, tag_in_meta: bool, ports: &impl Fn(u16) -> bool) -> Parsed {
+    let mut depth = u32::from(tag_in_meta);
+    let Some(mut proto) = pkt.be16(12) else {
+        return Parsed::Other;
+    };
+    let mut off = ETH_HLEN;
+    // One more round than the limit, so that the round after the last
+    // allowed tag can see that another tag follows.
+    for _ in 0..=MAX_VLAN_DEPTH {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD && proto != ETH_P_QINQ1 {
+            break;
+        }
+        depth += 1;
+        if depth > MAX_VLAN_DEPTH {
+            return Parsed::Deny(Family::Other, Reason::VlanTooDeep);
+        }
+        let Some(next) = pkt.be16(off + 2) else {
+            return Parsed::Truncated(Family::Other);
+        };
+        proto = next;
+        off += 4;
+    }
+    match proto {
+        ETH_P_IP => ipv4(pkt, off, ports),
+        ETH_P_IPV6 => ipv6(pkt, off, ports),
+        // Still a tag here means the loop ran out: deeper than the limit.
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ1 => {
+            Parsed::Deny(Family::Other, Reason::VlanTooDeep)
+        }
+        _ => Parsed::Other,
+    }
+}
+
+/// Parses from the network header (cgroup programs start here).
+#[inline(always)]
+pub fn network(pkt: &Bytes, ethertype: u16, ports: &impl Fn(u16) -> bool) -> Parsed {
+    match ethertype {
+        ETH_P_IP => ipv4(pkt, 0, ports),
+        ETH_P_IPV6 => ipv6(pkt, 0, ports),
+        _ => Parsed::Other,
+    }
+}
+
+#[inline(always)]
+fn ipv4(pkt: &Bytes, l3: usize, ports: &impl Fn(u16) -> bool) -> Parsed {
+    const F: Family = Family::Ipv4;
+    let Some(h) = pkt.at::<20>(l3) else {
+        return Parsed::Truncated(Family::Ipv4);
+    };
+    if h[9] != IPPROTO_TCP {
+        return Parsed::Other;
+    }
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
+        return Parsed::Deny(F, Reason::Malformed);
+    }
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    let offset = frag & 0x1fff;
+    let more_fragments = frag & 0x2000 != 0;
+    // RFC 1858: a fragment at offset 8 can rewrite the TCP flags of the first
+    // one. No honest stack sends it.
+    if offset == 1 {
+        return Parsed::Deny(F, Reason::FragmentOverlap);
+    }
+    if offset > 1 {
+        return Parsed::Pass(F, Reason::NonFirstFragment);
+    }
+    let source = Source::V4([h[12], h[13], h[14], h[15]]);
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    let l4 = l3 + ihl;
+    // Zero total length is how BIG TCP marks a GSO packet over 64 KiB.
+    let tcp_bytes = if total == 0 {
+        usize::MAX
+    } else {
+        total.saturating_sub(ihl)
+    };
+    if more_fragments && tcp_bytes < TCP_HLEN {
+        return tiny_fragment(pkt, l4, tcp_bytes, ports);
+    }
+    tcp(pkt, source, l3, l4, tcp_bytes, ports, F)
+}
+
+/// A first fragment too short to hold the whole TCP header. If it shows a
+/// destination port that is not SMTP, it is none of our business; otherwise
+/// it is dropped.
+#[inline(always)]
+fn tiny_fragment(pkt: &Bytes, l4: usize, tcp_bytes: usize, ports: &impl Fn(u16) -> bool) -> Parsed {
+    if tcp_bytes >= 4 {
+        if let Some(dport) = pkt.be16(l4 + 2) {
+            if !ports(dport) {
+                return Parsed::Other;
+            }
+        }
+    }
+    Parsed::Deny(Family::Ipv4, Reason::TinyFragment)
+}
+
+#[inline(always)]
+fn tcp(
+    pkt: &Bytes,
+    source: Source,
+    l3: usize,
+    l4: usize,
+    tcp_bytes: usize,
+    ports: &impl Fn(u16) -> bool,
+    family: Family,
+) -> Parsed {
+    let Some(t) = pkt.at::<TCP_HLEN>(l4) else {
+        return Parsed::Truncated(family);
+    };
+    let dport = u16::from_be_bytes([t[2], t[3]]);
+    if !ports(dport) {
+        return Parsed::Other;
+    }
+    let doff = usize::from(t[12] >> 4) * 4;
+    if doff < TCP_HLEN || tcp_bytes < TCP_HLEN || doff > tcp_bytes {
+        return Parsed::Deny(family, Reason::Malformed);
+    }
+    let payload = if tcp_bytes == usize::MAX {
+        0
+    } else {
+        (tcp_bytes - doff) as u32
+    };
+    Parsed::Smtp(Smtp {
+        source,
+        l3,
+        l4,
+        payload,
+        flags: t[13],
+    })
+}
+
+#[inline(always)]
+fn ipv6(pkt: &Bytes, l3: usize, ports: &impl Fn(u16) -> bool) -> Parsed {
+    const F: Family = Family::Ipv6;
+    let Some(h) = pkt.at::<IPV6_HLEN>(l3) else {
+        return Parsed::Truncated(Family::Ipv6);
+    };
+    if h[0] >> 4 != 6 {
+        return Parsed::Other;
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    let payload_len = usize::from(u16::from_be_bytes([h[4], h[5]]));
+    let mut next = h[6];
+    let mut off = l3 + IPV6_HLEN;
+    let mut first_fragment = false;
+    let mut walked = 0;
+    // One uniform loop body, so that the verifier's paths through it merge
+    // instead of multiplying with each header.
+    while next != IPPROTO_TCP {
+        if !is_extension_header(next) {
+            // ESP, no next header, ICMPv6, UDP, ...: not TCP we can see.
+            return Parsed::Other;
+        }
+        if walked == MAX_IPV6_EXT_HEADERS {
+            return Parsed::Deny(F, Reason::HeaderChainTooLong);
+        }
+        // Every extension header is at least 8 bytes long.
+        let Some(e) = pkt.at::<8>(off) else {
+            return incomplete(first_fragment);
+        };
+        let len = if next == 44 {
+            let offset = u16::from_be_bytes([e[2], e[3]]) >> 3;
+            if offset != 0 {
+                return non_first_v6_fragment(e[0], offset);
+            }
+            first_fragment = true;
+            8
+        } else if next == 51 {
+            // Authentication header: length in 4-octet units, minus 2.
+            (usize::from(e[1]) + 2) * 4
+        } else {
+            // Length in 8-octet units, not counting the first 8.
+            (usize::from(e[1]) + 1) * 8
+        };
+        next = e[0];
+        off += len;
+        if off > MAX_HEADER_BYTES {
+            return incomplete(first_fragment);
+        }
+        walked += 1;
+    }
+    let Some(source) = checked_v6_source(src) else {
+        return Parsed::Deny(F, Reason::MappedAddress);
+    };
+    let tcp_bytes = (l3 + IPV6_HLEN + payload_len).saturating_sub(off);
+    // RFC 7112: the first fragment must hold the whole header chain,
+    // including the TCP header.
+    if first_fragment && (tcp_bytes < TCP_HLEN || pkt.at::<TCP_HLEN>(off).is_none()) {
+        // Still let non-SMTP traffic be, when its port is visible.
+        if let Some(dport) = pkt.be16(off + 2) {
+            if tcp_bytes >= 4 && !ports(dport) {
+                return Parsed::Other;
+            }
+        }
+        return Parsed::Deny(F, Reason::IncompleteChain);
+    }
+    // A jumbogram (payload length 0 with a hop-by-hop option) or GSO packet:
+    // trust the packet data for the TCP header.
+    let tcp_bytes = if payload_len == 0 {
+        usize::MAX
+    } else {
+        tcp_bytes
+    };
+    tcp(pkt, source, l3, off, tcp_bytes, ports, F)
+}
+
+/// Hop-by-hop, routing, fragment, destination options, AH, mobility, HIP,
+/// shim6.
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
+}
+
+/// A non-first IPv6 fragment: only a TCP datagram's fragments are ours.
+#[inline(always)]
+fn non_first_v6_fragment(next: u8, offset: u16) -> Parsed {
+    if next != IPPROTO_TCP {
+        Parsed::Other
+    } else if offset == 1 {
+        Parsed::Deny(Family::Ipv6, Reason::FragmentOverlap)
+    } else {
+        Parsed::Pass(Family::Ipv6, Reason::NonFirstFragment)
+    }
+}
+
+#[inline(always)]
+fn incomplete(first_fragment: bool) -> Parsed {
+    if first_fragment {
+        Parsed::Deny(Family::Ipv6, Reason::IncompleteChain)
+    } else {
+        Parsed::Truncated(Family::Ipv6)
+    }
+}
+
+/// IPv4-mapped (`::ffff:0:0/96`) and IPv4-compatible (`::/96`, except `::`
+/// and `::1`) sources are refused: they never appear on the wire from an
+/// honest host, and would let an IPv4 host dodge its IPv4 verdict.
+#[inline(always)]
+fn checked_v6_source(src: [u8; 16]) -> Option<Source> {
+    let head_zero = src[..10].iter().all(|b| *b == 0);
+    if head_zero {
+        let mapped = src[10] == 0xff && src[11] == 0xff;
+        let compat = src[10] == 0
+            && src[11] == 0
+            && !(src[12] == 0 && src[13] == 0 && src[14] == 0 && src[15] <= 1);
+        if mapped || compat {
+            return None;
+        }
+    }
+    Some(Source::V6(src))
+}
