@@ -11,11 +11,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("relay config: {field}: {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, problem: problem.into() }
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -175,7 +181,12 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        Self { initial_backoff_secs: 60.0, max_backoff_secs: 3600.0, max_lifetime_secs: 432_000.0, attempt_timeout_secs: 120.0 }
+        Self {
+            initial_backoff_secs: 60.0,
+            max_backoff_secs: 3600.0,
+            max_lifetime_secs: 432_000.0,
+            attempt_timeout_secs: 120.0,
+        }
     }
 }
 
@@ -196,7 +207,10 @@ impl RelayConfig {
     /// validate before the files exist (e.g. in `--check` mode).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
-            return Err(invalid("hostname", "must be a non-empty name without spaces"));
+            return Err(invalid(
+                "hostname",
+                "must be a non-empty name without spaces",
+            ));
         }
         if self.intercept_message.contains(['\r', '\n']) {
             return Err(invalid("intercept_message", "must be a single line"));
@@ -216,26 +230,41 @@ impl RelayConfig {
             }
         }
         if l.max_sessions_per_client > l.max_sessions {
-            return Err(invalid("limits.max_sessions_per_client", "cannot exceed limits.max_sessions"));
+            return Err(invalid(
+                "limits.max_sessions_per_client",
+                "cannot exceed limits.max_sessions",
+            ));
         }
         for (field, v) in [
             ("limits.command_timeout_secs", l.command_timeout_secs),
             ("limits.data_timeout_secs", l.data_timeout_secs),
             ("limits.auth_lockout_secs", l.auth_lockout_secs),
-            ("retry.initial_backoff_secs", self.retry.initial_backoff_secs),
+            (
+                "retry.initial_backoff_secs",
+                self.retry.initial_backoff_secs,
+            ),
             ("retry.max_backoff_secs", self.retry.max_backoff_secs),
             ("retry.max_lifetime_secs", self.retry.max_lifetime_secs),
-            ("retry.attempt_timeout_secs", self.retry.attempt_timeout_secs),
+            (
+                "retry.attempt_timeout_secs",
+                self.retry.attempt_timeout_secs,
+            ),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(field, "must be a positive number of seconds"));
             }
         }
         if !(l.auth_failure_delay_secs.is_finite() && l.auth_failure_delay_secs >= 0.0) {
-            return Err(invalid("limits.auth_failure_delay_secs", "must be zero or more seconds"));
+            return Err(invalid(
+                "limits.auth_failure_delay_secs",
+                "must be zero or more seconds",
+            ));
         }
         if self.retry.max_backoff_secs < self.retry.initial_backoff_secs {
-            return Err(invalid("retry.max_backoff_secs", "cannot be below retry.initial_backoff_secs"));
+            return Err(invalid(
+                "retry.max_backoff_secs",
+                "cannot be below retry.initial_backoff_secs",
+            ));
         }
         if let Some(u) = &self.upstream {
             if u.host.is_empty() {
@@ -245,7 +274,10 @@ impl RelayConfig {
                 return Err(invalid("upstream.port", "must not be 0"));
             }
             if u.username.is_some() != u.password_file.is_some() {
-                return Err(invalid("upstream.username", "username and password_file go together"));
+                return Err(invalid(
+                    "upstream.username",
+                    "username and password_file go together",
+                ));
             }
         }
         Ok(())
@@ -295,6 +327,9 @@ mod tests {
         assert!(RelayConfig::from_toml("[limits]\nmax_recipients = 0").is_err());
         assert!(RelayConfig::from_toml("hostname = \"\"").is_err());
         assert!(RelayConfig::from_toml("[upstream]\nhost = \"h\"\nusername = \"u\"").is_err());
-        assert!(RelayConfig::from_toml("[retry]\ninitial_backoff_secs = 10\nmax_backoff_secs = 1").is_err());
+        assert!(
+            RelayConfig::from_toml("[retry]\ninitial_backoff_secs = 10\nmax_backoff_secs = 1")
+                .is_err()
+        );
     }
 }

@@ -54,7 +54,14 @@ pub struct DataReader {
 
 impl DataReader {
     pub fn new(max_bytes: usize) -> Self {
-        Self { state: State::LineStart, line_len: 0, body: Vec::new(), max_bytes, too_big: false, long_line: false }
+        Self {
+            state: State::LineStart,
+            line_len: 0,
+            body: Vec::new(),
+            max_bytes,
+            too_big: false,
+            long_line: false,
+        }
     }
 
     fn push(&mut self, bytes: &[u8]) {
@@ -80,7 +87,9 @@ impl DataReader {
     pub fn feed(&mut self, input: &[u8]) -> Feed {
         for (i, &b) in input.iter().enumerate() {
             self.state = match (self.state, b) {
-                (State::LineStart | State::Dot | State::Mid, b'\n') => return Feed::BareNewline { consumed: i },
+                (State::LineStart | State::Dot | State::Mid, b'\n') => {
+                    return Feed::BareNewline { consumed: i };
+                }
                 (State::LineStart, b'.') => {
                     self.count();
                     State::Dot
@@ -88,7 +97,9 @@ impl DataReader {
                 (State::LineStart | State::Mid, b'\r') => State::Cr,
                 (State::Dot, b'\r') => State::DotCr,
                 (State::DotCr, b'\n') => return Feed::Done { consumed: i + 1 },
-                (State::DotCr | State::Cr, _) if b != b'\n' => return Feed::BareNewline { consumed: i },
+                (State::DotCr | State::Cr, _) if b != b'\n' => {
+                    return Feed::BareNewline { consumed: i };
+                }
                 (State::Cr, _) => {
                     self.push(b"\r\n");
                     self.line_len = 0;
@@ -139,14 +150,22 @@ mod tests {
     fn plain_message_and_pipelined_tail() {
         let input = b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n";
         let (f, v, body) = read_all(input, 1000);
-        assert_eq!(f, Feed::Done { consumed: input.len() - 6 });
+        assert_eq!(
+            f,
+            Feed::Done {
+                consumed: input.len() - 6
+            }
+        );
         assert_eq!(v, Verdict::Ok);
         assert_eq!(body, b"Subject: x\r\n\r\nhello\r\n");
     }
 
     #[test]
     fn empty_message() {
-        assert_eq!(read_all(b".\r\n", 10), (Feed::Done { consumed: 3 }, Verdict::Ok, vec![]));
+        assert_eq!(
+            read_all(b".\r\n", 10),
+            (Feed::Done { consumed: 3 }, Verdict::Ok, vec![])
+        );
     }
 
     #[test]
@@ -189,7 +208,11 @@ mod tests {
             b"\n.\r\n",
         ] {
             let (f, _, _) = read_all(input, 1000);
-            assert!(matches!(f, Feed::BareNewline { .. }), "{:?} gave {f:?}", String::from_utf8_lossy(input));
+            assert!(
+                matches!(f, Feed::BareNewline { .. }),
+                "{:?} gave {f:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

@@ -22,7 +22,9 @@ pub fn rfc5322(t: SystemTime) -> String {
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
     const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MON: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     format!(
         "{}, {} {} {} {:02}:{:02}:{:02} +0000",
         WD[usize::try_from(days.rem_euclid(7)).expect("0..7")],
@@ -43,6 +45,9 @@ mod tests {
     #[test]
     fn known_dates() {
         assert_eq!(rfc5322(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322(UNIX_EPOCH + Duration::from_secs(1_709_210_096)), "Thu, 29 Feb 2024 12:34:56 +0000");
+        assert_eq!(
+            rfc5322(UNIX_EPOCH + Duration::from_secs(1_709_210_096)),
+            "Thu, 29 Feb 2024 12:34:56 +0000"
+        );
     }
 }

@@ -64,10 +64,16 @@ fn build_upstream(cfg: &RelayConfig, u: &UpstreamConfig) -> Result<Transport, De
     let tls_params = || -> Result<TlsParameters, DeliverError> {
         let mut b = TlsParameters::builder(u.host.clone());
         if let Some(ca) = &u.ca_file {
-            let pem = std::fs::read(ca).map_err(|source| DeliverError::Read { path: ca.clone(), source })?;
-            b = b.add_root_certificate(Certificate::from_pem(&pem).map_err(|source| DeliverError::Tls { source })?);
+            let pem = std::fs::read(ca).map_err(|source| DeliverError::Read {
+                path: ca.clone(),
+                source,
+            })?;
+            b = b.add_root_certificate(
+                Certificate::from_pem(&pem).map_err(|source| DeliverError::Tls { source })?,
+            );
         }
-        b.build_rustls().map_err(|source| DeliverError::Tls { source })
+        b.build_rustls()
+            .map_err(|source| DeliverError::Tls { source })
     };
     let tls = match u.tls {
         UpstreamTls::None => Tls::None,
@@ -80,7 +86,10 @@ fn build_upstream(cfg: &RelayConfig, u: &UpstreamConfig) -> Result<Transport, De
         .hello_name(ClientId::Domain(cfg.hostname.clone()))
         .timeout(Some(secs(cfg.retry.attempt_timeout_secs)));
     if let (Some(user), Some(pf)) = (&u.username, &u.password_file) {
-        let text = std::fs::read_to_string(pf).map_err(|source| DeliverError::Read { path: pf.clone(), source })?;
+        let text = std::fs::read_to_string(pf).map_err(|source| DeliverError::Read {
+            path: pf.clone(),
+            source,
+        })?;
         let pw = text.lines().next().unwrap_or_default().to_owned();
         b = b.credentials(Credentials::new(user.clone(), pw));
     }
@@ -95,7 +104,11 @@ impl Deliverer {
         shutdown: watch::Receiver<bool>,
         queued: mpsc::UnboundedSender<QueueRecord>,
     ) -> Result<Arc<Self>, DeliverError> {
-        let upstream = cfg.upstream.as_ref().map(|u| build_upstream(&cfg, u)).transpose()?;
+        let upstream = cfg
+            .upstream
+            .as_ref()
+            .map(|u| build_upstream(&cfg, u))
+            .transpose()?;
         Ok(Arc::new(Self {
             slots: Semaphore::new(cfg.delivery_workers),
             cfg,
@@ -125,14 +138,22 @@ impl Deliverer {
     }
 
     fn spawn(self: &Arc<Self>, rec: QueueRecord) {
-        if !self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(rec.id.clone()) {
+        if !self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(rec.id.clone())
+        {
             return;
         }
         let me = self.clone();
         tokio::spawn(async move {
             let id = rec.id.clone();
             me.message_task(rec).await;
-            me.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+            me.live
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
         });
     }
 
@@ -143,14 +164,20 @@ impl Deliverer {
 
     /// Stops a message's task (if running) and removes it from the spool.
     pub(crate) fn delete(&self, id: &str) -> Result<(), crate::spool::SpoolError> {
-        self.deleted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.to_owned());
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned());
         self.spool.remove(id)?;
         RelayStats::dec(&self.stats.queue_length);
         Ok(())
     }
 
     fn is_deleted(&self, id: &str) -> bool {
-        self.deleted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(id)
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(id)
     }
 
     async fn message_task(&self, mut rec: QueueRecord) {
@@ -163,7 +190,9 @@ impl Deliverer {
                 _ = flush.changed() => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            let Ok(_slot) = self.slots.acquire().await else { return };
+            let Ok(_slot) = self.slots.acquire().await else {
+                return;
+            };
             if self.is_deleted(&rec.id) || *self.shutdown.borrow() {
                 return;
             }
@@ -191,13 +220,25 @@ impl Deliverer {
         };
         let pending: Vec<String> = rec.pending().map(|r| r.address.clone()).collect();
         let results = if let Some(t) = &self.upstream {
-            send_group(t, &rec.from, &pending, &body, secs(self.cfg.retry.attempt_timeout_secs)).await
+            send_group(
+                t,
+                &rec.from,
+                &pending,
+                &body,
+                secs(self.cfg.retry.attempt_timeout_secs),
+            )
+            .await
         } else {
             self.send_mx(&rec.from, &pending, &body).await
         };
         rec.attempts += 1;
-        let expired = now_ms().saturating_sub(rec.created_unix_ms) > secs(self.cfg.retry.max_lifetime_secs).as_millis() as u64;
-        for r in rec.recipients.iter_mut().filter(|r| r.state == RcptState::Pending) {
+        let expired = now_ms().saturating_sub(rec.created_unix_ms)
+            > secs(self.cfg.retry.max_lifetime_secs).as_millis() as u64;
+        for r in rec
+            .recipients
+            .iter_mut()
+            .filter(|r| r.state == RcptState::Pending)
+        {
             r.attempts += 1;
             match results.get(&r.address) {
                 Some(Outcome::Delivered) => {
@@ -222,7 +263,12 @@ impl Deliverer {
         for r in &rec.recipients {
             tracing::info!(id = rec.id, rcpt = r.address, state = ?r.state, error = r.last_error.as_deref().unwrap_or(""), "delivery attempt");
         }
-        let failed: Vec<_> = rec.recipients.iter().filter(|r| r.state == RcptState::Failed).cloned().collect();
+        let failed: Vec<_> = rec
+            .recipients
+            .iter()
+            .filter(|r| r.state == RcptState::Failed)
+            .cloned()
+            .collect();
         if rec.pending().next().is_some() {
             RelayStats::inc(&self.stats.deliveries_deferred);
             self.reschedule(rec).await;
@@ -231,7 +277,12 @@ impl Deliverer {
         // Finished: bounce failures (never bounce a bounce), then drop it.
         if !failed.is_empty() && !rec.is_dsn && !rec.from.is_empty() {
             let refs: Vec<_> = failed.iter().collect();
-            let (dsn, dsn_body) = crate::dsn::build(&self.cfg.hostname, rec, &refs, crate::dsn::header_section(&body));
+            let (dsn, dsn_body) = crate::dsn::build(
+                &self.cfg.hostname,
+                rec,
+                &refs,
+                crate::dsn::header_section(&body),
+            );
             match self.spool.commit(dsn.clone(), dsn_body).await {
                 Ok(()) => {
                     RelayStats::inc(&self.stats.messages_bounced);
@@ -247,7 +298,10 @@ impl Deliverer {
                 }
             }
         } else if !failed.is_empty() {
-            tracing::warn!(id = rec.id, "undeliverable bounce or null-sender message dropped");
+            tracing::warn!(
+                id = rec.id,
+                "undeliverable bounce or null-sender message dropped"
+            );
         }
         if failed.len() < rec.recipients.len() {
             RelayStats::inc(&self.stats.messages_delivered);
@@ -266,7 +320,12 @@ impl Deliverer {
 
     async fn reschedule(&self, rec: &mut QueueRecord) {
         let r = &self.cfg.retry;
-        let exp = r.initial_backoff_secs * 2f64.powi(i32::try_from(rec.attempts.saturating_sub(1)).unwrap_or(30).min(30));
+        let exp = r.initial_backoff_secs
+            * 2f64.powi(
+                i32::try_from(rec.attempts.saturating_sub(1))
+                    .unwrap_or(30)
+                    .min(30),
+            );
         let base = exp.min(r.max_backoff_secs);
         // ±20% jitter so messages that failed together do not retry together.
         #[expect(clippy::cast_precision_loss, reason = "jitter needs no precision")]
@@ -281,7 +340,12 @@ impl Deliverer {
         }
     }
 
-    async fn send_mx(&self, from: &str, rcpts: &[String], body: &[u8]) -> BTreeMap<String, Outcome> {
+    async fn send_mx(
+        &self,
+        from: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> BTreeMap<String, Outcome> {
         let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in rcpts {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d).to_owned();
@@ -295,10 +359,20 @@ impl Deliverer {
         out
     }
 
-    async fn send_domain(&self, domain: &str, from: &str, rcpts: &[String], body: &[u8]) -> BTreeMap<String, Outcome> {
+    async fn send_domain(
+        &self,
+        domain: &str,
+        from: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> BTreeMap<String, Outcome> {
         let all = |o: Outcome| rcpts.iter().map(|r| (r.clone(), o.clone())).collect();
         let hosts = match mx_hosts(domain).await {
-            Ok(h) if h.is_empty() => return all(Outcome::Permanent(format!("550 5.1.2 domain {domain} does not accept mail (null MX)"))),
+            Ok(h) if h.is_empty() => {
+                return all(Outcome::Permanent(format!(
+                    "550 5.1.2 domain {domain} does not accept mail (null MX)"
+                )));
+            }
             Ok(h) => h,
             Err(e) => return all(e),
         };
@@ -319,7 +393,9 @@ impl Deliverer {
                 .build();
             let res = send_group(&t, from, rcpts, body, timeout).await;
             // Try the next MX only when this one could not be talked to.
-            let unreachable = res.values().all(|o| matches!(o, Outcome::Transient(e) if e.starts_with("connection")));
+            let unreachable = res
+                .values()
+                .all(|o| matches!(o, Outcome::Transient(e) if e.starts_with("connection")));
             if !unreachable {
                 return res;
             }
@@ -342,7 +418,10 @@ async fn mx_hosts(domain: &str) -> Result<Vec<String>, Outcome> {
                 .answers()
                 .iter()
                 .filter_map(|r| match &r.data {
-                    RData::MX(m) => Some((m.preference, m.exchange.to_utf8().trim_end_matches('.').to_owned())),
+                    RData::MX(m) => Some((
+                        m.preference,
+                        m.exchange.to_utf8().trim_end_matches('.').to_owned(),
+                    )),
                     _ => None,
                 })
                 .collect();
@@ -352,9 +431,13 @@ async fn mx_hosts(domain: &str) -> Result<Vec<String>, Outcome> {
             }
             Ok(mx.into_iter().map(|(_, h)| h).collect())
         }
-        Err(e) if e.is_nx_domain() => Err(Outcome::Permanent(format!("550 5.1.2 domain {domain} does not exist"))),
+        Err(e) if e.is_nx_domain() => Err(Outcome::Permanent(format!(
+            "550 5.1.2 domain {domain} does not exist"
+        ))),
         Err(e) if e.is_no_records_found() => Ok(vec![domain.to_owned()]),
-        Err(e) => Err(Outcome::Transient(format!("451 4.4.3 DNS lookup for {domain}: {e}"))),
+        Err(e) => Err(Outcome::Transient(format!(
+            "451 4.4.3 DNS lookup for {domain}: {e}"
+        ))),
     }
 }
 
@@ -373,7 +456,13 @@ fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
 /// Sends one transaction for all `rcpts`. lettre reports one error per
 /// transaction, so when a multi-recipient send fails permanently we retry
 /// recipient by recipient to learn which ones are at fault.
-async fn send_group(t: &Transport, from: &str, rcpts: &[String], body: &[u8], timeout: Duration) -> BTreeMap<String, Outcome> {
+async fn send_group(
+    t: &Transport,
+    from: &str,
+    rcpts: &[String],
+    body: &[u8],
+    timeout: Duration,
+) -> BTreeMap<String, Outcome> {
     let mut out = BTreeMap::new();
     let sender = if from.is_empty() {
         None
@@ -381,7 +470,15 @@ async fn send_group(t: &Transport, from: &str, rcpts: &[String], body: &[u8], ti
         match from.parse::<lettre::Address>() {
             Ok(a) => Some(a),
             Err(e) => {
-                return rcpts.iter().map(|r| (r.clone(), Outcome::Permanent(format!("550 5.1.7 bad sender {from}: {e}")))).collect();
+                return rcpts
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.clone(),
+                            Outcome::Permanent(format!("550 5.1.7 bad sender {from}: {e}")),
+                        )
+                    })
+                    .collect();
             }
         }
     };
@@ -390,14 +487,24 @@ async fn send_group(t: &Transport, from: &str, rcpts: &[String], body: &[u8], ti
         match r.parse::<lettre::Address>() {
             Ok(a) => to.push((r.clone(), a)),
             Err(e) => {
-                out.insert(r.clone(), Outcome::Permanent(format!("550 5.1.3 bad recipient {r}: {e}")));
+                out.insert(
+                    r.clone(),
+                    Outcome::Permanent(format!("550 5.1.3 bad recipient {r}: {e}")),
+                );
             }
         }
     }
     if to.is_empty() {
         return out;
     }
-    let res = send_one(t, sender.clone(), to.iter().map(|(_, a)| a.clone()).collect(), body, timeout).await;
+    let res = send_one(
+        t,
+        sender.clone(),
+        to.iter().map(|(_, a)| a.clone()).collect(),
+        body,
+        timeout,
+    )
+    .await;
     match res {
         Outcome::Permanent(_) if to.len() > 1 => {
             for (r, a) in to {
@@ -414,7 +521,13 @@ async fn send_group(t: &Transport, from: &str, rcpts: &[String], body: &[u8], ti
     out
 }
 
-async fn send_one(t: &Transport, from: Option<lettre::Address>, to: Vec<lettre::Address>, body: &[u8], timeout: Duration) -> Outcome {
+async fn send_one(
+    t: &Transport,
+    from: Option<lettre::Address>,
+    to: Vec<lettre::Address>,
+    body: &[u8],
+    timeout: Duration,
+) -> Outcome {
     let env = match lettre::address::Envelope::new(from, to) {
         Ok(e) => e,
         Err(e) => return Outcome::Permanent(format!("550 5.1.3 envelope: {e}")),

@@ -8,7 +8,12 @@ use crate::spool::{QueueRecord, RcptState, RecipientStatus, new_id, now_ms};
 
 /// Builds the DSN for the failed recipients of `original`; `headers` is the
 /// original message's header section. Returns the new queue record and body.
-pub fn build(hostname: &str, original: &QueueRecord, failed: &[&RecipientStatus], headers: &[u8]) -> (QueueRecord, Vec<u8>) {
+pub fn build(
+    hostname: &str,
+    original: &QueueRecord,
+    failed: &[&RecipientStatus],
+    headers: &[u8],
+) -> (QueueRecord, Vec<u8>) {
     let id = new_id();
     let boundary = format!("{id}/{hostname}");
     let arrival = SystemTime::UNIX_EPOCH + Duration::from_millis(original.created_unix_ms);
@@ -37,7 +42,12 @@ pub fn build(hostname: &str, original: &QueueRecord, failed: &[&RecipientStatus]
         to = original.from,
     );
     for r in failed {
-        let _ = write!(m, "<{}>: {}\r\n", r.address, one_line(r.last_error.as_deref().unwrap_or("delivery failed")));
+        let _ = write!(
+            m,
+            "<{}>: {}\r\n",
+            r.address,
+            one_line(r.last_error.as_deref().unwrap_or("delivery failed"))
+        );
     }
     let _ = write!(
         m,
@@ -63,7 +73,10 @@ pub fn build(hostname: &str, original: &QueueRecord, failed: &[&RecipientStatus]
             diag = one_line(err),
         );
     }
-    let _ = write!(m, "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n");
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    );
     let mut body = m.into_bytes();
     body.extend_from_slice(headers);
     if !headers.ends_with(b"\r\n") {
@@ -74,7 +87,12 @@ pub fn build(hostname: &str, original: &QueueRecord, failed: &[&RecipientStatus]
     let record = QueueRecord {
         id,
         from: String::new(),
-        recipients: vec![RecipientStatus { address: original.from.clone(), state: RcptState::Pending, attempts: 0, last_error: None }],
+        recipients: vec![RecipientStatus {
+            address: original.from.clone(),
+            state: RcptState::Pending,
+            attempts: 0,
+            last_error: None,
+        }],
         created_unix_ms: now,
         next_attempt_unix_ms: now,
         attempts: 0,
@@ -89,12 +107,17 @@ pub fn build(hostname: &str, original: &QueueRecord, failed: &[&RecipientStatus]
 /// The header section of a message (up to and including the blank line's
 /// CRLF, excluded), capped so a huge header does not bloat the bounce.
 pub fn header_section(msg: &[u8]) -> &[u8] {
-    let end = msg.windows(4).position(|w| w == b"\r\n\r\n").map_or(msg.len(), |i| i + 2);
+    let end = msg
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(msg.len(), |i| i + 2);
     &msg[..end.min(64 * 1024)]
 }
 
 fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// The RFC 3463 code in an error text ("550 5.1.1 ..."), or a generic one.
@@ -102,10 +125,22 @@ fn status_of(err: &str) -> String {
     err.split_whitespace()
         .find(|w| {
             let p: Vec<&str> = w.split('.').collect();
-            p.len() == 3 && matches!(p[0], "2" | "4" | "5") && p.iter().all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
+            p.len() == 3
+                && matches!(p[0], "2" | "4" | "5")
+                && p.iter()
+                    .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
         })
         // A 4.x.x code in a final failure means the message expired.
-        .map_or_else(|| "5.0.0".to_owned(), |s| if s.starts_with('4') { "4.4.7".to_owned() } else { s.to_owned() })
+        .map_or_else(
+            || "5.0.0".to_owned(),
+            |s| {
+                if s.starts_with('4') {
+                    "4.4.7".to_owned()
+                } else {
+                    s.to_owned()
+                }
+            },
+        )
 }
 
 #[cfg(test)]
@@ -132,11 +167,20 @@ mod tests {
             attempts: 3,
             last_error: Some("550 5.1.1 no such user\r\nsecond".into()),
         };
-        let (rec, body) = build("relay.test", &orig, &[&failed], header_section(b"Subject: x\r\nFrom: a\r\n\r\nbody"));
+        let (rec, body) = build(
+            "relay.test",
+            &orig,
+            &[&failed],
+            header_section(b"Subject: x\r\nFrom: a\r\n\r\nbody"),
+        );
         let text = String::from_utf8(body).unwrap();
-        assert!(rec.is_dsn && rec.from.is_empty() && rec.recipients[0].address == "alice@example.com");
+        assert!(
+            rec.is_dsn && rec.from.is_empty() && rec.recipients[0].address == "alice@example.com"
+        );
         assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
-        assert!(text.contains("Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"));
+        assert!(text.contains(
+            "Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        ));
         assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user  second\r\n"));
         assert!(text.contains("text/rfc822-headers\r\n\r\nSubject: x\r\nFrom: a\r\n"));
         assert!(!text.contains("body"));

@@ -11,8 +11,8 @@ pub mod dataread;
 mod date;
 mod deliver;
 pub mod dsn;
-mod listener;
 pub mod limits;
+mod listener;
 pub mod parse;
 pub mod queue;
 pub mod reply;
@@ -29,7 +29,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use config::{ConfigError, LimitsConfig, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls};
+pub use config::{
+    ConfigError, LimitsConfig, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls,
+};
 pub use session::ListenerKind;
 pub use stats::{LatencySnapshot, RelayStats, StatsSnapshot};
 pub use tls::{TlsError, generate_lab_cert, write_lab_cert};
@@ -85,7 +87,9 @@ pub struct RelayHandle {
 
 impl std::fmt::Debug for RelayHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayHandle").field("addrs", &self.addrs).finish_non_exhaustive()
+        f.debug_struct("RelayHandle")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,17 +100,36 @@ fn to_tokio(
 ) -> Result<Option<tokio::net::TcpListener>, RelayError> {
     let std_l = match (given, addr) {
         (Some(l), _) => l,
-        (None, Some(a)) => std::net::TcpListener::bind(a).map_err(|source| RelayError::Listen { op: "binding", listener: kind, source })?,
+        (None, Some(a)) => std::net::TcpListener::bind(a).map_err(|source| RelayError::Listen {
+            op: "binding",
+            listener: kind,
+            source,
+        })?,
         (None, None) => return Ok(None),
     };
-    std_l.set_nonblocking(true).map_err(|source| RelayError::Listen { op: "configuring", listener: kind, source })?;
-    tokio::net::TcpListener::from_std(std_l).map(Some).map_err(|source| RelayError::Listen { op: "registering", listener: kind, source })
+    std_l
+        .set_nonblocking(true)
+        .map_err(|source| RelayError::Listen {
+            op: "configuring",
+            listener: kind,
+            source,
+        })?;
+    tokio::net::TcpListener::from_std(std_l)
+        .map(Some)
+        .map_err(|source| RelayError::Listen {
+            op: "registering",
+            listener: kind,
+            source,
+        })
 }
 
 impl Relay {
     /// Validates the config, loads TLS and users, recovers the spool, starts
     /// delivery and the listeners. Must run inside a tokio runtime.
-    pub async fn start(config: RelayConfig, listeners: Listeners) -> Result<RelayHandle, RelayError> {
+    pub async fn start(
+        config: RelayConfig,
+        listeners: Listeners,
+    ) -> Result<RelayHandle, RelayError> {
         config.validate()?;
         tracing::info!(config = ?config, "starting relay");
         let config = Arc::new(config);
@@ -117,14 +140,24 @@ impl Relay {
             .await
             .expect("spool open does not panic")?;
         let s2 = spool.clone();
-        let recovered = tokio::task::spawn_blocking(move || s2.recover()).await.expect("recover does not panic")?;
+        let recovered = tokio::task::spawn_blocking(move || s2.recover())
+            .await
+            .expect("recover does not panic")?;
         let stats = Arc::new(RelayStats::default());
-        stats.queue_length.store(recovered.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .queue_length
+            .store(recovered.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(messages = recovered.len(), "queue recovered");
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (queued_tx, queued_rx) = mpsc::unbounded_channel();
-        let deliverer = deliver::Deliverer::new(config.clone(), spool.clone(), stats.clone(), shutdown_rx.clone(), queued_tx.clone())?;
+        let deliverer = deliver::Deliverer::new(
+            config.clone(),
+            spool.clone(),
+            stats.clone(),
+            shutdown_rx.clone(),
+            queued_tx.clone(),
+        )?;
         for rec in recovered {
             let _ = queued_tx.send(rec);
         }
@@ -142,11 +175,25 @@ impl Relay {
         });
         let mut addrs = BoundAddrs::default();
         for (given, addr, kind) in [
-            (listeners.submission, config.submission_listen, ListenerKind::Submission),
-            (listeners.submissions, config.submissions_listen, ListenerKind::Submissions),
-            (listeners.intercept, config.intercept_listen, ListenerKind::Intercept),
+            (
+                listeners.submission,
+                config.submission_listen,
+                ListenerKind::Submission,
+            ),
+            (
+                listeners.submissions,
+                config.submissions_listen,
+                ListenerKind::Submissions,
+            ),
+            (
+                listeners.intercept,
+                config.intercept_listen,
+                ListenerKind::Intercept,
+            ),
         ] {
-            let Some(l) = to_tokio(given, addr, kind)? else { continue };
+            let Some(l) = to_tokio(given, addr, kind)? else {
+                continue;
+            };
             let local = l.local_addr().ok();
             match kind {
                 ListenerKind::Submission => addrs.submission = local,
@@ -156,7 +203,13 @@ impl Relay {
             tracing::info!(listener = ?kind, addr = ?local, "listening");
             tasks.push(tokio::spawn(listener::accept_loop(l, kind, shared.clone())));
         }
-        Ok(RelayHandle { shared, deliverer, shutdown: shutdown_tx, tasks, addrs })
+        Ok(RelayHandle {
+            shared,
+            deliverer,
+            shutdown: shutdown_tx,
+            tasks,
+            addrs,
+        })
     }
 }
 
@@ -194,7 +247,12 @@ impl RelayHandle {
             let _ = t.await;
         }
         let deadline = tokio::time::Instant::now() + grace;
-        while self.shared.stats.sessions_active.load(std::sync::atomic::Ordering::Relaxed) > 0
+        while self
+            .shared
+            .stats
+            .sessions_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;

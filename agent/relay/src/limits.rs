@@ -53,7 +53,11 @@ impl Drop for ConnGuard {
 
 impl ConnLimiter {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
-        Arc::new(Self { max_total, max_per_ip, counts: Mutex::default() })
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            counts: Mutex::default(),
+        })
     }
 
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
@@ -64,7 +68,10 @@ impl ConnLimiter {
         }
         c.total += 1;
         *c.per_ip.entry(ip).or_insert(0) += 1;
-        Some(ConnGuard { limiter: self.clone(), ip })
+        Some(ConnGuard {
+            limiter: self.clone(),
+            ip,
+        })
     }
 }
 
@@ -89,11 +96,23 @@ pub struct AuthLockout {
 
 impl AuthLockout {
     pub fn new(max_failures: u32, window: Duration) -> Self {
-        Self { max_failures, window, by_ip: Mutex::default(), by_user: Mutex::default() }
+        Self {
+            max_failures,
+            window,
+            by_ip: Mutex::default(),
+            by_user: Mutex::default(),
+        }
     }
 
-    fn locked<K: std::hash::Hash + Eq>(&self, map: &Mutex<HashMap<K, Failures>>, k: &K, now: Instant) -> bool {
-        lock(map).get(k).is_some_and(|f| f.count >= self.max_failures && now.duration_since(f.window_start) < self.window)
+    fn locked<K: std::hash::Hash + Eq>(
+        &self,
+        map: &Mutex<HashMap<K, Failures>>,
+        k: &K,
+        now: Instant,
+    ) -> bool {
+        lock(map).get(k).is_some_and(|f| {
+            f.count >= self.max_failures && now.duration_since(f.window_start) < self.window
+        })
     }
 
     pub fn ip_locked(&self, ip: IpAddr) -> bool {
@@ -109,9 +128,15 @@ impl AuthLockout {
         if m.len() > PRUNE_AT {
             m.retain(|_, f| now.duration_since(f.window_start) < self.window);
         }
-        let f = m.entry(k).or_insert(Failures { count: 0, window_start: now });
+        let f = m.entry(k).or_insert(Failures {
+            count: 0,
+            window_start: now,
+        });
         if now.duration_since(f.window_start) >= self.window {
-            *f = Failures { count: 0, window_start: now };
+            *f = Failures {
+                count: 0,
+                window_start: now,
+            };
         }
         f.count += 1;
     }
@@ -148,7 +173,12 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(messages_per_hour: u32, recipients_per_hour: u32) -> Self {
-        Self { messages_per_hour, recipients_per_hour, window: Duration::from_secs(3600), sent: Mutex::default() }
+        Self {
+            messages_per_hour,
+            recipients_per_hour,
+            window: Duration::from_secs(3600),
+            sent: Mutex::default(),
+        }
     }
 
     /// Whether `user` may send one more message to `rcpts` recipients now.
@@ -159,16 +189,27 @@ impl RateLimiter {
         let now = Instant::now();
         let mut m = lock(&self.sent);
         let q = m.entry(user.to_owned()).or_default();
-        while q.front().is_some_and(|(t, _)| now.duration_since(*t) >= self.window) {
+        while q
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= self.window)
+        {
             q.pop_front();
         }
         let msgs = u32::try_from(q.len()).unwrap_or(u32::MAX);
         if self.messages_per_hour > 0 && msgs >= self.messages_per_hour {
-            return Err(RateError::Messages { user: user.into(), limit: self.messages_per_hour });
+            return Err(RateError::Messages {
+                user: user.into(),
+                limit: self.messages_per_hour,
+            });
         }
         let sent_rcpts: u32 = q.iter().map(|(_, n)| n).sum();
-        if self.recipients_per_hour > 0 && sent_rcpts.saturating_add(rcpts) > self.recipients_per_hour {
-            return Err(RateError::Recipients { user: user.into(), limit: self.recipients_per_hour });
+        if self.recipients_per_hour > 0
+            && sent_rcpts.saturating_add(rcpts) > self.recipients_per_hour
+        {
+            return Err(RateError::Recipients {
+                user: user.into(),
+                limit: self.recipients_per_hour,
+            });
         }
         Ok(())
     }
@@ -177,7 +218,10 @@ impl RateLimiter {
         let now = Instant::now();
         let mut m = lock(&self.sent);
         if m.len() > PRUNE_AT {
-            m.retain(|_, q| q.back().is_some_and(|(t, _)| now.duration_since(*t) < self.window));
+            m.retain(|_, q| {
+                q.back()
+                    .is_some_and(|(t, _)| now.duration_since(*t) < self.window)
+            });
         }
         m.entry(user.into()).or_default().push_back((now, rcpts));
     }

@@ -29,12 +29,16 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
         };
         // For intercepted connections this is the address the client meant
         // to reach (the datapath redirects without rewriting it).
-        let local = sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let local = sock
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let Some(guard) = shared.limits.conns.try_acquire(peer.ip()) else {
             RelayStats::inc(&shared.stats.sessions_refused);
             tracing::info!(peer = %peer, "session limit reached; refusing connection");
             tokio::spawn(async move {
-                let _ = sock.write_all(b"421 4.7.0 Too many connections, try again later\r\n").await;
+                let _ = sock
+                    .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
+                    .await;
                 let _ = sock.shutdown().await;
             });
             continue;
@@ -47,7 +51,11 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
                 let acceptor = shared.tls.acceptor();
                 let timeout = secs(shared.config.limits.command_timeout_secs);
                 match tokio::time::timeout(timeout, acceptor.accept(sock)).await {
-                    Ok(Ok(tls)) => Session::new(tls, shared.clone(), kind, peer, local, true).run().await,
+                    Ok(Ok(tls)) => {
+                        Session::new(tls, shared.clone(), kind, peer, local, true)
+                            .run()
+                            .await
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
                         return;
@@ -55,7 +63,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
                     Err(_) => return,
                 }
             } else {
-                Session::new(sock, shared.clone(), kind, peer, local, false).run().await
+                Session::new(sock, shared.clone(), kind, peer, local, false)
+                    .run()
+                    .await
             };
             if let Err(e) = res {
                 tracing::debug!(peer = %peer, error = %e, "session ended with error");

@@ -55,10 +55,18 @@ pub enum Command {
     Ehlo(String),
     Helo(String),
     StartTls,
-    Auth { mechanism: String, initial: Option<String> },
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
     /// `from == None` is the null reverse path `<>`.
-    Mail { from: Option<Address>, params: MailParams },
-    Rcpt { to: Address },
+    Mail {
+        from: Option<Address>,
+        params: MailParams,
+    },
+    Rcpt {
+        to: Address,
+    },
     Data,
     Rset,
     Noop,
@@ -109,29 +117,50 @@ pub enum ParseError {
     UnsupportedParam { param: String },
 }
 
-const HTTP_VERBS: &[&str] = &["GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+const HTTP_VERBS: &[&str] = &[
+    "GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
 
 /// Parses one command line. `line` excludes the terminating CRLF.
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
-    let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax { what: "command is not valid UTF-8" })?;
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax {
+        what: "command is not valid UTF-8",
+    })?;
     let (verb, rest) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, ""),
     };
     let upper = verb.to_ascii_uppercase();
-    if HTTP_VERBS.contains(&upper.as_str()) || upper.ends_with(':') && (upper == "HOST:" || upper == "USER-AGENT:") {
+    if HTTP_VERBS.contains(&upper.as_str())
+        || upper.ends_with(':') && (upper == "HOST:" || upper == "USER-AGENT:")
+    {
         return Err(ParseError::Http);
     }
     let no_args = |cmd: Command| {
-        if rest.trim().is_empty() { Ok(cmd) } else { Err(ParseError::Syntax { what: "no arguments allowed" }) }
+        if rest.trim().is_empty() {
+            Ok(cmd)
+        } else {
+            Err(ParseError::Syntax {
+                what: "no arguments allowed",
+            })
+        }
     };
     match upper.as_str() {
         "EHLO" | "HELO" => {
             let arg = rest.trim();
-            if arg.is_empty() || arg.contains(char::is_whitespace) || arg.chars().any(char::is_control) {
-                return Err(ParseError::Syntax { what: "EHLO/HELO needs one domain argument" });
+            if arg.is_empty()
+                || arg.contains(char::is_whitespace)
+                || arg.chars().any(char::is_control)
+            {
+                return Err(ParseError::Syntax {
+                    what: "EHLO/HELO needs one domain argument",
+                });
             }
-            Ok(if upper == "EHLO" { Command::Ehlo(arg.to_owned()) } else { Command::Helo(arg.to_owned()) })
+            Ok(if upper == "EHLO" {
+                Command::Ehlo(arg.to_owned())
+            } else {
+                Command::Helo(arg.to_owned())
+            })
         }
         "STARTTLS" => no_args(Command::StartTls),
         "AUTH" => parse_auth(rest),
@@ -151,10 +180,17 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
 
 fn parse_auth(rest: &str) -> Result<Command, ParseError> {
     let mut parts = rest.split(' ').filter(|p| !p.is_empty());
-    let mechanism = parts.next().ok_or(ParseError::Syntax { what: "AUTH needs a mechanism" })?.to_ascii_uppercase();
+    let mechanism = parts
+        .next()
+        .ok_or(ParseError::Syntax {
+            what: "AUTH needs a mechanism",
+        })?
+        .to_ascii_uppercase();
     let initial = parts.next().map(str::to_owned);
     if parts.next().is_some() {
-        return Err(ParseError::Syntax { what: "too many AUTH arguments" });
+        return Err(ParseError::Syntax {
+            what: "too many AUTH arguments",
+        });
     }
     Ok(Command::Auth { mechanism, initial })
 }
@@ -163,7 +199,8 @@ fn parse_auth(rest: &str) -> Result<Command, ParseError> {
 /// some clients put after the colon.
 fn strip_keyword<'a>(rest: &'a str, kw: &str) -> Option<&'a str> {
     let head = rest.get(..kw.len())?;
-    head.eq_ignore_ascii_case(kw).then(|| rest[kw.len()..].trim_start_matches(' '))
+    head.eq_ignore_ascii_case(kw)
+        .then(|| rest[kw.len()..].trim_start_matches(' '))
 }
 
 fn split_path(s: &str) -> Result<(&str, &str), ParseError> {
@@ -180,35 +217,55 @@ fn split_path(s: &str) -> Result<(&str, &str), ParseError> {
 }
 
 fn parse_mail(rest: &str) -> Result<Command, ParseError> {
-    let s = strip_keyword(rest, "FROM:").ok_or(ParseError::Syntax { what: "expected MAIL FROM:<address>" })?;
+    let s = strip_keyword(rest, "FROM:").ok_or(ParseError::Syntax {
+        what: "expected MAIL FROM:<address>",
+    })?;
     let (path, params) = split_path(s)?;
-    let from = if path.is_empty() { None } else { Some(parse_address(path)?) };
+    let from = if path.is_empty() {
+        None
+    } else {
+        Some(parse_address(path)?)
+    };
     let mut out = MailParams::default();
     for p in params.split(' ').filter(|p| !p.is_empty()) {
         let (k, v) = p.split_once('=').map_or((p, None), |(k, v)| (k, Some(v)));
         match (k.to_ascii_uppercase().as_str(), v) {
             ("SIZE", Some(v)) => {
-                let n = v.parse().map_err(|_| ParseError::Syntax { what: "bad SIZE value" })?;
+                let n = v.parse().map_err(|_| ParseError::Syntax {
+                    what: "bad SIZE value",
+                })?;
                 out.size = Some(n);
             }
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body = Body::SevenBit,
-            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => out.body = Body::EightBitMime,
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => {
+                out.body = Body::EightBitMime
+            }
             ("SMTPUTF8", None) => out.smtputf8 = true,
             // RFC 4954 AUTH= on MAIL: we know who submitted from the session.
             ("AUTH", Some(_)) => {}
-            _ => return Err(ParseError::UnsupportedParam { param: p.to_owned() }),
+            _ => {
+                return Err(ParseError::UnsupportedParam {
+                    param: p.to_owned(),
+                });
+            }
         }
     }
     Ok(Command::Mail { from, params: out })
 }
 
 fn parse_rcpt(rest: &str) -> Result<Command, ParseError> {
-    let s = strip_keyword(rest, "TO:").ok_or(ParseError::Syntax { what: "expected RCPT TO:<address>" })?;
+    let s = strip_keyword(rest, "TO:").ok_or(ParseError::Syntax {
+        what: "expected RCPT TO:<address>",
+    })?;
     let (path, params) = split_path(s)?;
     if let Some(p) = params.split(' ').find(|p| !p.is_empty()) {
-        return Err(ParseError::UnsupportedParam { param: p.to_owned() });
+        return Err(ParseError::UnsupportedParam {
+            param: p.to_owned(),
+        });
     }
-    Ok(Command::Rcpt { to: parse_address(path)? })
+    Ok(Command::Rcpt {
+        to: parse_address(path)?,
+    })
 }
 
 /// RFC 5322 atext without '%' and '!' (refused separately so the error names
@@ -254,7 +311,10 @@ pub fn parse_address(path: &str) -> Result<Address, AddressError> {
     if !valid_domain(domain) {
         return Err(AddressError::BadDomain);
     }
-    Ok(Address { local: local.to_owned(), domain: domain.to_lowercase() })
+    Ok(Address {
+        local: local.to_owned(),
+        domain: domain.to_lowercase(),
+    })
 }
 
 fn valid_domain(d: &str) -> bool {
@@ -265,7 +325,9 @@ fn valid_domain(d: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii() && c.is_alphanumeric())
+                && label.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii() && c.is_alphanumeric()
+                })
         })
 }
 
@@ -274,12 +336,18 @@ mod tests {
     use super::*;
 
     fn addr(l: &str, d: &str) -> Address {
-        Address { local: l.into(), domain: d.into() }
+        Address {
+            local: l.into(),
+            domain: d.into(),
+        }
     }
 
     #[test]
     fn verbs() {
-        assert_eq!(parse_command(b"ehlo client.example"), Ok(Command::Ehlo("client.example".into())));
+        assert_eq!(
+            parse_command(b"ehlo client.example"),
+            Ok(Command::Ehlo("client.example".into()))
+        );
         assert_eq!(parse_command(b"HELO x"), Ok(Command::Helo("x".into())));
         assert_eq!(parse_command(b"STARTTLS"), Ok(Command::StartTls));
         assert_eq!(parse_command(b"data"), Ok(Command::Data));
@@ -289,16 +357,34 @@ mod tests {
         assert_eq!(parse_command(b"RSET"), Ok(Command::Rset));
         assert_eq!(
             parse_command(b"AUTH plain AGEAYg=="),
-            Ok(Command::Auth { mechanism: "PLAIN".into(), initial: Some("AGEAYg==".into()) })
+            Ok(Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some("AGEAYg==".into())
+            })
         );
-        assert_eq!(parse_command(b"EHLO"), Err(ParseError::Syntax { what: "EHLO/HELO needs one domain argument" }));
+        assert_eq!(
+            parse_command(b"EHLO"),
+            Err(ParseError::Syntax {
+                what: "EHLO/HELO needs one domain argument"
+            })
+        );
         assert_eq!(parse_command(b"XYZZY"), Err(ParseError::Unknown));
-        assert!(matches!(parse_command(b"DATA now"), Err(ParseError::Syntax { .. })));
+        assert!(matches!(
+            parse_command(b"DATA now"),
+            Err(ParseError::Syntax { .. })
+        ));
     }
 
     #[test]
     fn http_verbs() {
-        for l in ["GET / HTTP/1.1", "POST /x HTTP/1.0", "HEAD /", "CONNECT a:25 HTTP/1.1", "Host: x", "OPTIONS *"] {
+        for l in [
+            "GET / HTTP/1.1",
+            "POST /x HTTP/1.0",
+            "HEAD /",
+            "CONNECT a:25 HTTP/1.1",
+            "Host: x",
+            "OPTIONS *",
+        ] {
             assert_eq!(parse_command(l.as_bytes()), Err(ParseError::Http), "{l}");
         }
     }
@@ -309,23 +395,40 @@ mod tests {
             parse_command(b"MAIL FROM:<a@Example.COM> SIZE=100 BODY=8BITMIME"),
             Ok(Command::Mail {
                 from: Some(addr("a", "example.com")),
-                params: MailParams { size: Some(100), body: Body::EightBitMime, smtputf8: false }
+                params: MailParams {
+                    size: Some(100),
+                    body: Body::EightBitMime,
+                    smtputf8: false
+                }
             })
         );
         assert_eq!(
             parse_command(b"mail from: <>"),
-            Ok(Command::Mail { from: None, params: MailParams::default() })
+            Ok(Command::Mail {
+                from: None,
+                params: MailParams::default()
+            })
         );
-        assert_eq!(parse_command(b"RCPT TO:<b.c+d@x.org>"), Ok(Command::Rcpt { to: addr("b.c+d", "x.org") }));
+        assert_eq!(
+            parse_command(b"RCPT TO:<b.c+d@x.org>"),
+            Ok(Command::Rcpt {
+                to: addr("b.c+d", "x.org")
+            })
+        );
         assert_eq!(
             parse_command(b"RCPT TO:<b@x.org> NOTIFY=NEVER"),
-            Err(ParseError::UnsupportedParam { param: "NOTIFY=NEVER".into() })
+            Err(ParseError::UnsupportedParam {
+                param: "NOTIFY=NEVER".into()
+            })
         );
         assert_eq!(
             parse_command(b"MAIL FROM:<a@x> SMTPUTF8"),
             Ok(Command::Mail {
                 from: Some(addr("a", "x")),
-                params: MailParams { smtputf8: true, ..MailParams::default() }
+                params: MailParams {
+                    smtputf8: true,
+                    ..MailParams::default()
+                }
             })
         );
     }
@@ -333,12 +436,30 @@ mod tests {
     #[test]
     fn address_tricks_refused() {
         let cases: &[(&str, AddressError)] = &[
-            ("RCPT TO:<u%victim.example@relay.example>", AddressError::PercentHack),
-            ("RCPT TO:<victim.example!u@relay.example>", AddressError::BangPath),
-            ("RCPT TO:<@a.example,@b.example:u@c.example>", AddressError::SourceRoute),
-            ("RCPT TO:<@a.example:u@c.example>", AddressError::SourceRoute),
-            ("RCPT TO:<\"u@c.example\"@relay.example>", AddressError::QuotedLocalPart),
-            ("RCPT TO:<\"u\"@relay.example>", AddressError::QuotedLocalPart),
+            (
+                "RCPT TO:<u%victim.example@relay.example>",
+                AddressError::PercentHack,
+            ),
+            (
+                "RCPT TO:<victim.example!u@relay.example>",
+                AddressError::BangPath,
+            ),
+            (
+                "RCPT TO:<@a.example,@b.example:u@c.example>",
+                AddressError::SourceRoute,
+            ),
+            (
+                "RCPT TO:<@a.example:u@c.example>",
+                AddressError::SourceRoute,
+            ),
+            (
+                "RCPT TO:<\"u@c.example\"@relay.example>",
+                AddressError::QuotedLocalPart,
+            ),
+            (
+                "RCPT TO:<\"u\"@relay.example>",
+                AddressError::QuotedLocalPart,
+            ),
             ("RCPT TO:<u@c.example@relay.example>", AddressError::AtCount),
             ("RCPT TO:<u@@relay.example>", AddressError::AtCount),
             ("RCPT TO:<postmaster>", AddressError::AtCount),
@@ -352,7 +473,9 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(
                 parse_command(line.as_bytes()),
-                Err(ParseError::Address { source: want.clone() }),
+                Err(ParseError::Address {
+                    source: want.clone()
+                }),
                 "{line}"
             );
         }
@@ -360,7 +483,8 @@ mod tests {
 
     #[test]
     fn utf8_addresses_parse_but_are_marked() {
-        let Ok(Command::Rcpt { to }) = parse_command("RCPT TO:<jösé@bücher.example>".as_bytes()) else {
+        let Ok(Command::Rcpt { to }) = parse_command("RCPT TO:<jösé@bücher.example>".as_bytes())
+        else {
             panic!("utf-8 address should parse")
         };
         assert!(!to.is_ascii());

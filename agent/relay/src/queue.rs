@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-pub use crate::spool::{QueueRecord, RcptState, RecipientStatus, SpoolError};
 use crate::spool::Spool;
+pub use crate::spool::{QueueRecord, RcptState, RecipientStatus, SpoolError};
 
 /// Every readable queued message, oldest first.
 pub fn list(spool_dir: &Path) -> Result<Vec<QueueRecord>, SpoolError> {

@@ -17,11 +17,19 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(code: u16, enhanced: &'static str, text: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, enhanced, lines: vec![text.into()] }
+        Self {
+            code,
+            enhanced,
+            lines: vec![text.into()],
+        }
     }
 
     pub fn multi(code: u16, enhanced: &'static str, lines: Vec<Cow<'static, str>>) -> Self {
-        Self { code, enhanced, lines }
+        Self {
+            code,
+            enhanced,
+            lines,
+        }
     }
 
     /// A 4xx or 5xx reply; counted towards the per-session error limit.
@@ -77,7 +85,11 @@ pub mod canned {
         Reply::new(530, "5.7.0", "Authentication required")
     }
     pub fn encryption_required() -> Reply {
-        Reply::new(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        Reply::new(
+            538,
+            "5.7.11",
+            "Encryption required for requested authentication mechanism",
+        )
     }
     pub fn too_many_errors() -> Reply {
         Reply::new(421, "4.7.0", "Too many errors, closing connection")
@@ -89,7 +101,11 @@ pub mod canned {
         Reply::new(421, "4.3.2", "Service shutting down, closing connection")
     }
     pub fn http_refused() -> Reply {
-        Reply::new(421, "4.7.0", "This is an SMTP server, not HTTP; closing connection")
+        Reply::new(
+            421,
+            "4.7.0",
+            "This is an SMTP server, not HTTP; closing connection",
+        )
     }
 }
 
@@ -99,11 +115,24 @@ mod tests {
 
     #[test]
     fn single_and_multi_line_forms() {
-        assert_eq!(Reply::new(250, "2.1.0", "Ok").to_string(), "250 2.1.0 Ok\r\n");
-        let r = Reply::multi(250, "", vec!["host".into(), "SIZE 10".into(), "PIPELINING".into()]);
-        assert_eq!(r.to_string(), "250-host\r\n250-SIZE 10\r\n250 PIPELINING\r\n");
+        assert_eq!(
+            Reply::new(250, "2.1.0", "Ok").to_string(),
+            "250 2.1.0 Ok\r\n"
+        );
+        let r = Reply::multi(
+            250,
+            "",
+            vec!["host".into(), "SIZE 10".into(), "PIPELINING".into()],
+        );
+        assert_eq!(
+            r.to_string(),
+            "250-host\r\n250-SIZE 10\r\n250 PIPELINING\r\n"
+        );
         let r = Reply::multi(530, "5.7.0", vec!["a".into(), "b".into()]);
         assert_eq!(r.to_string(), "530-5.7.0 a\r\n530 5.7.0 b\r\n");
-        assert_eq!(Reply::new(334, "", "VXNlcm5hbWU6").to_string(), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(
+            Reply::new(334, "", "VXNlcm5hbWU6").to_string(),
+            "334 VXNlcm5hbWU6\r\n"
+        );
     }
 }

@@ -42,7 +42,11 @@ pub enum SpoolError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
-    move |source| SpoolError::Io { op, path: path.into(), source }
+    move |source| SpoolError::Io {
+        op,
+        path: path.into(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -81,18 +85,26 @@ pub struct QueueRecord {
 
 impl QueueRecord {
     pub fn pending(&self) -> impl Iterator<Item = &RecipientStatus> {
-        self.recipients.iter().filter(|r| r.state == RcptState::Pending)
+        self.recipients
+            .iter()
+            .filter(|r| r.state == RcptState::Pending)
     }
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Time-ordered, unguessable queue id: 12 hex digits of milliseconds, then
 /// 16 random hex digits.
 pub fn new_id() -> String {
-    format!("{:012x}{:016x}", now_ms() & 0xffff_ffff_ffff, OsRng.next_u64())
+    format!(
+        "{:012x}{:016x}",
+        now_ms() & 0xffff_ffff_ffff,
+        OsRng.next_u64()
+    )
 }
 
 fn check_id(id: &str) -> Result<(), SpoolError> {
@@ -108,16 +120,30 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
 
 /// temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".tmp-{}-{:x}", name.to_string_lossy(), OsRng.next_u64()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:x}",
+        name.to_string_lossy(),
+        OsRng.next_u64()
+    ));
     if let Err(e) = write_synced(&tmp, bytes, mode) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -143,7 +169,11 @@ pub struct Spool {
 impl Spool {
     /// Opens the spool for reading only (the `queue` CLI on a stopped relay).
     pub fn open_offline(dir: &Path) -> Self {
-        Self { queue: dir.join("queue"), quarantine: dir.join("quarantine"), committer: None }
+        Self {
+            queue: dir.join("queue"),
+            quarantine: dir.join("quarantine"),
+            committer: None,
+        }
     }
 
     /// Opens the spool for the running relay, creating directories and
@@ -151,7 +181,11 @@ impl Spool {
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
         let mut s = Self::open_offline(dir);
         for d in [dir, &s.queue, &s.quarantine] {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(io_err("creating", d))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(io_err("creating", d))?;
         }
         let (tx, rx) = mpsc::channel::<Job>();
         let queue = s.queue.clone();
@@ -179,7 +213,8 @@ impl Spool {
     pub async fn commit(&self, record: QueueRecord, body: Vec<u8>) -> Result<(), SpoolError> {
         let tx = self.committer.as_ref().ok_or(SpoolError::CommitterGone)?;
         let (done, rx) = oneshot::channel();
-        tx.send(Job { record, body, done }).map_err(|_| SpoolError::CommitterGone)?;
+        tx.send(Job { record, body, done })
+            .map_err(|_| SpoolError::CommitterGone)?;
         rx.await.map_err(|_| SpoolError::CommitterGone)?
     }
 
@@ -192,7 +227,9 @@ impl Spool {
         let p = self.meta_path(&record.id);
         // Never resurrect a message deleted meanwhile.
         if !p.exists() {
-            return Err(SpoolError::NotFound { id: record.id.clone() });
+            return Err(SpoolError::NotFound {
+                id: record.id.clone(),
+            });
         }
         let json = serde_json::to_vec_pretty(record).expect("record serialises");
         write_atomic(&p, &json, 0o600).map_err(io_err("rewriting", &p))
@@ -205,7 +242,9 @@ impl Spool {
         let meta = self.meta_path(id);
         match fs::remove_file(&meta) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound { id: id.into() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SpoolError::NotFound { id: id.into() });
+            }
             Err(e) => return Err(io_err("removing", &meta)(e)),
         }
         let body = self.body_path(id);
@@ -217,10 +256,17 @@ impl Spool {
         check_id(id)?;
         let p = self.meta_path(id);
         let bytes = fs::read(&p).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound { SpoolError::NotFound { id: id.into() } } else { io_err("reading", &p)(e) }
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound { id: id.into() }
+            } else {
+                io_err("reading", &p)(e)
+            }
         })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| SpoolError::Io { op: "parsing", path: p.clone(), source: io::Error::new(io::ErrorKind::InvalidData, e) })
+        serde_json::from_slice(&bytes).map_err(|e| SpoolError::Io {
+            op: "parsing",
+            path: p.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })
     }
 
     pub fn read_body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
@@ -249,7 +295,12 @@ impl Spool {
         };
         Ok(rd
             .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
             .filter(|id| check_id(id).is_ok())
             .collect())
     }
@@ -269,7 +320,9 @@ impl Spool {
         let rd = fs::read_dir(&self.queue).map_err(io_err("listing", &self.queue))?;
         for e in rd.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
-            let orphan = name.strip_suffix(".eml").is_some_and(|id| !self.meta_path(id).exists());
+            let orphan = name
+                .strip_suffix(".eml")
+                .is_some_and(|id| !self.meta_path(id).exists());
             if name.starts_with(".tmp-") || orphan {
                 let _ = fs::remove_file(e.path());
             }
@@ -310,7 +363,9 @@ fn commit_batch(queue: &Path, batch: Vec<Job>) {
         let json = serde_json::to_vec_pretty(&job.record).expect("record serialises");
         let res = write_synced(&tmp_body, &job.body, 0o600)
             .map_err(io_err("writing", &tmp_body))
-            .and_then(|()| write_synced(&tmp_meta, &json, 0o600).map_err(io_err("writing", &tmp_meta)));
+            .and_then(|()| {
+                write_synced(&tmp_meta, &json, 0o600).map_err(io_err("writing", &tmp_meta))
+            });
         match res {
             Ok(()) => written.push((job, tmp_body, tmp_meta)),
             Err(e) => {
@@ -328,7 +383,11 @@ fn commit_batch(queue: &Path, batch: Vec<Job>) {
         match fs::rename(&tmp_body, &body).and_then(|()| fs::rename(&tmp_meta, &meta)) {
             Ok(()) => renamed.push(job),
             Err(e) => {
-                let _ = job.done.send(Err(SpoolError::Io { op: "renaming into", path: queue.into(), source: e }));
+                let _ = job.done.send(Err(SpoolError::Io {
+                    op: "renaming into",
+                    path: queue.into(),
+                    source: e,
+                }));
             }
         }
     }
@@ -336,7 +395,11 @@ fn commit_batch(queue: &Path, batch: Vec<Job>) {
     for job in renamed {
         let r = match &synced {
             Ok(()) => Ok(()),
-            Err(e) => Err(SpoolError::Io { op: "syncing", path: queue.into(), source: io::Error::new(e.kind(), e.to_string()) }),
+            Err(e) => Err(SpoolError::Io {
+                op: "syncing",
+                path: queue.into(),
+                source: io::Error::new(e.kind(), e.to_string()),
+            }),
         };
         let _ = job.done.send(r);
     }
@@ -371,7 +434,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path()).unwrap();
         let ids: Vec<String> = (0..20).map(|_| new_id()).collect();
-        let futs: Vec<_> = ids.iter().map(|id| s.commit(rec(id), b"hello".to_vec())).collect();
+        let futs: Vec<_> = ids
+            .iter()
+            .map(|id| s.commit(rec(id), b"hello".to_vec()))
+            .collect();
         for f in futs {
             f.await.unwrap();
         }
@@ -384,17 +450,31 @@ mod tests {
         fs::write(s.queue.join(".tmp-zzz"), b"x").unwrap();
         let got = s.recover().unwrap();
         assert_eq!(got.len(), 20);
-        assert!(dir.path().join("quarantine").join(format!("{bad}.json")).exists());
+        assert!(
+            dir.path()
+                .join("quarantine")
+                .join(format!("{bad}.json"))
+                .exists()
+        );
         assert!(!s.body_path(&orphan).exists());
         assert!(!s.queue.join(".tmp-zzz").exists());
         let mut r = s.read_record(&ids[0]).unwrap();
         r.recipients[0].state = RcptState::Delivered;
         s.rewrite(&r).unwrap();
-        assert_eq!(s.read_record(&ids[0]).unwrap().recipients[0].state, RcptState::Delivered);
+        assert_eq!(
+            s.read_record(&ids[0]).unwrap().recipients[0].state,
+            RcptState::Delivered
+        );
         assert_eq!(s.read_body(&ids[0]).unwrap(), b"hello");
         s.remove(&ids[0]).unwrap();
-        assert!(matches!(s.remove(&ids[0]), Err(SpoolError::NotFound { .. })));
-        assert!(matches!(s.read_record("../etc/passwd"), Err(SpoolError::BadId { .. })));
+        assert!(matches!(
+            s.remove(&ids[0]),
+            Err(SpoolError::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.read_record("../etc/passwd"),
+            Err(SpoolError::BadId { .. })
+        ));
         assert_eq!(Spool::open_offline(dir.path()).scan().unwrap().len(), 19);
     }
 }

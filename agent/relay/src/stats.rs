@@ -8,7 +8,9 @@ use std::time::Duration;
 
 /// Upper bounds (seconds) of the delivery-latency histogram buckets; the last
 /// bucket (+Inf) is implicit.
-pub const LATENCY_BUCKETS_SECS: [f64; 12] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0, 3600.0];
+pub const LATENCY_BUCKETS_SECS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0, 3600.0,
+];
 
 pub type LatencyObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
@@ -35,7 +37,9 @@ pub struct RelayStats {
 
 impl std::fmt::Debug for RelayStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayStats").field("snapshot", &self.snapshot()).finish()
+        f.debug_struct("RelayStats")
+            .field("snapshot", &self.snapshot())
+            .finish()
     }
 }
 
@@ -84,16 +88,28 @@ impl RelayStats {
     /// final delivery), e.g. to feed a Prometheus histogram with the agent's
     /// own buckets. Replaces any previous hook.
     pub fn set_latency_observer(&self, f: LatencyObserver) {
-        *self.observer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+        *self
+            .observer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
     }
 
     pub(crate) fn observe_delivery_latency(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let idx = LATENCY_BUCKETS_SECS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS_SECS.len());
+        let idx = LATENCY_BUCKETS_SECS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS_SECS.len());
         self.latency.buckets[idx].fetch_add(1, Relaxed);
-        self.latency.sum_micros.fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        self.latency
+            .sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
         self.latency.count.fetch_add(1, Relaxed);
-        let hook = self.observer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let hook = self
+            .observer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         if let Some(hook) = hook {
             hook(d);
         }
@@ -104,11 +120,24 @@ impl RelayStats {
         let mut buckets = Vec::with_capacity(LATENCY_BUCKETS_SECS.len() + 1);
         for (i, b) in self.latency.buckets.iter().enumerate() {
             acc += b.load(Relaxed);
-            buckets.push((LATENCY_BUCKETS_SECS.get(i).copied().unwrap_or(f64::INFINITY), acc));
+            buckets.push((
+                LATENCY_BUCKETS_SECS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(f64::INFINITY),
+                acc,
+            ));
         }
-        #[expect(clippy::cast_precision_loss, reason = "microsecond sums fit f64 well enough for a metric")]
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "microsecond sums fit f64 well enough for a metric"
+        )]
         let sum_secs = self.latency.sum_micros.load(Relaxed) as f64 / 1e6;
-        LatencySnapshot { buckets, sum_secs, count: self.latency.count.load(Relaxed) }
+        LatencySnapshot {
+            buckets,
+            sum_secs,
+            count: self.latency.count.load(Relaxed),
+        }
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -45,19 +45,31 @@ pub enum TlsError {
 pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(Iterator::collect)
-        .map_err(|source| TlsError::Pem { what: "certificates", path: cert.into(), source })?;
+        .map_err(|source| TlsError::Pem {
+            what: "certificates",
+            path: cert.into(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { path: cert.into() });
     }
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem { what: "private key", path: key.into(), source })?;
-    let config_err = |source| TlsError::Config { cert: cert.into(), key: key.into(), source };
-    let cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(config_err)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(config_err)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem {
+        what: "private key",
+        path: key.into(),
+        source,
+    })?;
+    let config_err = |source| TlsError::Config {
+        cert: cert.into(),
+        key: key.into(),
+        source,
+    };
+    let cfg =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key_der)
+            .map_err(config_err)?;
     Ok(Arc::new(cfg))
 }
 
@@ -70,18 +82,30 @@ pub struct TlsStore {
 
 impl TlsStore {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Ok(Self { cert: cert.into(), key: key.into(), current: RwLock::new(load_server_config(cert, key)?) })
+        Ok(Self {
+            cert: cert.into(),
+            key: key.into(),
+            current: RwLock::new(load_server_config(cert, key)?),
+        })
     }
 
     /// Re-reads the PEM files. On error the old config stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         let cfg = load_server_config(&self.cert, &self.key)?;
-        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = cfg;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg;
         Ok(())
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+        TlsAcceptor::from(
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
     }
 }
 
@@ -94,9 +118,14 @@ pub struct LabCert {
 }
 
 pub fn generate_lab_cert(names: &[&str]) -> Result<LabCert, TlsError> {
-    let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-        .map_err(|source| TlsError::Generate { source })?;
-    Ok(LabCert { cert_pem: ck.cert.pem(), key_pem: ck.key_pair.serialize_pem() })
+    let ck = rcgen::generate_simple_self_signed(
+        names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+    )
+    .map_err(|source| TlsError::Generate { source })?;
+    Ok(LabCert {
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.key_pair.serialize_pem(),
+    })
 }
 
 /// Writes a lab certificate as `relay.crt` and `relay.key` under `dir` and
@@ -105,8 +134,16 @@ pub fn write_lab_cert(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf), 
     let c = generate_lab_cert(names)?;
     let cert = dir.join("relay.crt");
     let key = dir.join("relay.key");
-    std::fs::write(&cert, c.cert_pem).map_err(|source| TlsError::Write { path: cert.clone(), source })?;
-    crate::spool::write_atomic(&key, c.key_pem.as_bytes(), 0o600).map_err(|source| TlsError::Write { path: key.clone(), source })?;
+    std::fs::write(&cert, c.cert_pem).map_err(|source| TlsError::Write {
+        path: cert.clone(),
+        source,
+    })?;
+    crate::spool::write_atomic(&key, c.key_pem.as_bytes(), 0o600).map_err(|source| {
+        TlsError::Write {
+            path: key.clone(),
+            source,
+        }
+    })?;
     Ok((cert, key))
 }
 

@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::SystemTime;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::parse::Address;
@@ -43,7 +45,11 @@ pub enum UsersError {
         source: toml::de::Error,
     },
     #[error("users file {path}: user {user}: {problem}")]
-    Invalid { path: PathBuf, user: String, problem: String },
+    Invalid {
+        path: PathBuf,
+        user: String,
+        problem: String,
+    },
     #[error("user {user} already exists")]
     Exists { user: String },
     #[error("no such user {user}")]
@@ -101,9 +107,11 @@ pub fn scheme(hash: &str) -> Option<&'static str> {
 pub fn verify_password(hash: &str, password: &str) -> bool {
     let h = strip_dovecot_prefix(hash);
     match scheme(h) {
-        Some("argon2") => {
-            PasswordHash::new(h).is_ok_and(|ph| argon2::Argon2::default().verify_password(password.as_bytes(), &ph).is_ok())
-        }
+        Some("argon2") => PasswordHash::new(h).is_ok_and(|ph| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &ph)
+                .is_ok()
+        }),
         // bcrypt's $2y$ (PHP/Dovecot) is the same algorithm as $2b$.
         Some("bcrypt") => bcrypt::verify(password, &h.replacen("$2y$", "$2b$", 1)).unwrap_or(false),
         Some("sha512-crypt") => sha_crypt::sha512_check(password, h).is_ok(),
@@ -118,13 +126,16 @@ pub fn hash_password(password: &str) -> Result<String, UsersError> {
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| UsersError::Hash { problem: e.to_string() })
+        .map_err(|e| UsersError::Hash {
+            problem: e.to_string(),
+        })
 }
 
 /// Hash verified for unknown users so that "no such user" costs as much as
 /// "wrong password" and timing reveals nothing.
-static DUMMY_HASH: LazyLock<String> =
-    LazyLock::new(|| hash_password("smtpgate-dummy-password").expect("argon2 hashing a constant cannot fail"));
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    hash_password("smtpgate-dummy-password").expect("argon2 hashing a constant cannot fail")
+});
 
 impl UserEntry {
     /// Whether this user may use `from` as envelope sender.
@@ -148,11 +159,24 @@ impl UsersFile {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => return Err(UsersError::Io { op: "reading", path: path.into(), source }),
+            Err(source) => {
+                return Err(UsersError::Io {
+                    op: "reading",
+                    path: path.into(),
+                    source,
+                });
+            }
         };
-        let file: Self = toml::from_str(&text).map_err(|source| UsersError::Parse { path: path.into(), source })?;
+        let file: Self = toml::from_str(&text).map_err(|source| UsersError::Parse {
+            path: path.into(),
+            source,
+        })?;
         for (name, u) in &file.users {
-            let bad = |problem: &str| UsersError::Invalid { path: path.into(), user: name.clone(), problem: problem.into() };
+            let bad = |problem: &str| UsersError::Invalid {
+                path: path.into(),
+                user: name.clone(),
+                problem: problem.into(),
+            };
             if name.is_empty() || name.contains(['\0', ' ', '\t']) {
                 return Err(bad("user names must be non-empty and contain no spaces"));
             }
@@ -163,7 +187,9 @@ impl UsersFile {
                 return Err(bad("needs at least one allowed sender"));
             }
             if let Some(s) = u.senders.iter().find(|s| !valid_sender_pattern(s)) {
-                return Err(bad(&format!("bad sender pattern {s:?} (want user@domain or @domain)")));
+                return Err(bad(&format!(
+                    "bad sender pattern {s:?} (want user@domain or @domain)"
+                )));
             }
         }
         Ok(file)
@@ -173,8 +199,11 @@ impl UsersFile {
     /// 0600: it holds password hashes.
     pub fn save(&self, path: &Path) -> Result<(), UsersError> {
         let text = toml::to_string_pretty(self).expect("users file serialises");
-        crate::spool::write_atomic(path, text.as_bytes(), 0o600)
-            .map_err(|source| UsersError::Io { op: "writing", path: path.into(), source })
+        crate::spool::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| UsersError::Io {
+            op: "writing",
+            path: path.into(),
+            source,
+        })
     }
 }
 
@@ -186,30 +215,51 @@ fn valid_sender_pattern(s: &str) -> bool {
 }
 
 /// `smtpgate user add`: hashes `password` with argon2id.
-pub fn user_add(path: &Path, name: &str, password: &str, senders: Vec<String>) -> Result<(), UsersError> {
+pub fn user_add(
+    path: &Path,
+    name: &str,
+    password: &str,
+    senders: Vec<String>,
+) -> Result<(), UsersError> {
     user_add_hash(path, name, &hash_password(password)?, senders)
 }
 
 /// `smtpgate user add --hash`: imports an existing hash (Dovecot, Postfix).
-pub fn user_add_hash(path: &Path, name: &str, hash: &str, senders: Vec<String>) -> Result<(), UsersError> {
+pub fn user_add_hash(
+    path: &Path,
+    name: &str,
+    hash: &str,
+    senders: Vec<String>,
+) -> Result<(), UsersError> {
     let mut f = UsersFile::load(path)?;
     if f.users.contains_key(name) {
         return Err(UsersError::Exists { user: name.into() });
     }
-    f.users.insert(name.into(), UserEntry { hash: hash.into(), senders });
+    f.users.insert(
+        name.into(),
+        UserEntry {
+            hash: hash.into(),
+            senders,
+        },
+    );
     validate_then_save(&f, path)
 }
 
 pub fn user_remove(path: &Path, name: &str) -> Result<(), UsersError> {
     let mut f = UsersFile::load(path)?;
-    f.users.remove(name).ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?;
+    f.users
+        .remove(name)
+        .ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?;
     f.save(path)
 }
 
 pub fn user_passwd(path: &Path, name: &str, password: &str) -> Result<(), UsersError> {
     let mut f = UsersFile::load(path)?;
     let hash = hash_password(password)?;
-    f.users.get_mut(name).ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?.hash = hash;
+    f.users
+        .get_mut(name)
+        .ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?
+        .hash = hash;
     f.save(path)
 }
 
@@ -217,7 +267,11 @@ pub fn user_list(path: &Path) -> Result<Vec<UserSummary>, UsersError> {
     Ok(UsersFile::load(path)?
         .users
         .into_iter()
-        .map(|(name, u)| UserSummary { name, scheme: scheme(&u.hash).unwrap_or("unknown"), senders: u.senders })
+        .map(|(name, u)| UserSummary {
+            name,
+            scheme: scheme(&u.hash).unwrap_or("unknown"),
+            senders: u.senders,
+        })
         .collect())
 }
 
@@ -225,9 +279,21 @@ pub fn user_list(path: &Path) -> Result<Vec<UserSummary>, UsersError> {
 /// stays on disk silently.
 fn validate_then_save(f: &UsersFile, path: &Path) -> Result<(), UsersError> {
     let tmp = path.with_extension("check");
-    let mut file = std::fs::File::create(&tmp).map_err(|source| UsersError::Io { op: "creating", path: tmp.clone(), source })?;
-    file.write_all(toml::to_string_pretty(f).expect("users file serialises").as_bytes())
-        .map_err(|source| UsersError::Io { op: "writing", path: tmp.clone(), source })?;
+    let mut file = std::fs::File::create(&tmp).map_err(|source| UsersError::Io {
+        op: "creating",
+        path: tmp.clone(),
+        source,
+    })?;
+    file.write_all(
+        toml::to_string_pretty(f)
+            .expect("users file serialises")
+            .as_bytes(),
+    )
+    .map_err(|source| UsersError::Io {
+        op: "writing",
+        path: tmp.clone(),
+        source,
+    })?;
     let check = UsersFile::load(&tmp);
     let _ = std::fs::remove_file(&tmp);
     check?;
@@ -243,14 +309,22 @@ pub struct UserDb {
 
 impl UserDb {
     pub fn open(path: &Path) -> Result<Self, UsersError> {
-        let db = Self { path: path.into(), cache: Mutex::new((None, Arc::new(UsersFile::default()))) };
+        let db = Self {
+            path: path.into(),
+            cache: Mutex::new((None, Arc::new(UsersFile::default()))),
+        };
         db.current()?;
         Ok(db)
     }
 
     fn current(&self) -> Result<Arc<UsersFile>, UsersError> {
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if cache.0 != mtime || mtime.is_none() {
             let f = Arc::new(UsersFile::load(&self.path)?);
             *cache = (mtime, f);
@@ -308,8 +382,17 @@ mod tests {
     fn file_crud() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("users.toml");
-        user_add(&p, "alice", "secret", vec!["alice@example.com".into(), "@example.org".into()]).unwrap();
-        assert!(matches!(user_add(&p, "alice", "x", vec!["a@b.c".into()]), Err(UsersError::Exists { .. })));
+        user_add(
+            &p,
+            "alice",
+            "secret",
+            vec!["alice@example.com".into(), "@example.org".into()],
+        )
+        .unwrap();
+        assert!(matches!(
+            user_add(&p, "alice", "x", vec!["a@b.c".into()]),
+            Err(UsersError::Exists { .. })
+        ));
         assert!(user_add(&p, "bob", "x", vec!["not an address".into()]).is_err());
         assert!(user_add(&p, "bob", "x", vec![]).is_err());
         let list = user_list(&p).unwrap();
@@ -325,13 +408,24 @@ mod tests {
         assert!(db.authenticate("alice", "wrong").is_none());
         assert!(db.authenticate("nobody", "secret").is_none());
         user_passwd(&p, "alice", "new").unwrap();
-        assert!(UserDb::open(&p).unwrap().authenticate("alice", "new").is_some());
+        assert!(
+            UserDb::open(&p)
+                .unwrap()
+                .authenticate("alice", "new")
+                .is_some()
+        );
         user_remove(&p, "alice").unwrap();
-        assert!(matches!(user_remove(&p, "alice"), Err(UsersError::NoSuchUser { .. })));
+        assert!(matches!(
+            user_remove(&p, "alice"),
+            Err(UsersError::NoSuchUser { .. })
+        ));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 }

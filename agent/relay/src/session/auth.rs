@@ -13,13 +13,20 @@ use crate::stats::RelayStats;
 const MAX_AUTH_LINE: usize = 12288;
 
 enum Exchange {
-    Creds { user: String, password: String },
+    Creds {
+        user: String,
+        password: String,
+    },
     /// Reply already queued (cancel, bad base64, I/O end).
     Aborted(Flow),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub(super) async fn cmd_auth(&mut self, mechanism: &str, initial: Option<String>) -> Result<Flow, SessionError> {
+    pub(super) async fn cmd_auth(
+        &mut self,
+        mechanism: &str,
+        initial: Option<String>,
+    ) -> Result<Flow, SessionError> {
         if !self.tls {
             self.reply(&canned::encryption_required());
             return Ok(Flow::Continue);
@@ -33,20 +40,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(Flow::Continue);
         }
         if self.txn.is_some() {
-            self.reply(&canned::bad_sequence("AUTH not allowed during a mail transaction"));
+            self.reply(&canned::bad_sequence(
+                "AUTH not allowed during a mail transaction",
+            ));
             return Ok(Flow::Continue);
         }
         if self.shared.limits.auth.ip_locked(self.peer.ip()) {
             tracing::warn!(peer = %self.peer, "AUTH refused: client locked out");
             self.auth_delay().await;
-            self.reply(&Reply::new(454, "4.7.0", "Too many authentication failures, try again later"));
+            self.reply(&Reply::new(
+                454,
+                "4.7.0",
+                "Too many authentication failures, try again later",
+            ));
             return Ok(Flow::Continue);
         }
         let ex = match mechanism {
             "PLAIN" => self.exchange_plain(initial).await?,
             "LOGIN" => self.exchange_login(initial).await?,
             _ => {
-                self.reply(&Reply::new(504, "5.5.4", "Unrecognized authentication mechanism"));
+                self.reply(&Reply::new(
+                    504,
+                    "5.5.4",
+                    "Unrecognized authentication mechanism",
+                ));
                 return Ok(Flow::Continue);
             }
         };
@@ -58,13 +75,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Same reply whether or not the user exists.
             tracing::warn!(peer = %self.peer, user, "AUTH refused: user locked out");
             self.auth_delay().await;
-            self.reply(&Reply::new(454, "4.7.0", "Too many authentication failures, try again later"));
+            self.reply(&Reply::new(
+                454,
+                "4.7.0",
+                "Too many authentication failures, try again later",
+            ));
             return Ok(Flow::Continue);
         }
         let users = self.shared.users.clone();
         let u = user.clone();
         // Hashing takes tens of milliseconds of CPU: keep it off the reactor.
-        let entry = tokio::task::spawn_blocking(move || users.authenticate(&u, &password)).await.ok().flatten();
+        let entry = tokio::task::spawn_blocking(move || users.authenticate(&u, &password))
+            .await
+            .ok()
+            .flatten();
         match entry {
             Some(entry) => {
                 tracing::info!(peer = %self.peer, user, "authenticated");
@@ -75,10 +99,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             None => {
                 tracing::warn!(peer = %self.peer, user, "authentication failed");
-                self.shared.limits.auth.record_failure(self.peer.ip(), &user);
+                self.shared
+                    .limits
+                    .auth
+                    .record_failure(self.peer.ip(), &user);
                 RelayStats::inc(&self.shared.stats.auth_failures);
                 self.auth_delay().await;
-                self.reply(&Reply::new(535, "5.7.8", "Authentication credentials invalid"));
+                self.reply(&Reply::new(
+                    535,
+                    "5.7.8",
+                    "Authentication credentials invalid",
+                ));
             }
         }
         Ok(Flow::Continue)
@@ -90,7 +121,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sends a 334 challenge and reads the answer; None when the exchange
     /// ended (reply already queued).
-    async fn challenge(&mut self, prompt: &'static str) -> Result<Result<Vec<u8>, Flow>, SessionError> {
+    async fn challenge(
+        &mut self,
+        prompt: &'static str,
+    ) -> Result<Result<Vec<u8>, Flow>, SessionError> {
         self.reply(&Reply::new(334, "", prompt));
         let line = match self.read_line(MAX_AUTH_LINE, false).await? {
             Line::Ok(l) => l,
@@ -100,7 +134,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Err(Flow::Close));
             }
             Line::TooLong | Line::BareLf => {
-                self.reply(&Reply::new(500, "5.5.6", "Authentication exchange line is too long or malformed"));
+                self.reply(&Reply::new(
+                    500,
+                    "5.5.6",
+                    "Authentication exchange line is too long or malformed",
+                ));
                 return Ok(Err(Flow::Continue));
             }
         };
@@ -133,18 +171,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // authzid NUL authcid NUL passwd
         let mut parts = raw.split(|&b| b == 0);
-        let (Some(authz), Some(authc), Some(pass), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(authz), Some(authc), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             self.reply(&Reply::new(501, "5.5.2", "Malformed PLAIN response"));
             return Ok(Exchange::Aborted(Flow::Continue));
         };
-        let (Ok(user), Ok(password)) = (String::from_utf8(authc.to_vec()), String::from_utf8(pass.to_vec())) else {
+        let (Ok(user), Ok(password)) = (
+            String::from_utf8(authc.to_vec()),
+            String::from_utf8(pass.to_vec()),
+        ) else {
             self.reply(&Reply::new(501, "5.5.2", "Credentials must be UTF-8"));
             return Ok(Exchange::Aborted(Flow::Continue));
         };
         // Acting for another identity is not supported; an empty authzid or
         // one equal to the login is.
         if !authz.is_empty() && authz != authc {
-            self.reply(&Reply::new(535, "5.7.8", "Authorization identity must match the login"));
+            self.reply(&Reply::new(
+                535,
+                "5.7.8",
+                "Authorization identity must match the login",
+            ));
             return Ok(Exchange::Aborted(Flow::Continue));
         }
         Ok(Exchange::Creds { user, password })

@@ -34,11 +34,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let user = self.login.as_ref().expect("checked").user.clone();
-        let nrcpt = u32::try_from(self.txn.as_ref().expect("phase Rcpt").rcpts.len()).unwrap_or(u32::MAX);
+        let nrcpt =
+            u32::try_from(self.txn.as_ref().expect("phase Rcpt").rcpts.len()).unwrap_or(u32::MAX);
         // Other sessions of the same user may have sent since RCPT.
         if self.shared.limits.rate.check(&user, nrcpt).is_err() {
             self.txn = None;
-            self.reply(&Reply::new(450, "4.7.1", "Sending rate limit exceeded, try again later"));
+            self.reply(&Reply::new(
+                450,
+                "4.7.1",
+                "Sending rate limit exceeded, try again later",
+            ));
             return Ok(Flow::Continue);
         }
         self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
@@ -69,7 +74,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match self.fill(timeout, false).await {
                 Ok(Some(true)) => {}
                 Ok(Some(false) | None) => return Ok(Flow::Close),
-                Err(SessionError::Io { source, .. }) if source.kind() == std::io::ErrorKind::TimedOut => {
+                Err(SessionError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::TimedOut =>
+                {
                     self.reply(&canned::timeout());
                     return Ok(Flow::Close);
                 }
@@ -79,11 +86,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let verdict = reader.verdict();
         let body = reader.into_body();
         let refusal = match verdict {
-            Verdict::TooBig => Some(Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size")),
-            Verdict::LineTooLong => Some(Reply::new(550, "5.6.0", "Message has lines longer than 998 characters")),
-            Verdict::Ok if count_received(&body) > MAX_HOPS => {
-                Some(Reply::new(554, "5.4.6", "Too many Received headers: mail loop?"))
-            }
+            Verdict::TooBig => Some(Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            )),
+            Verdict::LineTooLong => Some(Reply::new(
+                550,
+                "5.6.0",
+                "Message has lines longer than 998 characters",
+            )),
+            Verdict::Ok if count_received(&body) > MAX_HOPS => Some(Reply::new(
+                554,
+                "5.4.6",
+                "Too many Received headers: mail loop?",
+            )),
             Verdict::Ok => None,
         };
         let txn = self.txn.take().expect("phase Rcpt");
@@ -103,7 +120,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             recipients: txn
                 .rcpts
                 .iter()
-                .map(|r| RecipientStatus { address: r.to_string(), state: RcptState::Pending, attempts: 0, last_error: None })
+                .map(|r| RecipientStatus {
+                    address: r.to_string(),
+                    state: RcptState::Pending,
+                    attempts: 0,
+                    last_error: None,
+                })
                 .collect(),
             created_unix_ms: now,
             next_attempt_unix_ms: now,
@@ -125,7 +147,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => {
                 tracing::error!(error = %e, "spooling failed");
                 RelayStats::inc(&self.shared.stats.messages_rejected);
-                self.reply(&Reply::new(451, "4.3.0", "Local error in processing, try again later"));
+                self.reply(&Reply::new(
+                    451,
+                    "4.3.0",
+                    "Local error in processing, try again later",
+                ));
             }
         }
         Ok(Flow::Continue)
@@ -136,9 +162,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // RFC 3848: ESMTPSA = ESMTP with TLS and AUTH, which is the only way
         // a message gets here.
         let proto = if self.esmtp { "ESMTPSA" } else { "SMTPSA" };
-        let mut h = format!("Received: from {helo} ([{}])\r\n\tby {} (smtpgate) with {proto} id {id}", self.peer.ip(), self.cfg().hostname);
+        let mut h = format!(
+            "Received: from {helo} ([{}])\r\n\tby {} (smtpgate) with {proto} id {id}",
+            self.peer.ip(),
+            self.cfg().hostname
+        );
         if self.kind == ListenerKind::Intercept {
-            let _ = write!(h, "\r\n\t(intercepted; original destination {})", self.local);
+            let _ = write!(
+                h,
+                "\r\n\t(intercepted; original destination {})",
+                self.local
+            );
         }
         if let [only] = rcpts {
             let _ = write!(h, "\r\n\tfor <{only}>");
@@ -150,7 +184,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
 /// Counts Received: headers in the header section.
 fn count_received(body: &[u8]) -> usize {
-    let end = body.windows(4).position(|w| w == b"\r\n\r\n").map_or(body.len(), |i| i + 2);
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(body.len(), |i| i + 2);
     body[..end]
         .split(|&b| b == b'\n')
         .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))

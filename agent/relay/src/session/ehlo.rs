@@ -41,7 +41,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(Flow::Continue);
         }
         if self.phase() != Phase::Greeted {
-            self.reply(&canned::bad_sequence("STARTTLS only after EHLO and outside a transaction"));
+            self.reply(&canned::bad_sequence(
+                "STARTTLS only after EHLO and outside a transaction",
+            ));
             return Ok(Flow::Continue);
         }
         self.reply(&Reply::new(220, "2.0.0", "Ready to start TLS"));
@@ -56,10 +58,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             unreachable!("tls flag false implies plain stream")
         };
         let acceptor = self.shared.tls.acceptor();
-        let tls = tokio::time::timeout(crate::config::secs(self.cfg().limits.command_timeout_secs), acceptor.accept(raw))
-            .await
-            .map_err(|_| SessionError::Handshake { source: std::io::ErrorKind::TimedOut.into() })?
-            .map_err(|source| SessionError::Handshake { source })?;
+        let tls = tokio::time::timeout(
+            crate::config::secs(self.cfg().limits.command_timeout_secs),
+            acceptor.accept(raw),
+        )
+        .await
+        .map_err(|_| SessionError::Handshake {
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| SessionError::Handshake { source })?;
         self.stream = Stream::Tls(Box::new(tls));
         self.tls = true;
         // RFC 3207 4.2: forget everything learnt before TLS.
@@ -67,7 +74,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.esmtp = false;
         self.txn = None;
         self.login = None;
-        debug_assert!(matches!(self.kind, ListenerKind::Submission | ListenerKind::Intercept));
+        debug_assert!(matches!(
+            self.kind,
+            ListenerKind::Submission | ListenerKind::Intercept
+        ));
         Ok(Flow::Continue)
     }
 }

@@ -43,10 +43,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if !login.entry.may_send_as(&from) {
             tracing::warn!(peer = %self.peer, user = login.user, from = %from, "sender login mismatch");
-            return Reply::new(553, "5.7.1", format!("Sender address rejected: not owned by user {}", login.user));
+            return Reply::new(
+                553,
+                "5.7.1",
+                format!("Sender address rejected: not owned by user {}", login.user),
+            );
         }
-        if params.size.is_some_and(|s| s > self.cfg().limits.max_message_bytes as u64) {
-            return Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size");
+        if params
+            .size
+            .is_some_and(|s| s > self.cfg().limits.max_message_bytes as u64)
+        {
+            return Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
         }
         if let Err(e) = self.shared.limits.rate.check(&login.user, 0) {
             tracing::warn!(peer = %self.peer, error = %e, "rate limited");
@@ -54,7 +65,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // BODY=8BITMIME needs nothing from us: we relay bytes as received and
         // never downgrade.
-        self.txn = Some(Txn { from, rcpts: Vec::new(), smtputf8: params.smtputf8 });
+        self.txn = Some(Txn {
+            from,
+            rcpts: Vec::new(),
+            smtputf8: params.smtputf8,
+        });
         Reply::new(250, "2.1.0", "Sender ok")
     }
 

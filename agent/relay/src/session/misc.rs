@@ -24,7 +24,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// 252 for everyone: VRFY must not reveal which users exist.
     pub(super) fn cmd_vrfy(&mut self) -> Flow {
-        self.reply(&Reply::new(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"));
+        self.reply(&Reply::new(
+            252,
+            "2.5.0",
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        ));
         Flow::Continue
     }
 

@@ -168,7 +168,14 @@ pub struct Session<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `tls` says whether `stream` is already encrypted (port 465).
-    pub fn new(stream: S, shared: Arc<Shared>, kind: ListenerKind, peer: SocketAddr, local: SocketAddr, tls: bool) -> Self {
+    pub fn new(
+        stream: S,
+        shared: Arc<Shared>,
+        kind: ListenerKind,
+        peer: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+    ) -> Self {
         let shutdown = shared.shutdown.clone();
         Self {
             stream: Stream::Plain(stream),
@@ -213,13 +220,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.wbuf.is_empty() {
             let out = std::mem::take(&mut self.wbuf);
-            self.stream.write_all(&out).await.map_err(|source| SessionError::Io { op: "writing reply", source })?;
+            self.stream
+                .write_all(&out)
+                .await
+                .map_err(|source| SessionError::Io {
+                    op: "writing reply",
+                    source,
+                })?;
         }
         Ok(())
     }
 
     /// Reads more input into `rbuf`; Ok(false) on EOF.
-    async fn fill(&mut self, timeout: Duration, watch_shutdown: bool) -> Result<Option<bool>, SessionError> {
+    async fn fill(
+        &mut self,
+        timeout: Duration,
+        watch_shutdown: bool,
+    ) -> Result<Option<bool>, SessionError> {
         self.flush().await?;
         let mut chunk = [0u8; 8192];
         let read = tokio::time::timeout(timeout, self.stream.read(&mut chunk));
@@ -232,8 +249,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             read.await
         };
         match n {
-            Err(_) => Err(SessionError::Io { op: "reading", source: std::io::ErrorKind::TimedOut.into() }),
-            Ok(Err(source)) => Err(SessionError::Io { op: "reading", source }),
+            Err(_) => Err(SessionError::Io {
+                op: "reading",
+                source: std::io::ErrorKind::TimedOut.into(),
+            }),
+            Ok(Err(source)) => Err(SessionError::Io {
+                op: "reading",
+                source,
+            }),
             Ok(Ok(0)) => Ok(Some(false)),
             Ok(Ok(n)) => {
                 self.rbuf.extend_from_slice(&chunk[..n]);
@@ -268,7 +291,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Some(true)) => {}
                 Ok(Some(false)) => return Ok(Line::Eof),
                 Ok(None) => return Ok(Line::Shutdown),
-                Err(SessionError::Io { source, .. }) if source.kind() == std::io::ErrorKind::TimedOut => {
+                Err(SessionError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::TimedOut =>
+                {
                     return Ok(Line::Timeout);
                 }
                 Err(e) => return Err(e),
@@ -337,7 +362,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.errors >= self.cfg().limits.max_errors {
             tracing::info!(peer = %self.peer, errors = self.errors, "closing session after repeated errors");
             // Not via reply(): this one must not count itself.
-            self.wbuf.extend_from_slice(&canned::too_many_errors().to_bytes());
+            self.wbuf
+                .extend_from_slice(&canned::too_many_errors().to_bytes());
             return true;
         }
         false
@@ -353,9 +379,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             ParseError::Unknown => canned::unknown_command(),
             ParseError::Syntax { what } => canned::syntax(what),
-            ParseError::UnsupportedParam { param } => Reply::new(555, "5.5.4", format!("Unsupported parameter {param}")),
+            ParseError::UnsupportedParam { param } => {
+                Reply::new(555, "5.5.4", format!("Unsupported parameter {param}"))
+            }
             ParseError::Address { source } => {
-                let enh = if verb.as_deref() == Some(b"MAIL") { "5.1.7" } else { "5.1.3" };
+                let enh = if verb.as_deref() == Some(b"MAIL") {
+                    "5.1.7"
+                } else {
+                    "5.1.3"
+                };
                 Reply::new(553, enh, format!("Address rejected: {source}"))
             }
         };
@@ -368,7 +400,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Command::Ehlo(d) => self.cmd_helo(d, true),
             Command::Helo(d) => self.cmd_helo(d, false),
             Command::StartTls => return self.cmd_starttls().await,
-            Command::Auth { mechanism, initial } => return self.cmd_auth(&mechanism, initial).await,
+            Command::Auth { mechanism, initial } => {
+                return self.cmd_auth(&mechanism, initial).await;
+            }
             Command::Mail { from, params } => self.cmd_mail(from, &params),
             Command::Rcpt { to } => self.cmd_rcpt(to),
             Command::Data => return self.cmd_data().await,

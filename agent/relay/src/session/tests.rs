@@ -45,7 +45,10 @@ pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
         ),
     )
     .unwrap();
-    let mut cfg = RelayConfig { hostname: "relay.test".into(), ..RelayConfig::default() };
+    let mut cfg = RelayConfig {
+        hostname: "relay.test".into(),
+        ..RelayConfig::default()
+    };
     cfg.limits.auth_failure_delay_secs = 0.0;
     tweak(&mut cfg);
     let (tx, queued) = mpsc::unbounded_channel();
@@ -61,17 +64,27 @@ pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
         config: Arc::new(cfg),
     });
     let cert_pem = std::fs::read_to_string(&cert).unwrap();
-    Harness { shared, queued, shutdown, cert_pem, _dir: dir }
+    Harness {
+        shared,
+        queued,
+        shutdown,
+        cert_pem,
+        _dir: dir,
+    }
 }
 
 pub(crate) fn client_tls(cert_pem: &str) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
@@ -93,12 +106,30 @@ const PEER: &str = "192.0.2.7:40000";
 impl Harness {
     pub(crate) async fn connect(&self, kind: ListenerKind) -> Client {
         let (c, s) = tokio::io::duplex(1 << 16);
-        let local: SocketAddr = if kind == ListenerKind::Intercept { "198.51.100.25:25" } else { "127.0.0.1:587" }.parse().unwrap();
-        let sess = Session::new(s, self.shared.clone(), kind, PEER.parse().unwrap(), local, false);
+        let local: SocketAddr = if kind == ListenerKind::Intercept {
+            "198.51.100.25:25"
+        } else {
+            "127.0.0.1:587"
+        }
+        .parse()
+        .unwrap();
+        let sess = Session::new(
+            s,
+            self.shared.clone(),
+            kind,
+            PEER.parse().unwrap(),
+            local,
+            false,
+        );
         let task = tokio::spawn(async move {
             let _ = sess.run().await;
         });
-        let mut cl = Client { s: CStream::Plain(c), buf: Vec::new(), cert_pem: self.cert_pem.clone(), task };
+        let mut cl = Client {
+            s: CStream::Plain(c),
+            buf: Vec::new(),
+            cert_pem: self.cert_pem.clone(),
+            task,
+        };
         cl.expect("220 relay.test ESMTP").await;
         cl
     }
@@ -107,7 +138,8 @@ impl Harness {
     pub(crate) async fn authed(&self, user: &str, pw: &str) -> Client {
         let mut c = self.connect(ListenerKind::Submission).await;
         c.starttls().await;
-        c.cmd(&format!("AUTH PLAIN {}", plain(user, pw)), "235 2.7.0").await;
+        c.cmd(&format!("AUTH PLAIN {}", plain(user, pw)), "235 2.7.0")
+            .await;
         c
     }
 }
@@ -139,7 +171,10 @@ impl Client {
                 CStream::Gone => unreachable!(),
             }
         };
-        let n = tokio::time::timeout(Duration::from_secs(10), fut).await.expect("server reply timed out").unwrap_or(0);
+        let n = tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .expect("server reply timed out")
+            .unwrap_or(0);
         self.buf.extend_from_slice(&chunk[..n]);
         n
     }
@@ -157,7 +192,10 @@ impl Client {
                 start += i + 1;
             }
             if self.read_more().await == 0 {
-                panic!("connection closed; partial reply {:?}", String::from_utf8_lossy(&self.buf));
+                panic!(
+                    "connection closed; partial reply {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
             }
         }
     }
@@ -175,9 +213,21 @@ impl Client {
 
     /// Asserts the server closed the connection (after any pending reply).
     pub(crate) async fn expect_closed(&mut self) {
-        assert!(self.buf.is_empty(), "unexpected data {:?}", String::from_utf8_lossy(&self.buf));
-        assert_eq!(self.read_more().await, 0, "expected close, got {:?}", String::from_utf8_lossy(&self.buf));
-        tokio::time::timeout(Duration::from_secs(5), &mut self.task).await.expect("session task ended").unwrap();
+        assert!(
+            self.buf.is_empty(),
+            "unexpected data {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        assert_eq!(
+            self.read_more().await,
+            0,
+            "expected close, got {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .expect("session task ended")
+            .unwrap();
     }
 
     pub(crate) async fn starttls(&mut self) {
@@ -185,13 +235,21 @@ impl Client {
         self.cmd("STARTTLS", "220 2.0.0").await;
         self.upgrade().await;
         let r = self.cmd("EHLO client.test", "250-relay.test").await;
-        assert!(r.contains("AUTH PLAIN LOGIN") && !r.contains("STARTTLS"), "{r}");
+        assert!(
+            r.contains("AUTH PLAIN LOGIN") && !r.contains("STARTTLS"),
+            "{r}"
+        );
     }
 
     pub(crate) async fn upgrade(&mut self) {
-        let CStream::Plain(raw) = std::mem::replace(&mut self.s, CStream::Gone) else { panic!("already TLS") };
+        let CStream::Plain(raw) = std::mem::replace(&mut self.s, CStream::Gone) else {
+            panic!("already TLS")
+        };
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = client_tls(&self.cert_pem).connect(name, raw).await.expect("TLS handshake");
+        let tls = client_tls(&self.cert_pem)
+            .connect(name, raw)
+            .await
+            .expect("TLS handshake");
         self.s = CStream::Tls(Box::new(tls));
     }
 
@@ -213,7 +271,14 @@ async fn ehlo_before_tls_offers_starttls_not_auth() {
     let h = harness(|_| {});
     let mut c = h.connect(ListenerKind::Submission).await;
     let r = c.cmd("EHLO client.test", "250-relay.test").await;
-    for ext in ["SIZE 26214400", "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"] {
+    for ext in [
+        "SIZE 26214400",
+        "PIPELINING",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+    ] {
         assert!(r.contains(ext), "{ext} missing in {r}");
     }
     assert!(!r.contains("AUTH"), "AUTH offered before TLS: {r}");
@@ -227,7 +292,11 @@ async fn auth_before_tls_refused() {
     let h = harness(|_| {});
     let mut c = h.connect(ListenerKind::Submission).await;
     c.cmd("EHLO client.test", "250").await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "538 5.7.11").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
+        "538 5.7.11",
+    )
+    .await;
     c.cmd("AUTH LOGIN", "538 5.7.11").await;
     c.cmd("MAIL FROM:<alice@example.com>", "530 5.7.0").await;
 }
@@ -259,7 +328,13 @@ async fn full_submission_is_spooled_with_received_header() {
     let mut h = harness(|_| {});
     let mut c = h.authed("alice", "alice-pw").await;
     let body = "From: alice@example.com\r\nSubject: hi\r\n\r\n..dot line\r\nbody\r\n";
-    let r = c.send_mail("alice@example.com", &["r1@example.net", "r2@example.net"], body).await;
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r1@example.net", "r2@example.net"],
+            body,
+        )
+        .await;
     assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
     let id = r.trim_end().rsplit(' ').next().unwrap().to_owned();
     let rec = h.queued.try_recv().expect("delivery side told");
@@ -269,9 +344,14 @@ async fn full_submission_is_spooled_with_received_header() {
     assert_eq!(rec.auth_user.as_deref(), Some("alice"));
     let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
     assert!(stored.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby relay.test (smtpgate) with ESMTPSA id "), "{stored}");
-    assert!(stored.ends_with("From: alice@example.com\r\nSubject: hi\r\n\r\n.dot line\r\nbody\r\n"), "{stored}");
+    assert!(
+        stored.ends_with("From: alice@example.com\r\nSubject: hi\r\n\r\n.dot line\r\nbody\r\n"),
+        "{stored}"
+    );
     // The session goes on: a second message in the same session.
-    let r = c.send_mail("someone@example.org", &["r@example.net"], "x\r\n").await;
+    let r = c
+        .send_mail("someone@example.org", &["r@example.net"], "x\r\n")
+        .await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
     assert_eq!(h.shared.stats.snapshot().messages_accepted, 2);
     c.cmd("QUIT", "221").await;
@@ -282,11 +362,17 @@ async fn intercept_with_auth_relays_and_records_original_destination() {
     let h = harness(|_| {});
     let mut c = h.connect(ListenerKind::Intercept).await;
     c.starttls().await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235").await;
-    let r = c.send_mail("alice@example.com", &["r@example.net"], "hi\r\n").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
+        .await;
+    let r = c
+        .send_mail("alice@example.com", &["r@example.net"], "hi\r\n")
+        .await;
     let id = r.trim_end().rsplit(' ').next().unwrap().to_owned();
     let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
-    assert!(stored.contains("(intercepted; original destination 198.51.100.25:25)"), "{stored}");
+    assert!(
+        stored.contains("(intercepted; original destination 198.51.100.25:25)"),
+        "{stored}"
+    );
     assert!(stored.contains("for <r@example.net>;"), "{stored}");
 }
 
@@ -303,9 +389,21 @@ async fn auth_variants() {
     // Bad base64.
     c.cmd("AUTH PLAIN !!!", "501 5.5.2").await;
     // Wrong password, unknown user, foreign authzid.
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "nope")), "535 5.7.8").await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("mallory", "x")), "535 5.7.8").await;
-    c.cmd(&format!("AUTH PLAIN {}", B64.encode("bob\0alice\0alice-pw")), "535 5.7.8").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("alice", "nope")),
+        "535 5.7.8",
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("mallory", "x")),
+        "535 5.7.8",
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", B64.encode("bob\0alice\0alice-pw")),
+        "535 5.7.8",
+    )
+    .await;
     // LOGIN with challenges.
     c.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
     c.cmd(&B64.encode("bob"), "334 UGFzc3dvcmQ6").await;
@@ -320,7 +418,11 @@ async fn auth_variants() {
     c.cmd(&plain("alice", "alice-pw"), "235").await;
     let mut c = h.connect(ListenerKind::Submission).await;
     c.starttls().await;
-    c.cmd(&format!("AUTH LOGIN {}", B64.encode("alice")), "334 UGFzc3dvcmQ6").await;
+    c.cmd(
+        &format!("AUTH LOGIN {}", B64.encode("alice")),
+        "334 UGFzc3dvcmQ6",
+    )
+    .await;
     c.cmd(&B64.encode("alice-pw"), "235").await;
 }
 
@@ -342,13 +444,18 @@ async fn commands_out_of_order_get_503() {
     c.cmd("STARTTLS", "503 5.5.1").await;
     c.starttls().await;
     c.cmd("STARTTLS", "503 5.5.1").await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
+        .await;
     c.cmd("RCPT TO:<r@example.net>", "503 5.5.1").await;
     c.cmd("DATA", "503 5.5.1").await;
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("MAIL FROM:<alice@example.com>", "503 5.5.1").await;
     c.cmd("DATA", "503 5.5.1").await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "503 5.5.1").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
+        "503 5.5.1",
+    )
+    .await;
     c.cmd("RSET", "250 2.0.0").await;
     c.cmd("DATA", "503 5.5.1").await;
 }
@@ -372,7 +479,8 @@ async fn open_relay_address_tricks_refused() {
         c.cmd(&format!("RCPT TO:{rcpt}"), "553 5.1.3").await;
     }
     c.cmd("RSET", "250").await;
-    c.cmd("MAIL FROM:<alice%example.com@relay.test>", "553 5.1.7").await;
+    c.cmd("MAIL FROM:<alice%example.com@relay.test>", "553 5.1.7")
+        .await;
 }
 
 #[tokio::test]
@@ -392,7 +500,10 @@ async fn smuggling_is_refused_and_connection_closed() {
         c.send(payload).await;
         c.expect("521 5.5.2").await;
         c.expect_closed().await;
-        assert!(h.queued.try_recv().is_err(), "nothing may be queued for {payload:?}");
+        assert!(
+            h.queued.try_recv().is_err(),
+            "nothing may be queued for {payload:?}"
+        );
         assert!(h.shared.spool.scan().unwrap().is_empty());
     }
 }
@@ -403,7 +514,8 @@ async fn plaintext_pipelined_after_starttls_is_discarded() {
     let mut c = h.connect(ListenerKind::Submission).await;
     c.cmd("EHLO client.test", "250").await;
     // The classic injection: the NOOP (or a MAIL) rides in the same packet.
-    c.send("STARTTLS\r\nNOOP\r\nMAIL FROM:<alice@example.com>\r\n").await;
+    c.send("STARTTLS\r\nNOOP\r\nMAIL FROM:<alice@example.com>\r\n")
+        .await;
     c.expect("220 2.0.0").await;
     c.upgrade().await;
     // Had the injected lines run inside TLS we would see 250/530 replies
@@ -415,7 +527,12 @@ async fn plaintext_pipelined_after_starttls_is_discarded() {
 #[tokio::test]
 async fn http_verbs_get_421_and_close() {
     let h = harness(|_| {});
-    for req in ["GET / HTTP/1.1", "POST /submit HTTP/1.1", "CONNECT example.net:25 HTTP/1.1", "HEAD / HTTP/1.0"] {
+    for req in [
+        "GET / HTTP/1.1",
+        "POST /submit HTTP/1.1",
+        "CONNECT example.net:25 HTTP/1.1",
+        "HEAD / HTTP/1.0",
+    ] {
         let mut c = h.connect(ListenerKind::Submission).await;
         c.cmd(req, "421 4.7.0").await;
         c.expect_closed().await;
@@ -463,7 +580,8 @@ async fn size_recipient_and_line_limits() {
         c.limits.max_recipients = 2;
     });
     let mut c = h.authed("alice", "alice-pw").await;
-    c.cmd("MAIL FROM:<alice@example.com> SIZE=5000", "552 5.3.4").await;
+    c.cmd("MAIL FROM:<alice@example.com> SIZE=5000", "552 5.3.4")
+        .await;
     c.cmd("MAIL FROM:<alice@example.com> SIZE=500", "250").await;
     c.cmd("RCPT TO:<a@example.net>", "250").await;
     c.cmd("RCPT TO:<b@example.net>", "250").await;
@@ -482,7 +600,8 @@ async fn size_recipient_and_line_limits() {
     c.send(&format!("NOOP {}\r\n", "z".repeat(600))).await;
     c.expect("500 5.5.2 Line too long").await;
     c.cmd("NOOP", "250").await;
-    c.cmd("MAIL FROM:<alice@example.com> NOTIFY=NEVER", "555 5.5.4").await;
+    c.cmd("MAIL FROM:<alice@example.com> NOTIFY=NEVER", "555 5.5.4")
+        .await;
 }
 
 #[tokio::test]
@@ -502,20 +621,37 @@ async fn auth_lockout_per_client_and_per_user() {
     let h = harness(|c| c.limits.auth_max_failures = 2);
     let mut c = h.connect(ListenerKind::Submission).await;
     c.starttls().await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535").await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("bob", "x")), "535").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535")
+        .await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("bob", "x")), "535")
+        .await;
     // Locked now, even with the right password.
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "454 4.7.0").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
+        "454 4.7.0",
+    )
+    .await;
     assert!(h.shared.limits.auth.ip_locked("192.0.2.7".parse().unwrap()));
 
     // Per user: failures from different clients add up.
     let h = harness(|c| c.limits.auth_max_failures = 2);
-    h.shared.limits.auth.record_failure("203.0.113.1".parse().unwrap(), "bob");
-    h.shared.limits.auth.record_failure("203.0.113.2".parse().unwrap(), "bob");
+    h.shared
+        .limits
+        .auth
+        .record_failure("203.0.113.1".parse().unwrap(), "bob");
+    h.shared
+        .limits
+        .auth
+        .record_failure("203.0.113.2".parse().unwrap(), "bob");
     let mut c = h.connect(ListenerKind::Submission).await;
     c.starttls().await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("bob", "bob-pw")), "454 4.7.0").await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("bob", "bob-pw")),
+        "454 4.7.0",
+    )
+    .await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
+        .await;
 }
 
 #[tokio::test]
@@ -524,7 +660,8 @@ async fn auth_failure_is_delayed() {
     let mut c = h.connect(ListenerKind::Submission).await;
     c.starttls().await;
     let t = std::time::Instant::now();
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535").await;
+    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535")
+        .await;
     assert!(t.elapsed() >= Duration::from_millis(300));
 }
 
@@ -535,7 +672,11 @@ async fn per_user_rate_limits() {
         c.limits.recipients_per_hour = 3;
     });
     let mut c = h.authed("alice", "alice-pw").await;
-    assert!(c.send_mail("alice@example.com", &["a@example.net"], "x\r\n").await.starts_with("250"));
+    assert!(
+        c.send_mail("alice@example.com", &["a@example.net"], "x\r\n")
+            .await
+            .starts_with("250")
+    );
     c.cmd("MAIL FROM:<alice@example.com>", "450 4.7.1").await;
     let mut c = h.authed("bob", "bob-pw").await;
     c.cmd("MAIL FROM:<bob@example.com>", "250").await;
@@ -578,6 +719,8 @@ async fn mail_loop_refused() {
     let h = harness(|_| {});
     let mut c = h.authed("alice", "alice-pw").await;
     let body = "Received: from x\r\n".repeat(31) + "\r\nbody\r\n";
-    let r = c.send_mail("alice@example.com", &["a@example.net"], &body).await;
+    let r = c
+        .send_mail("alice@example.com", &["a@example.net"], &body)
+        .await;
     assert!(r.starts_with("554 5.4.6"), "{r}");
 }
