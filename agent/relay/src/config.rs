@@ -175,6 +175,11 @@ pub struct RetryConfig {
     pub max_backoff_secs: f64,
     /// Give up and bounce after this long in the queue. Default: 432000 (5 days).
     pub max_lifetime_secs: f64,
+    /// Lifetime of the bounces we generate (Postfix's
+    /// bounce_queue_lifetime): kept separate so a short message lifetime
+    /// does not also throw away the notice telling the sender about it.
+    /// Default: 432000.
+    pub bounce_lifetime_secs: f64,
     /// Per-attempt SMTP timeout. Default: 120.
     pub attempt_timeout_secs: f64,
 }
@@ -185,6 +190,7 @@ impl Default for RetryConfig {
             initial_backoff_secs: 60.0,
             max_backoff_secs: 3600.0,
             max_lifetime_secs: 432_000.0,
+            bounce_lifetime_secs: 432_000.0,
             attempt_timeout_secs: 120.0,
         }
     }
@@ -245,6 +251,7 @@ impl RelayConfig {
             ),
             ("retry.max_backoff_secs", self.retry.max_backoff_secs),
             ("retry.max_lifetime_secs", self.retry.max_lifetime_secs),
+            ("retry.bounce_lifetime_secs", self.retry.bounce_lifetime_secs),
             (
                 "retry.attempt_timeout_secs",
                 self.retry.attempt_timeout_secs,

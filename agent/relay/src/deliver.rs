@@ -254,7 +254,8 @@ impl Deliverer {
                     r.last_error = Some(e.clone());
                     if expired {
                         r.state = RcptState::Failed;
-                        r.last_error = Some(format!("{e} (gave up after {} attempts)", r.attempts));
+                        // The leading code makes the DSN say 4.4.7 (expired).
+                        r.last_error = Some(format!("4.4.7 delivery time expired after {} attempts; last error: {e}", r.attempts));
                     }
                 }
                 None => {}

@@ -22,7 +22,10 @@ async fn submission_587_starttls_auth_and_delivery() {
     c.send(&stuff("Message-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n")).await;
     c.expect("250 2.0.0 Ok: queued as").await;
     c.cmd("QUIT", "221").await;
-    let msgs = sink.wait_for("delivery", Duration::from_secs(20), |m| m.len() == 1).await;
+    let msgs = sink.wait_for("delivery", Duration::from_secs(20), |m| {
+        m.len() == 1 && m[0].contains(".leading dot\n")
+    })
+    .await;
     let (env, msg) = common::sink_split(&msgs[0]);
     assert!(env.contains(&"X-Mail-Args: <alice@example.com>".to_owned()), "{env:?}");
     assert!(env.contains(&"X-Rcpt-Args: <rcpt@example.net>".to_owned()), "{env:?}");

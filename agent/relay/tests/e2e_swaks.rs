@@ -72,7 +72,10 @@ async fn swaks_587_and_465_byte_exact_through_smtp_sink() {
         assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
         sent.push((id, msg));
     }
-    let dumps = sink.wait_for("4 deliveries", Duration::from_secs(30), |m| m.len() == 4).await;
+    let dumps = sink.wait_for("4 deliveries", Duration::from_secs(30), |m| {
+        m.len() == 4 && m.iter().all(|d| d.contains("last line\n"))
+    })
+    .await;
     for (id, msg) in sent {
         let dump = dumps.iter().find(|d| d.contains(&format!("<{id}@example.com>"))).unwrap_or_else(|| panic!("{id} not delivered"));
         let (env, got) = common::sink_split(dump);

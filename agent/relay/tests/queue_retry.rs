@@ -1,0 +1,89 @@
+//! Upstream outages: mail stays queued (and survives on disk) while the
+//! smarthost is down and goes out once it is back; past the maximum
+//! lifetime the sender gets an RFC 3464 bounce, itself delivered to the
+//! sink.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Lab, Sink, free_port, stuff};
+use smtpgate_relay::queue::RcptState;
+use smtpgate_relay::{Listeners, Relay};
+
+async fn submit(addr: std::net::SocketAddr, pem: &str, id: &str) {
+    let mut c = Client::login_587(addr, pem, "alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<r@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(&stuff(&format!("Message-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nbody {id}\r\n"))).await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+}
+
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn queued_while_upstream_down_then_delivered() {
+    let lab = Lab::new();
+    let port = free_port();
+    let relay = Relay::start(lab.config(Some(port)), Listeners::default()).await.unwrap();
+    let addr = relay.addrs().submission.unwrap();
+    for i in 0..3 {
+        submit(addr, &lab.cert_pem(), &format!("down{i}")).await;
+    }
+    let stats = relay.stats();
+    until("failed attempts", 20, || stats.snapshot().deliveries_deferred >= 3).await;
+    let q = smtpgate_relay::queue::list(&lab.spool).unwrap();
+    assert_eq!(q.len(), 3);
+    for rec in &q {
+        let r = &rec.recipients[0];
+        assert_eq!(r.state, RcptState::Pending);
+        assert!(r.attempts >= 1 && r.last_error.is_some(), "{rec:?}");
+    }
+    let sink = Sink::start(&lab.dir.path().join("sink"), port);
+    relay.flush();
+    // smtp-sink writes its dump while the transaction runs: wait for the
+    // last body line, not just for the file.
+    sink.wait_for("3 deliveries", Duration::from_secs(30), |m| {
+        (0..3).all(|i| m.iter().any(|d| d.contains(&format!("body down{i}\n"))))
+    })
+    .await;
+    until("empty queue", 10, || smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty()).await;
+    assert_eq!(stats.snapshot().queue_length, 0);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_message_bounces_to_sender_with_multipart_report() {
+    let lab = Lab::new();
+    let port = free_port();
+    let mut cfg = lab.config(Some(port));
+    cfg.retry.max_lifetime_secs = 1.0;
+    let relay = Relay::start(cfg, Listeners::default()).await.unwrap();
+    let addr = relay.addrs().submission.unwrap();
+    submit(addr, &lab.cert_pem(), "expire1").await;
+    let stats = relay.stats();
+    until("bounce", 20, || stats.snapshot().messages_bounced == 1).await;
+    let q = smtpgate_relay::queue::list(&lab.spool).unwrap();
+    assert_eq!(q.len(), 1, "only the bounce is left: {q:?}");
+    assert!(q[0].is_dsn && q[0].from.is_empty());
+    let sink = Sink::start(&lab.dir.path().join("sink"), port);
+    relay.flush();
+    let got = sink.wait_for("the bounce", Duration::from_secs(30), |m| m.iter().any(|d| d.contains("/relay.test--"))).await;
+    let (env, msg) = common::sink_split(&got[0]);
+    assert!(env.iter().any(|l| l == "X-Mail-Args: <>"), "bounce must use the null sender: {env:?}");
+    assert!(env.iter().any(|l| l == "X-Rcpt-Args: <alice@example.com>"), "{env:?}");
+    assert!(msg.contains("Content-Type: multipart/report; report-type=delivery-status;"), "{msg}");
+    assert!(msg.contains("Content-Type: message/delivery-status"), "{msg}");
+    assert!(msg.contains("Final-Recipient: rfc822; r@example.net\nAction: failed\nStatus: 4.4.7\n"), "{msg}");
+    assert!(msg.contains("Message-ID: <expire1@example.com>"), "original headers attached: {msg}");
+    assert!(!msg.contains("body expire1"), "bounce carries headers only");
+    relay.shutdown().await;
+}
