@@ -72,6 +72,28 @@ pub struct File {
     pub attach: Vec<AttachPoint>,
     #[serde(default)]
     pub datapath: Datapath,
+    #[serde(default)]
+    pub control: Control,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// The control socket the CLI talks to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(paths::CONTROL_SOCKET)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -149,6 +171,7 @@ pub struct Config {
     pub allowlist: Vec<Prefix>,
     pub attach: Vec<AttachPoint>,
     pub table_nodes: u32,
+    pub control_socket: PathBuf,
 }
 
 /// Upper bound on `table_nodes`: 2 tables of 4 GiB would not be a sane
@@ -236,6 +259,7 @@ impl File {
             allowlist,
             attach,
             table_nodes: n,
+            control_socket: self.control.socket,
         })
     }
 }

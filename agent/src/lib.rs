@@ -3,7 +3,9 @@
 //! Data flows one way: `config` (and the CLI) -> `policy` -> `datapath` ->
 //! kernel verdicts -> counters -> logs and metrics.
 
+pub mod agent;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod paths;
 pub mod policy;

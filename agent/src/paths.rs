@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 
 pub const CONFIG_FILE: &str = "/etc/smtpgate/smtpgate.toml";
+/// The control socket (RuntimeDirectory).
+pub const CONTROL_SOCKET: &str = "/run/smtpgate/control.sock";
 
 /// Finds where the cgroup v2 hierarchy is mounted, from /proc/self/mounts.
 pub fn cgroup2_mount() -> Option<PathBuf> {

@@ -1,1 +1,141 @@
-fn main() {}
+//! `cargo xtask`: toolchain bootstrap, the lab, the test suite, benchmarks.
+
+mod bootstrap;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use xtask::lab::{self, Host, Lab};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and Debian packages the build and the
+    /// tests need (idempotent).
+    Bootstrap,
+    /// Bootstrap, build, and run the agent (extra arguments go to `smtpgate run`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap, build, and run every test, the privileged lab tests included.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the lab and keep it up until Ctrl-C, to try smtpgate by hand.
+    Lab {
+        /// Masquerade on the gateway's WAN side.
+        #[arg(long)]
+        nat: bool,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed: {s}");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Run { args } => {
+            bootstrap::run()?;
+            status(cargo().args(["build", "--release", "-p", "smtpgate"]))?;
+            let bin = workspace_root().join("target/release/smtpgate");
+            let err = exec(Command::new(bin).arg("run").args(args));
+            Err(err.into())
+        }
+        Cmd::Test { args } => {
+            bootstrap::run()?;
+            status(cargo().args(["build", "-p", "smtpgate"]))?;
+            status(
+                cargo()
+                    .args(["test", "--workspace", "--no-fail-fast"])
+                    .args(&args),
+            )
+        }
+        Cmd::Lab { nat } => lab_session(nat),
+    }
+}
+
+fn exec(cmd: &mut Command) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    cmd.exec()
+}
+
+fn lab_session(nat: bool) -> anyhow::Result<()> {
+    let mut lab = Lab::up("try", lab::Options { nat })?;
+    lab.start_listeners()?;
+    let ns = |h| lab.ns(h);
+    println!(
+        "Lab {} is up ({}). In another shell:\n\
+         \n  # the gateway: run smtpgate on its client-facing interface\n\
+         \n  cat > /tmp/lab.toml <<'EOF'\nallowlist = [\"{}\", \"{}\"]\n[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\nEOF\
+         \n  ip netns exec {} target/release/smtpgate run --config /tmp/lab.toml\n\
+         \n  # an allowlisted and a denied client, to the internet host's port 25\n\
+         \n  ip netns exec {} swaks --server {} --from a@client.lab --to b@inet.lab --local-interface {}\
+         \n  ip netns exec {} swaks --server {} --from a@client.lab --to b@inet.lab --local-interface {}\n\
+         \n  Namespaces: {}, {}, {}, {}.\n  Ctrl-C tears the lab down.",
+        lab.prefix,
+        if nat { "NAT gateway" } else { "routed gateway" },
+        lab::CLIENT_ALLOWED_V4,
+        lab::CLIENT_ALLOWED_V6,
+        ns(Host::Gw),
+        ns(Host::Client),
+        lab::INET_V4,
+        lab::CLIENT_ALLOWED_V4,
+        ns(Host::Client),
+        lab::INET_V4,
+        lab::CLIENT_DENIED_V4,
+        ns(Host::Client),
+        ns(Host::VlanClient),
+        ns(Host::Gw),
+        ns(Host::Inet),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc_channel(tx);
+    let _ = rx.recv();
+    println!("tearing down {}", lab.prefix);
+    Ok(())
+}
+
+/// Blocks SIGINT/SIGTERM and turns them into a message, so the lab's Drop
+/// still runs.
+fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) {
+    // SAFETY: building and applying a signal mask for this thread before
+    // any other thread exists, then waiting for those signals on one thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            let _ = tx.send(());
+        });
+    }
+}

@@ -1,7 +1,11 @@
 //! Command-line interface: one module per subcommand, each with `execute()`.
 
+mod check;
 mod check_config;
+mod client;
 mod run;
+mod stats;
+mod status;
 
 use std::process::ExitCode;
 
@@ -16,6 +20,8 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    client: client::ClientArgs,
 }
 
 #[derive(Subcommand)]
@@ -24,6 +30,12 @@ enum Command {
     Run(run::Args),
     /// Validate a config file without touching a running agent.
     CheckConfig(check_config::Args),
+    /// Show what the running agent enforces, and where.
+    Status,
+    /// Show the datapath's counters.
+    Stats,
+    /// Show the verdict a connection from IP would get, and why.
+    Check(check::Args),
     /// Print shell completions.
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -49,6 +61,9 @@ pub fn main() -> ExitCode {
             run::execute(args)
         }
         Command::CheckConfig(args) => check_config::execute(&args),
+        Command::Status => status::execute(&cli.client),
+        Command::Stats => stats::execute(&cli.client),
+        Command::Check(args) => check::execute(&args, &cli.client),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -1,13 +1,12 @@
 //! `smtpgate run`: the agent.
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context as _;
-use smtpgate::{
-    config::Config,
-    datapath::{Datapath, table_capacity},
-    policy::Allowlist,
-};
+use smtpgate::{agent::Agent, config::Config, control};
 use tracing::info;
 
 #[derive(clap::Args)]
@@ -30,36 +29,29 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         .map_or("built-in default".to_owned(), |p| p.display().to_string());
     info!(config = %serde_json::to_string(&config)?, %origin, "effective config");
 
-    let allowlist = Allowlist::from_config(&config.allowlist);
-    let table = allowlist.compile();
-    let capacity = table_capacity(table.len(), config.table_nodes);
-    let mut dp = Datapath::load(capacity).context("loading the datapath")?;
-    // The whole policy is in the maps before the first attach, so there is no
-    // moment where a program runs with a half-written policy.
-    dp.set_ports(&config.ports)?;
-    dp.set_action(config.mode, config.action)?;
-    dp.install(&table)?;
-    let (v4, v6) = allowlist.count_by_family();
-    info!(
-        ipv4 = v4,
-        ipv6 = v6,
-        nodes = table.len(),
-        capacity,
-        "allowlist installed"
-    );
-    for point in &config.attach {
-        dp.attach(point)
-            .with_context(|| format!("attaching to {point}"))?;
-        info!(%point, "attached");
-    }
-    info!(mode = ?config.mode, action = ?config.action, ports = ?config.ports, "enforcing");
-
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(shutdown_signal())?;
+    // Bind the control socket first: if another agent owns it, fail before
+    // touching the datapath.
+    let socket = config.control_socket.clone();
+    let listener = rt.block_on(async { control::bind(&socket) })?;
+    let agent = Agent::start(config, origin).context("starting the datapath")?;
+    let c = agent.config();
+    info!(mode = ?c.mode, action = ?c.action, ports = ?c.ports, socket = %socket.display(), "enforcing");
+    let agent = Arc::new(Mutex::new(agent));
+
+    rt.block_on(async {
+        tokio::select! {
+            () = control::serve(listener, agent.clone()) => {}
+            r = shutdown_signal() => r?,
+        }
+        anyhow::Ok(())
+    })?;
     info!("stopping: detaching");
-    drop(dp);
+    let _ = std::fs::remove_file(&socket);
+    drop(agent);
     Ok(())
 }
 

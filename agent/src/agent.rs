@@ -1,0 +1,130 @@
+//! The running agent's state: the config it runs, the allowlist, the
+//! datapath. The control socket's requests are answered here.
+
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+
+use crate::{
+    config::{Action, Config, Mode},
+    control::protocol::{Request, Response},
+    datapath::{Datapath, DatapathError, table_capacity},
+    policy::Allowlist,
+};
+
+pub struct Agent {
+    config: Config,
+    origin: String,
+    allowlist: Allowlist,
+    table_nodes: usize,
+    datapath: Datapath,
+}
+
+impl Agent {
+    /// Loads the datapath, writes the whole policy into it, then attaches.
+    pub fn start(config: Config, origin: String) -> Result<Self, DatapathError> {
+        let allowlist = Allowlist::from_config(&config.allowlist);
+        let table = allowlist.compile();
+        let capacity = table_capacity(table.len(), config.table_nodes);
+        let mut datapath = Datapath::load(capacity)?;
+        // The whole policy is in the maps before the first attach, so no
+        // program ever runs with a half-written policy.
+        datapath.set_ports(&config.ports)?;
+        datapath.set_action(config.mode, config.action)?;
+        datapath.install(&table)?;
+        let (v4, v6) = allowlist.count_by_family();
+        tracing::info!(
+            ipv4 = v4,
+            ipv6 = v6,
+            nodes = table.len(),
+            capacity,
+            "allowlist installed"
+        );
+        for point in &config.attach {
+            datapath.attach(point)?;
+            tracing::info!(%point, "attached");
+        }
+        Ok(Self {
+            config,
+            origin,
+            allowlist,
+            table_nodes: table.len(),
+            datapath,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::Stats => self.stats(),
+            Request::Check { ip, port } => Ok(self.check(ip, port)),
+        };
+        match result {
+            Ok(data) => Response::Ok { data },
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        }
+    }
+
+    fn status(&self) -> Value {
+        let (v4, v6) = self.allowlist.count_by_family();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": self.origin,
+            "mode": self.config.mode,
+            "action": self.config.action,
+            "ports": self.config.ports,
+            "attachments": self.datapath.attachments(),
+            "allowlist": { "ipv4": v4, "ipv6": v6, "table_nodes": self.table_nodes,
+                           "table_capacity": self.datapath.table_capacity() },
+        })
+    }
+
+    fn stats(&self) -> anyhow::Result<Value> {
+        Ok(json!({ "counters": self.datapath.counters()? }))
+    }
+
+    /// What a connection from `ip` to `port` would get, and why.
+    fn check(&self, ip: IpAddr, port: u16) -> Value {
+        let denied = match (self.config.mode, self.config.action) {
+            (Mode::Audit, _) => "audited",
+            (Mode::Enforce, Action::Drop | Action::Redirect) => "dropped",
+            (Mode::Enforce, Action::Reject) => "rejected",
+        };
+        if !self.config.ports.contains(&port) {
+            return json!({ "ip": ip, "port": port, "verdict": "untouched",
+                           "reason": format!("port {port} is not an SMTP port here") });
+        }
+        if let IpAddr::V6(v6) = ip {
+            let o = v6.octets();
+            if o[..10].iter().all(|b| *b == 0)
+                && ((o[10] == 0xff && o[11] == 0xff)
+                    || (o[10] == 0
+                        && o[11] == 0
+                        && v6.segments()[6..] != [0, 0]
+                        && v6.segments()[6..] != [0, 1]))
+            {
+                let verdict = if self.config.mode == Mode::Audit {
+                    "audited"
+                } else {
+                    "dropped"
+                };
+                return json!({ "ip": ip, "port": port, "verdict": verdict, "reason": "mapped_address" });
+            }
+        }
+        match self.allowlist.matching(ip) {
+            Some(entry) => {
+                json!({ "ip": ip, "port": port, "verdict": "allowed", "reason": "allowlisted",
+                                   "entry": entry.prefix, "origin": entry.origin })
+            }
+            None => {
+                json!({ "ip": ip, "port": port, "verdict": denied, "reason": "not_allowlisted" })
+            }
+        }
+    }
+}

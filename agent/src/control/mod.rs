@@ -1,0 +1,126 @@
+//! The control socket: a Unix stream socket, root only, through which the CLI
+//! asks the running agent for its state and tells it what to change.
+
+pub mod client;
+pub mod protocol;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use protocol::{Request, Response};
+
+use crate::agent::Agent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("creating {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Longest request line accepted; a request is a few hundred bytes.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// Binds the socket, replacing a stale one, readable and writable by root
+/// only (the directory is 0700 as well).
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ControlError::Bind {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Serves requests until the listener fails.
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = session(stream, agent).await {
+                        debug!(error = %e, "control session ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn session(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let agent = agent.clone();
+                // Datapath work is a few syscalls, or a table rebuild that
+                // must not stall the runtime's other tasks.
+                tokio::task::spawn_blocking(move || {
+                    let mut agent = agent
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    agent.handle(request)
+                })
+                .await
+                .unwrap_or_else(|e| Response::Error {
+                    message: format!("internal error: {e}"),
+                })
+            }
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_default();
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;

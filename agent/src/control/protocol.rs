@@ -1,0 +1,23 @@
+//! The control socket's wire format: one JSON request per line, one JSON
+//! response per line. Shared by the agent (server) and the CLI (client).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Stats,
+    /// The verdict a connection from `ip` to `port` would get.
+    Check {
+        ip: std::net::IpAddr,
+        port: u16,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Ok { data: serde_json::Value },
+    Error { message: String },
+}

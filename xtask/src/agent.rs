@@ -1,0 +1,160 @@
+//! Running the real `smtpgate` binary inside a lab, and asking it things
+//! through its CLI, as an admin would.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::lab::{Host, Lab};
+
+/// The smtpgate binary under test: $SMTPGATE_BIN, or the workspace's debug
+/// build (`cargo xtask test` builds it first).
+pub fn smtpgate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SMTPGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("target/debug/smtpgate")
+}
+
+/// Privileged tests need root. They never skip silently: in CI (CI=true)
+/// or without an explicit SMTPGATE_SKIP_PRIVILEGED=1 they fail instead.
+/// Returns false when the caller should skip.
+pub fn privileged() -> bool {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    if !in_ci && std::env::var("SMTPGATE_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: needs root (SMTPGATE_SKIP_PRIVILEGED=1)");
+        return false;
+    }
+    panic!(
+        "this test needs root (network namespaces, eBPF); run `sudo cargo xtask test`, or set SMTPGATE_SKIP_PRIVILEGED=1 outside CI to skip it"
+    );
+}
+
+pub struct Agent {
+    pub pid: u32,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: String,
+}
+
+/// Counters from `smtpgate stats`, keyed by (family, verdict, reason).
+#[derive(Debug, Default, Clone)]
+pub struct Counters(pub HashMap<(String, String, String), (u64, u64)>);
+
+impl Counters {
+    /// (connections, packets) for one combination; zero if never seen.
+    pub fn get(&self, family: &str, verdict: &str, reason: &str) -> (u64, u64) {
+        self.0
+            .get(&(family.to_owned(), verdict.to_owned(), reason.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn packets(&self, family: &str, verdict: &str, reason: &str) -> u64 {
+        self.get(family, verdict, reason).1
+    }
+
+    pub fn connections(&self, family: &str, verdict: &str, reason: &str) -> u64 {
+        self.get(family, verdict, reason).0
+    }
+
+    /// The difference from an earlier reading.
+    pub fn since(&self, before: &Counters) -> Counters {
+        Counters(
+            self.0
+                .iter()
+                .map(|(k, (c, p))| {
+                    let (bc, bp) = before.0.get(k).copied().unwrap_or_default();
+                    (k.clone(), (c - bc, p - bp))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Lab {
+    /// Starts `smtpgate run` in the gateway with `config` (the control
+    /// socket is set to one in the lab directory), and waits until it
+    /// answers on its control socket.
+    pub fn start_agent(&mut self, name: &str, config: &str) -> anyhow::Result<Agent> {
+        let socket = self.dir.join(format!("{name}.sock"));
+        let text = format!(
+            "{config}\n[control]\nsocket = {:?}\n",
+            socket.display().to_string()
+        );
+        let config = self.write(&format!("{name}.toml"), &text)?;
+        let mut cmd = self.command(Host::Gw, smtpgate_bin());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env("SMTPGATE_LOG", "info");
+        let log = format!("{name}.log");
+        let pid = self.spawn(cmd, &log)?;
+        let agent = Agent {
+            pid,
+            socket,
+            config,
+            log,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self
+                .cli(&agent, &["status"])
+                .is_ok_and(|o| o.status.success())
+            {
+                return Ok(agent);
+            }
+            if !self.alive(pid) || std::time::Instant::now() > deadline {
+                bail!("smtpgate did not start:\n{}", self.read_log(&agent.log));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs the smtpgate CLI against `agent`.
+    pub fn cli(&self, agent: &Agent, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(smtpgate_bin())
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(args)
+            .output()
+            .context("running smtpgate")
+    }
+
+    /// Reads the agent's counters through `smtpgate stats --output json`.
+    pub fn stats(&self, agent: &Agent) -> anyhow::Result<Counters> {
+        let out = self.cli(agent, &["stats", "--output", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "smtpgate stats failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut map = HashMap::new();
+        for row in v["counters"].as_array().into_iter().flatten() {
+            let key = (
+                row["family"].as_str().unwrap_or_default().to_owned(),
+                row["verdict"].as_str().unwrap_or_default().to_owned(),
+                row["reason"].as_str().unwrap_or_default().to_owned(),
+            );
+            map.insert(
+                key,
+                (
+                    row["connections"].as_u64().unwrap_or(0),
+                    row["packets"].as_u64().unwrap_or(0),
+                ),
+            );
+        }
+        Ok(Counters(map))
+    }
+}

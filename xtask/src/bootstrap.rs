@@ -1,0 +1,156 @@
+//! `cargo xtask bootstrap`: installs what the build and the tests need, and
+//! skips what is already right. Safe to run again and again.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages: the lab's tools and the real peers the tests talk to.
+const PACKAGES: &[&str] = &[
+    "iproute2",      // ip netns, veth, bridges
+    "nftables",      // the lab's NAT and counters; the benchmark's baseline
+    "bpftool",       // inspecting what is attached, by hand
+    "python3-scapy", // crafted packets (VLAN stacks, fragments, header chains)
+    "tcpdump",
+    "swaks",      // a real SMTP client
+    "postfix",    // smtp-sink / smtp-source: upstream and load
+    "prometheus", // promtool and a real Prometheus server
+    "sasl2-bin",
+    "jq",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    apt()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    eprintln!("bootstrap: everything is in place");
+    Ok(())
+}
+
+fn apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("bootstrap: Debian packages present");
+        return Ok(());
+    }
+    eprintln!("bootstrap: installing {}", missing.join(" "));
+    // Postfix is only here for its test tools: keep it unconfigured so it
+    // never starts an MTA on this machine's port 25.
+    sh(Command::new("sh").args([
+        "-c",
+        "echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections",
+    ]))?;
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("bootstrap: nightly rust-src present");
+        return Ok(());
+    }
+    sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker, linked against the nightly toolchain's own libLLVM (Debian's
+/// LLVM is too old). It must be rebuilt when the nightly changes, which the
+/// version check below notices: a stale binary fails to start.
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
+        if v.contains(BPF_LINKER_VERSION) {
+            eprintln!("bootstrap: {}", v.trim());
+            return Ok(());
+        }
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("no nightly toolchain: it ships the LLVM bpf-linker links against")?;
+    let sysroot = sysroot.trim();
+    let lib = std::fs::read_dir(format!("{sysroot}/lib"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find_map(|n| {
+            n.strip_prefix("lib")
+                .and_then(|n| n.strip_suffix(".so"))
+                .filter(|n| n.starts_with("LLVM-"))
+                .map(str::to_owned)
+        })
+        .context("the nightly sysroot has no libLLVM-*.so")?;
+    let llvm_major = lib
+        .trim_start_matches("LLVM-")
+        .split(['-', '.'])
+        .next()
+        .unwrap_or("22")
+        .to_owned();
+    eprintln!(
+        "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against {lib} (about 2 minutes)"
+    );
+    sh(Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major},no-llvm-linking"),
+        ])
+        .env(
+            "RUSTFLAGS",
+            format!("-L native={sysroot}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sysroot}/lib"),
+        ))
+}
+
+/// The BPF filesystem, where the agent pins what must outlive it.
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    eprintln!("bootstrap: mounting bpffs on /sys/fs/bpf");
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}

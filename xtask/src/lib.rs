@@ -1,0 +1,4 @@
+//! smtpgate's developer tasks, as a library for the integration tests.
+
+pub mod agent;
+pub mod lab;

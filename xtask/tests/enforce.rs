@@ -1,0 +1,549 @@
+//! Enforcement with real packets: the real smtpgate binary on a lab gateway,
+//! real TCP connections from lab clients to the lab's internet host.
+//!
+//! Each test builds its own lab (uniquely named namespaces), so they run in
+//! parallel. They need root; in CI they fail rather than skip without it.
+
+use std::time::Duration;
+
+use xtask::{
+    agent::privileged,
+    lab::{self, Host, Lab, Options},
+};
+
+const FAST: Duration = Duration::from_millis(1500);
+
+/// Hosts for the main clients; prefixes that cover the VLAN client's
+/// allowed address but not its denied one (198.51.100.10 / .20,
+/// 2001:db8:100::10 / ::20).
+fn allowlist() -> String {
+    format!(
+        "allowlist = [\"{}\", \"{}\", \"198.51.100.8/29\", \"2001:db8:100::10/124\"]\n",
+        lab::CLIENT_ALLOWED_V4,
+        lab::CLIENT_ALLOWED_V6,
+    )
+}
+
+fn tc(hook: &str, interface: &str) -> String {
+    format!("[[attach]]\nhook = \"{hook}\"\ninterface = \"{interface}\"\n")
+}
+
+/// Asserts an attempt's outcome with a useful message.
+fn expect(lab: &Lab, host: Host, src: &str, dst: &str, port: u16, want: &str) -> lab::Attempt {
+    let a = lab.connect(host, src, dst, port, FAST).unwrap();
+    assert_eq!(a.result, want, "{src} -> {dst}:{port} took {} ms", a.ms);
+    a
+}
+
+#[test]
+fn reject_refuses_denied_clients_at_once_and_passes_the_rest() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("reject", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let config = format!(
+        "action = \"reject\"\n{}{}",
+        allowlist(),
+        tc("tc-ingress", "lan0")
+    );
+    let agent = lab.start_agent("agent", &config).unwrap();
+
+    for (allowed, denied, inet) in [
+        (lab::CLIENT_ALLOWED_V4, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        (lab::CLIENT_ALLOWED_V6, lab::CLIENT_DENIED_V6, lab::INET_V6),
+    ] {
+        expect(&lab, Host::Client, allowed, inet, 25, "connected");
+        let refused = expect(&lab, Host::Client, denied, inet, 25, "refused");
+        assert!(
+            refused.ms < 500.0,
+            "a reject must be immediate, took {} ms",
+            refused.ms
+        );
+        // Other ports are none of smtpgate's business.
+        expect(&lab, Host::Client, denied, inet, 80, "connected");
+        expect(&lab, Host::Client, allowed, inet, 80, "connected");
+    }
+
+    let seen = lab.inet_connections();
+    let from = |port: u16, peer: &str| seen.iter().filter(|(p, a)| *p == port && a == peer).count();
+    assert_eq!(from(25, lab::CLIENT_ALLOWED_V4), 1);
+    assert_eq!(from(25, lab::CLIENT_ALLOWED_V6), 1);
+    assert_eq!(
+        from(25, lab::CLIENT_DENIED_V4),
+        0,
+        "a denied client reached port 25"
+    );
+    assert_eq!(
+        from(25, lab::CLIENT_DENIED_V6),
+        0,
+        "a denied client reached port 25"
+    );
+    assert_eq!(from(80, lab::CLIENT_DENIED_V4), 1);
+
+    let c = lab.stats(&agent).unwrap();
+    for family in ["ipv4", "ipv6"] {
+        assert_eq!(
+            c.connections(family, "allowed", "allowlisted"),
+            1,
+            "{family}: {c:?}"
+        );
+        // A RST at the first SYN: exactly one attempt, no retransmits.
+        assert_eq!(
+            c.connections(family, "rejected", "not_allowlisted"),
+            1,
+            "{family}: {c:?}"
+        );
+        assert_eq!(
+            c.packets(family, "rejected", "not_allowlisted"),
+            1,
+            "{family}: {c:?}"
+        );
+    }
+}
+
+#[test]
+fn drop_makes_denied_clients_time_out() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("drop", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let config = format!(
+        "action = \"drop\"\n{}{}",
+        allowlist(),
+        tc("tc-ingress", "lan0")
+    );
+    let agent = lab.start_agent("agent", &config).unwrap();
+
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_ALLOWED_V4,
+        lab::INET_V4,
+        25,
+        "connected",
+    );
+    let dropped = expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        25,
+        "timeout",
+    );
+    assert!(
+        dropped.ms >= 1400.0,
+        "a drop gives no answer: {} ms",
+        dropped.ms
+    );
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V6,
+        lab::INET_V6,
+        25,
+        "timeout",
+    );
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        80,
+        "connected",
+    );
+
+    let c = lab.stats(&agent).unwrap();
+    // The SYN and its retransmit within the 1.5 s wait.
+    assert!(
+        c.connections("ipv4", "dropped", "not_allowlisted") >= 1,
+        "{c:?}"
+    );
+    assert!(
+        c.connections("ipv6", "dropped", "not_allowlisted") >= 1,
+        "{c:?}"
+    );
+    let seen = lab.inet_packets_seen().unwrap();
+    assert_eq!(
+        seen.get(lab::CLIENT_DENIED_V6),
+        Some(&0),
+        "denied IPv6 packets reached the internet: {seen:?}"
+    );
+    // Port 80 from the denied client went through, port 25 did not: the
+    // only packets from it that arrived are the port-80 connection's.
+    assert!(
+        lab.inet_connections()
+            .iter()
+            .all(|(p, a)| !(*p == 25 && a == lab::CLIENT_DENIED_V4))
+    );
+}
+
+#[test]
+fn crafted_syns_are_counted_exactly() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("count", Options::default()).unwrap();
+    let config = format!(
+        "action = \"drop\"\n{}{}",
+        allowlist(),
+        tc("tc-ingress", "lan0")
+    );
+    let agent = lab.start_agent("agent", &config).unwrap();
+    let before = lab.stats(&agent).unwrap();
+    let d4 = lab
+        .craft(
+            Host::Client,
+            "syn",
+            lab::CLIENT_DENIED_V4,
+            lab::INET_V4,
+            7,
+            &[],
+        )
+        .unwrap();
+    let a4 = lab
+        .craft(
+            Host::Client,
+            "syn",
+            lab::CLIENT_ALLOWED_V4,
+            lab::INET_V4,
+            5,
+            &[],
+        )
+        .unwrap();
+    let d6 = lab
+        .craft(
+            Host::Client,
+            "syn",
+            lab::CLIENT_DENIED_V6,
+            lab::INET_V6,
+            3,
+            &[],
+        )
+        .unwrap();
+    let p80 = lab
+        .craft(
+            Host::Client,
+            "syn80",
+            lab::CLIENT_DENIED_V4,
+            lab::INET_V4,
+            4,
+            &[],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let c = lab.stats(&agent).unwrap().since(&before);
+    assert_eq!(
+        c.connections("ipv4", "dropped", "not_allowlisted"),
+        u64::from(d4),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.connections("ipv4", "allowed", "allowlisted"),
+        u64::from(a4),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.connections("ipv6", "dropped", "not_allowlisted"),
+        u64::from(d6),
+        "{c:?}"
+    );
+    // Port 80 is not counted: only SMTP egress is.
+    let total: u64 = c.0.values().map(|(_, p)| p).sum();
+    assert_eq!(
+        total,
+        u64::from(d4 + a4 + d6),
+        "port-80 SYNs ({p80}) must not be counted: {c:?}"
+    );
+    let seen = lab.inet_packets_seen().unwrap();
+    assert_eq!(seen[lab::CLIENT_ALLOWED_V4], u64::from(a4), "{seen:?}");
+    assert_eq!(
+        seen[lab::CLIENT_DENIED_V4],
+        u64::from(p80),
+        "only the port-80 SYNs pass: {seen:?}"
+    );
+}
+
+#[test]
+fn nat_gateway_enforces_at_lan_ingress_but_not_wan_egress() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("nat", Options { nat: true }).unwrap();
+    lab.start_listeners().unwrap();
+    let config = format!(
+        "action = \"reject\"\n{}{}",
+        allowlist(),
+        tc("tc-ingress", "lan0")
+    );
+    let agent = lab.start_agent("lan", &config).unwrap();
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_ALLOWED_V4,
+        lab::INET_V4,
+        25,
+        "connected",
+    );
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        25,
+        "refused",
+    );
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_ALLOWED_V6,
+        lab::INET_V6,
+        25,
+        "connected",
+    );
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V6,
+        lab::INET_V6,
+        25,
+        "refused",
+    );
+    // Behind the masquerade, the internet host only ever sees the gateway.
+    assert!(
+        lab.inet_connections()
+            .iter()
+            .all(|(_, a)| a == lab::GW_WAN_V4 || a == lab::GW_WAN_V6)
+    );
+    lab.stop(agent.pid, false).unwrap();
+
+    // The same policy on the WAN side's egress sees post-SNAT addresses:
+    // the allowlisted client is refused too. This is why NAT gateways
+    // attach at the client-facing ingress.
+    let config = format!(
+        "action = \"reject\"\n{}{}",
+        allowlist(),
+        tc("tc-egress", "wan0")
+    );
+    let _agent = lab.start_agent("wan", &config).unwrap();
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_ALLOWED_V4,
+        lab::INET_V4,
+        25,
+        "refused",
+    );
+}
+
+#[test]
+fn routed_gateway_enforces_at_wan_egress() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("egress", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let config = format!(
+        "action = \"reject\"\n{}{}",
+        allowlist(),
+        tc("tc-egress", "wan0")
+    );
+    let agent = lab.start_agent("agent", &config).unwrap();
+    for (allowed, denied, inet) in [
+        (lab::CLIENT_ALLOWED_V4, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        (lab::CLIENT_ALLOWED_V6, lab::CLIENT_DENIED_V6, lab::INET_V6),
+    ] {
+        expect(&lab, Host::Client, allowed, inet, 25, "connected");
+        // The RST goes into the WAN interface's ingress and is routed back.
+        let r = expect(&lab, Host::Client, denied, inet, 25, "refused");
+        assert!(r.ms < 500.0, "{} ms", r.ms);
+        expect(&lab, Host::Client, denied, inet, 80, "connected");
+    }
+    let c = lab.stats(&agent).unwrap();
+    assert_eq!(
+        c.connections("ipv4", "rejected", "not_allowlisted"),
+        1,
+        "{c:?}"
+    );
+    assert_eq!(
+        c.connections("ipv6", "rejected", "not_allowlisted"),
+        1,
+        "{c:?}"
+    );
+}
+
+/// A reject's RST, as the client sees it: RST|ACK for our SYN, on the VLAN
+/// the SYN came from, with correct checksums.
+fn assert_rst(reply: &serde_json::Value, vlans: &[u16]) {
+    assert!(!reply.is_null(), "no RST came back");
+    assert_eq!(reply["flags"], "RA", "{reply}");
+    assert_eq!(reply["vlans"], serde_json::json!(vlans), "{reply}");
+    for check in ["ack_ok", "ports_ok", "csum_ok"] {
+        assert_eq!(reply[check], true, "{check}: {reply}");
+    }
+}
+
+#[test]
+fn reject_answers_with_a_well_formed_rst() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("rst", Options::default()).unwrap();
+    let config = format!(
+        "action = \"reject\"\n{}{}",
+        allowlist(),
+        tc("tc-ingress", "lan0")
+    );
+    let _agent = lab.start_agent("agent", &config).unwrap();
+    let r = lab
+        .craft_reply(
+            Host::Client,
+            "syn",
+            lab::CLIENT_DENIED_V4,
+            lab::INET_V4,
+            &[],
+        )
+        .unwrap();
+    assert_rst(&r, &[]);
+    let r = lab
+        .craft_reply(
+            Host::Client,
+            "syn",
+            lab::CLIENT_DENIED_V6,
+            lab::INET_V6,
+            &[],
+        )
+        .unwrap();
+    assert_rst(&r, &[]);
+}
+
+/// The kernel has no VLAN devices here, so tagged frames are crafted. A
+/// single tag usually reaches TC in skb metadata; further tags stay in the
+/// packet data. Both count towards the limit of 4.
+#[test]
+fn vlan_tagged_frames_are_enforced() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("vlan", Options::default()).unwrap();
+    let config = format!(
+        "action = \"reject\"\n{}{}",
+        allowlist(),
+        tc("tc-ingress", "lanv")
+    );
+    let agent = lab.start_agent("agent", &config).unwrap();
+    let v = lab::VLAN_ID;
+
+    // The RST goes back on the client's VLAN.
+    let r = lab
+        .craft_reply(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_DENIED_V4,
+            lab::INET_V4,
+            &[v],
+        )
+        .unwrap();
+    assert_rst(&r, &[v]);
+    let r = lab
+        .craft_reply(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_DENIED_V6,
+            lab::INET_V6,
+            &[v, 200],
+        )
+        .unwrap();
+    assert_rst(&r, &[v, 200]);
+
+    let before = lab.stats(&agent).unwrap();
+    let one = lab
+        .craft(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_ALLOWED_V4,
+            lab::INET_V4,
+            6,
+            &[v],
+        )
+        .unwrap();
+    let two = lab
+        .craft(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_DENIED_V4,
+            lab::INET_V4,
+            3,
+            &[v, 200],
+        )
+        .unwrap();
+    let three = lab
+        .craft(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_DENIED_V6,
+            lab::INET_V6,
+            2,
+            &[v, 200, 300],
+        )
+        .unwrap();
+    let four = lab
+        .craft(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_ALLOWED_V4,
+            lab::INET_V4,
+            4,
+            &[v, 200, 300, 400],
+        )
+        .unwrap();
+    let five = lab
+        .craft(
+            Host::VlanClient,
+            "syn",
+            lab::VLAN_ALLOWED_V4,
+            lab::INET_V4,
+            5,
+            &[v, 200, 300, 400, 500],
+        )
+        .unwrap();
+    let other = lab
+        .craft(
+            Host::VlanClient,
+            "syn80",
+            lab::VLAN_DENIED_V4,
+            lab::INET_V4,
+            3,
+            &[v, 200],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let c = lab.stats(&agent).unwrap().since(&before);
+    assert_eq!(
+        c.connections("ipv4", "allowed", "allowlisted"),
+        u64::from(one + four),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.connections("ipv4", "rejected", "not_allowlisted"),
+        u64::from(two),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.connections("ipv6", "rejected", "not_allowlisted"),
+        u64::from(three),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.packets("other", "dropped", "vlan_too_deep"),
+        u64::from(five),
+        "{c:?}"
+    );
+    let total: u64 = c.0.values().map(|(_, p)| p).sum();
+    assert_eq!(
+        total,
+        u64::from(one + two + three + four + five),
+        "port 80 ({other}) is not counted: {c:?}"
+    );
+}
