@@ -251,7 +251,10 @@ impl RelayConfig {
             ),
             ("retry.max_backoff_secs", self.retry.max_backoff_secs),
             ("retry.max_lifetime_secs", self.retry.max_lifetime_secs),
-            ("retry.bounce_lifetime_secs", self.retry.bounce_lifetime_secs),
+            (
+                "retry.bounce_lifetime_secs",
+                self.retry.bounce_lifetime_secs,
+            ),
             (
                 "retry.attempt_timeout_secs",
                 self.retry.attempt_timeout_secs,

@@ -255,7 +255,10 @@ impl Deliverer {
                     if expired {
                         r.state = RcptState::Failed;
                         // The leading code makes the DSN say 4.4.7 (expired).
-                        r.last_error = Some(format!("4.4.7 delivery time expired after {} attempts; last error: {e}", r.attempts));
+                        r.last_error = Some(format!(
+                            "4.4.7 delivery time expired after {} attempts; last error: {e}",
+                            r.attempts
+                        ));
                     }
                 }
                 None => {}
@@ -329,8 +332,7 @@ impl Deliverer {
             );
         let base = exp.min(r.max_backoff_secs);
         // ±20% jitter so messages that failed together do not retry together.
-        #[expect(clippy::cast_precision_loss, reason = "jitter needs no precision")]
-        let jitter = 0.8 + 0.4 * (OsRng.next_u32() as f64 / f64::from(u32::MAX));
+        let jitter = 0.8 + 0.4 * (f64::from(OsRng.next_u32()) / f64::from(u32::MAX));
         rec.next_attempt_unix_ms = now_ms() + secs(base * jitter).as_millis() as u64;
         let spool = self.spool.clone();
         let snapshot = rec.clone();

@@ -13,23 +13,38 @@ use smtpgate_relay::{Listeners, Relay};
 async fn submission_587_starttls_auth_and_delivery() {
     let lab = Lab::new();
     let sink = Sink::start(&lab.dir.path().join("sink"), free_port());
-    let relay = Relay::start(lab.config(Some(sink.port)), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(Some(sink.port)), Listeners::default())
+        .await
+        .unwrap();
     let addr = relay.addrs().submission.unwrap();
     let mut c = Client::login_587(addr, &lab.cert_pem(), "alice", "alice-pw").await;
     c.cmd("MAIL FROM:<alice@example.com>", "250 2.1.0").await;
     c.cmd("RCPT TO:<rcpt@example.net>", "250 2.1.5").await;
     c.cmd("DATA", "354").await;
-    c.send(&stuff("Message-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n")).await;
+    c.send(&stuff(
+        "Message-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n",
+    ))
+    .await;
     c.expect("250 2.0.0 Ok: queued as").await;
     c.cmd("QUIT", "221").await;
-    let msgs = sink.wait_for("delivery", Duration::from_secs(20), |m| {
-        m.len() == 1 && m[0].contains(".leading dot\n")
-    })
-    .await;
+    let msgs = sink
+        .wait_for("delivery", Duration::from_secs(20), |m| {
+            m.len() == 1 && m[0].contains(".leading dot\n")
+        })
+        .await;
     let (env, msg) = common::sink_split(&msgs[0]);
-    assert!(env.contains(&"X-Mail-Args: <alice@example.com>".to_owned()), "{env:?}");
-    assert!(env.contains(&"X-Rcpt-Args: <rcpt@example.net>".to_owned()), "{env:?}");
-    assert_eq!(common::strip_relay_received(&msg), "Message-ID: <d1@example.com>\nSubject: hi\n\n.leading dot\n");
+    assert!(
+        env.contains(&"X-Mail-Args: <alice@example.com>".to_owned()),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"X-Rcpt-Args: <rcpt@example.net>".to_owned()),
+        "{env:?}"
+    );
+    assert_eq!(
+        common::strip_relay_received(&msg),
+        "Message-ID: <d1@example.com>\nSubject: hi\n\n.leading dot\n"
+    );
     // The queue entry is removed just after the sink answers.
     for _ in 0..100 {
         if relay.stats().snapshot().queue_length == 0 {
@@ -38,7 +53,14 @@ async fn submission_587_starttls_auth_and_delivery() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stats = relay.stats().snapshot();
-    assert_eq!((stats.messages_accepted, stats.messages_delivered, stats.queue_length), (1, 1, 0));
+    assert_eq!(
+        (
+            stats.messages_accepted,
+            stats.messages_delivered,
+            stats.queue_length
+        ),
+        (1, 1, 0)
+    );
     assert!(smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty());
     relay.shutdown().await;
 }
@@ -46,13 +68,22 @@ async fn submission_587_starttls_auth_and_delivery() {
 #[tokio::test]
 async fn submissions_465_implicit_tls() {
     let lab = Lab::new();
-    let relay = Relay::start(lab.config(None), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(None), Listeners::default())
+        .await
+        .unwrap();
     let mut c = Client::connect_tls(relay.addrs().submissions.unwrap(), &lab.cert_pem()).await;
     c.expect("220 relay.test").await;
     let r = c.cmd("EHLO client.test", "250").await;
-    assert!(r.contains("AUTH PLAIN LOGIN") && !r.contains("STARTTLS"), "{r}");
+    assert!(
+        r.contains("AUTH PLAIN LOGIN") && !r.contains("STARTTLS"),
+        "{r}"
+    );
     c.cmd("STARTTLS", "503 5.5.1").await;
-    c.cmd(&format!("AUTH PLAIN {}", common::plain("bob", "bob-pw")), "235").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", common::plain("bob", "bob-pw")),
+        "235",
+    )
+    .await;
     c.cmd("MAIL FROM:<anyone@example.org>", "250").await;
     relay.shutdown().await;
 }
@@ -64,17 +95,37 @@ async fn intercept_listener_refuses_unauthenticated_and_names_original_destinati
     cfg.intercept_message = "Submit on port 587 or 465 with your credentials".into();
     // The agent hands in a pre-bound listener (from the datapath side).
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay = Relay::start(cfg, Listeners { intercept: Some(l), ..Listeners::default() }).await.unwrap();
+    let relay = Relay::start(
+        cfg,
+        Listeners {
+            intercept: Some(l),
+            ..Listeners::default()
+        },
+    )
+    .await
+    .unwrap();
     let addr = relay.addrs().intercept.unwrap();
     let mut c = Client::connect(addr, &lab.cert_pem()).await;
     c.expect("220").await;
     c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<alice@example.com>", "530 5.7.0 Submit on port 587 or 465 with your credentials").await;
-    c.cmd("RCPT TO:<victim@example.net>", "530 5.7.0 Submit on port 587").await;
+    c.cmd(
+        "MAIL FROM:<alice@example.com>",
+        "530 5.7.0 Submit on port 587 or 465 with your credentials",
+    )
+    .await;
+    c.cmd(
+        "RCPT TO:<victim@example.net>",
+        "530 5.7.0 Submit on port 587",
+    )
+    .await;
     c.cmd("STARTTLS", "220").await;
     c.upgrade().await;
     c.cmd("EHLO client.test", "250").await;
-    c.cmd(&format!("AUTH PLAIN {}", common::plain("alice", "alice-pw")), "235").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", common::plain("alice", "alice-pw")),
+        "235",
+    )
+    .await;
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
@@ -83,14 +134,19 @@ async fn intercept_listener_refuses_unauthenticated_and_names_original_destinati
     let id = r.trim_end().rsplit(' ').next().unwrap();
     let (_, body) = smtpgate_relay::queue::show(&lab.spool, id).unwrap();
     let body = String::from_utf8(body).unwrap();
-    assert!(body.contains(&format!("(intercepted; original destination {addr})")), "{body}");
+    assert!(
+        body.contains(&format!("(intercepted; original destination {addr})")),
+        "{body}"
+    );
     relay.shutdown().await;
 }
 
 #[tokio::test]
 async fn open_relay_battery() {
     let lab = Lab::new();
-    let relay = Relay::start(lab.config(None), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(None), Listeners::default())
+        .await
+        .unwrap();
     let a = relay.addrs();
     let pem = lab.cert_pem();
     // Unauthenticated, plaintext and TLS, on both listeners.
@@ -112,7 +168,10 @@ async fn open_relay_battery() {
     for (rcpt, why) in [
         ("<victim%example.net@relay.test>", "percent-hack"),
         ("<example.net!victim@relay.test>", "bang-path"),
-        ("<@relay.test,@hop.example:victim@example.net>", "source routes"),
+        (
+            "<@relay.test,@hop.example:victim@example.net>",
+            "source routes",
+        ),
         ("<\"victim@example.net\"@relay.test>", "quoted local parts"),
         ("<victim@example.net@relay.test>", "exactly one @"),
         ("<victim@[127.0.0.1]>", "address literals"),
@@ -128,7 +187,9 @@ async fn open_relay_battery() {
 #[tokio::test]
 async fn smuggling_battery() {
     let lab = Lab::new();
-    let relay = Relay::start(lab.config(None), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(None), Listeners::default())
+        .await
+        .unwrap();
     let addr = relay.addrs().submission.unwrap();
     let smuggled = "MAIL FROM:<alice@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n";
     for (name, end) in [
@@ -142,12 +203,16 @@ async fn smuggling_battery() {
         c.cmd("MAIL FROM:<alice@example.com>", "250").await;
         c.cmd("RCPT TO:<r@example.net>", "250").await;
         c.cmd("DATA", "354").await;
-        c.send(&format!("Subject: outer\r\n\r\nbody{end}{smuggled}")).await;
+        c.send(&format!("Subject: outer\r\n\r\nbody{end}{smuggled}"))
+            .await;
         let r = c.try_reply().await.unwrap();
         assert!(r.starts_with("521 5.5.2"), "{name}: {r}");
         c.expect_closed().await;
     }
-    assert!(smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty(), "nothing may be queued");
+    assert!(
+        smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty(),
+        "nothing may be queued"
+    );
     // A correct CRLF.CRLF still works afterwards.
     let mut c = Client::login_587(addr, &lab.cert_pem(), "alice", "alice-pw").await;
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
@@ -170,7 +235,8 @@ async fn starttls_injection_http_and_session_limits() {
     let mut c = Client::connect(addr, &pem).await;
     c.expect("220").await;
     c.cmd("EHLO client.test", "250").await;
-    c.send("STARTTLS\r\nRSET\r\nMAIL FROM:<alice@example.com>\r\n").await;
+    c.send("STARTTLS\r\nRSET\r\nMAIL FROM:<alice@example.com>\r\n")
+        .await;
     c.expect("220 2.0.0").await;
     c.upgrade().await;
     c.cmd("EHLO client.test", "250-relay.test").await;
@@ -196,7 +262,9 @@ async fn starttls_injection_http_and_session_limits() {
 #[tokio::test]
 async fn tls_reload_serves_new_certificate() {
     let lab = Lab::new();
-    let relay = Relay::start(lab.config(None), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(None), Listeners::default())
+        .await
+        .unwrap();
     let addr = relay.addrs().submissions.unwrap();
     let old = lab.cert_pem();
     smtpgate_relay::write_lab_cert(lab.dir.path(), &["localhost"]).unwrap();

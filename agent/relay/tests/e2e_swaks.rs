@@ -23,8 +23,16 @@ fn tricky_message(id: &str) -> String {
 
 async fn swaks(args: &[String]) -> (bool, String) {
     require_tool(SWAKS);
-    let out = tokio::process::Command::new(SWAKS).args(args).output().await.expect("running swaks");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new(SWAKS)
+        .args(args)
+        .output()
+        .await
+        .expect("running swaks");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -48,7 +56,9 @@ async fn swaks_587_and_465_byte_exact_through_smtp_sink() {
     // The certificate must name 127.0.0.1 so swaks can verify it.
     smtpgate_relay::write_lab_cert(lab.dir.path(), &["localhost", "127.0.0.1"]).unwrap();
     let sink = Sink::start(&lab.dir.path().join("sink"), free_port());
-    let relay = Relay::start(lab.config(Some(sink.port)), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(Some(sink.port)), Listeners::default())
+        .await
+        .unwrap();
     let a = relay.addrs();
     let ca = lab.cert.display().to_string();
 
@@ -63,29 +73,63 @@ async fn swaks_587_and_465_byte_exact_through_smtp_sink() {
         let msg = tricky_message(id);
         let file = data_file(lab.dir.path(), id, &msg);
         let (ok, out) = swaks(&args(&[
-            "--server", &addr.to_string(), tls, "--tls-verify", "--tls-ca-path", &ca,
-            "--auth", mech, "--auth-user", "alice", "--auth-password", "alice-pw",
-            "--from", "alice@example.com", "--to", "r@example.net", "-ndf", "--data", &file,
+            "--server",
+            &addr.to_string(),
+            tls,
+            "--tls-verify",
+            "--tls-ca-path",
+            &ca,
+            "--auth",
+            mech,
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.com",
+            "--to",
+            "r@example.net",
+            "-ndf",
+            "--data",
+            &file,
         ]))
         .await;
         assert!(ok, "swaks {id} failed:\n{out}");
         assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
         sent.push((id, msg));
     }
-    let dumps = sink.wait_for("4 deliveries", Duration::from_secs(30), |m| {
-        m.len() == 4 && m.iter().all(|d| d.contains("last line\n"))
-    })
-    .await;
+    let dumps = sink
+        .wait_for("4 deliveries", Duration::from_secs(30), |m| {
+            m.len() == 4 && m.iter().all(|d| d.contains("last line\n"))
+        })
+        .await;
     for (id, msg) in sent {
-        let dump = dumps.iter().find(|d| d.contains(&format!("<{id}@example.com>"))).unwrap_or_else(|| panic!("{id} not delivered"));
+        let dump = dumps
+            .iter()
+            .find(|d| d.contains(&format!("<{id}@example.com>")))
+            .unwrap_or_else(|| panic!("{id} not delivered"));
         let (env, got) = common::sink_split(dump);
         // lettre adds BODY=8BITMIME for 8-bit content; the address must match.
-        assert!(env.iter().any(|l| l.starts_with("X-Mail-Args: <alice@example.com>")), "{env:?}");
-        assert!(env.contains(&"X-Rcpt-Args: <r@example.net>".to_owned()), "{env:?}");
+        assert!(
+            env.iter()
+                .any(|l| l.starts_with("X-Mail-Args: <alice@example.com>")),
+            "{env:?}"
+        );
+        assert!(
+            env.contains(&"X-Rcpt-Args: <r@example.net>".to_owned()),
+            "{env:?}"
+        );
         // smtp-sink stores lines with LF; everything else must be identical.
-        assert_eq!(common::strip_relay_received(&got), msg.replace("\r\n", "\n"), "{id} altered in transit");
+        assert_eq!(
+            common::strip_relay_received(&got),
+            msg.replace("\r\n", "\n"),
+            "{id} altered in transit"
+        );
         assert!(got.starts_with("Received: from "), "{got}");
-        assert!(got.contains("by relay.test (smtpgate) with ESMTPSA id "), "{got}");
+        assert!(
+            got.contains("by relay.test (smtpgate) with ESMTPSA id "),
+            "{got}"
+        );
     }
     relay.shutdown().await;
 }
@@ -93,29 +137,71 @@ async fn swaks_587_and_465_byte_exact_through_smtp_sink() {
 #[tokio::test]
 async fn swaks_refusals() {
     let lab = Lab::new();
-    let relay = Relay::start(lab.config(None), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(None), Listeners::default())
+        .await
+        .unwrap();
     let s587 = relay.addrs().submission.unwrap().to_string();
     // No AUTH at all: open relay attempt.
-    let (ok, out) = swaks(&args(&["--server", &s587, "--from", "alice@example.com", "--to", "victim@example.net"])).await;
+    let (ok, out) = swaks(&args(&[
+        "--server",
+        &s587,
+        "--from",
+        "alice@example.com",
+        "--to",
+        "victim@example.net",
+    ]))
+    .await;
     assert!(!ok && out.contains("530 5.7.0"), "{out}");
     // AUTH without TLS: not even offered.
     let (ok, out) = swaks(&args(&[
-        "--server", &s587, "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "alice-pw",
-        "--from", "alice@example.com", "--to", "r@example.net",
+        "--server",
+        &s587,
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "alice",
+        "--auth-password",
+        "alice-pw",
+        "--from",
+        "alice@example.com",
+        "--to",
+        "r@example.net",
     ]))
     .await;
     assert!(!ok && !out.contains("235"), "{out}");
     // Wrong password.
     let (ok, out) = swaks(&args(&[
-        "--server", &s587, "-tls", "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "nope",
-        "--from", "alice@example.com", "--to", "r@example.net",
+        "--server",
+        &s587,
+        "-tls",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "alice",
+        "--auth-password",
+        "nope",
+        "--from",
+        "alice@example.com",
+        "--to",
+        "r@example.net",
     ]))
     .await;
     assert!(!ok && out.contains("535 5.7.8"), "{out}");
     // Someone else's sender address.
     let (ok, out) = swaks(&args(&[
-        "--server", &s587, "-tls", "--auth", "LOGIN", "--auth-user", "alice", "--auth-password", "alice-pw",
-        "--from", "ceo@example.org", "--to", "r@example.net",
+        "--server",
+        &s587,
+        "-tls",
+        "--auth",
+        "LOGIN",
+        "--auth-user",
+        "alice",
+        "--auth-password",
+        "alice-pw",
+        "--from",
+        "ceo@example.org",
+        "--to",
+        "r@example.net",
     ]))
     .await;
     assert!(!ok && out.contains("553 5.7.1"), "{out}");

@@ -16,7 +16,10 @@ async fn submit(addr: std::net::SocketAddr, pem: &str, id: &str) {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send(&stuff(&format!("Message-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nbody {id}\r\n"))).await;
+    c.send(&stuff(&format!(
+        "Message-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nbody {id}\r\n"
+    )))
+    .await;
     c.expect("250 2.0.0").await;
     c.cmd("QUIT", "221").await;
 }
@@ -24,7 +27,10 @@ async fn submit(addr: std::net::SocketAddr, pem: &str, id: &str) {
 async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -33,13 +39,18 @@ async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 async fn queued_while_upstream_down_then_delivered() {
     let lab = Lab::new();
     let port = free_port();
-    let relay = Relay::start(lab.config(Some(port)), Listeners::default()).await.unwrap();
+    let relay = Relay::start(lab.config(Some(port)), Listeners::default())
+        .await
+        .unwrap();
     let addr = relay.addrs().submission.unwrap();
     for i in 0..3 {
         submit(addr, &lab.cert_pem(), &format!("down{i}")).await;
     }
     let stats = relay.stats();
-    until("failed attempts", 20, || stats.snapshot().deliveries_deferred >= 3).await;
+    until("failed attempts", 20, || {
+        stats.snapshot().deliveries_deferred >= 3
+    })
+    .await;
     let q = smtpgate_relay::queue::list(&lab.spool).unwrap();
     assert_eq!(q.len(), 3);
     for rec in &q {
@@ -55,7 +66,10 @@ async fn queued_while_upstream_down_then_delivered() {
         (0..3).all(|i| m.iter().any(|d| d.contains(&format!("body down{i}\n"))))
     })
     .await;
-    until("empty queue", 10, || smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty()).await;
+    until("empty queue", 10, || {
+        smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty()
+    })
+    .await;
     assert_eq!(stats.snapshot().queue_length, 0);
     relay.shutdown().await;
 }
@@ -76,14 +90,36 @@ async fn expired_message_bounces_to_sender_with_multipart_report() {
     assert!(q[0].is_dsn && q[0].from.is_empty());
     let sink = Sink::start(&lab.dir.path().join("sink"), port);
     relay.flush();
-    let got = sink.wait_for("the bounce", Duration::from_secs(30), |m| m.iter().any(|d| d.contains("/relay.test--"))).await;
+    let got = sink
+        .wait_for("the bounce", Duration::from_secs(30), |m| {
+            m.iter().any(|d| d.contains("/relay.test--"))
+        })
+        .await;
     let (env, msg) = common::sink_split(&got[0]);
-    assert!(env.iter().any(|l| l == "X-Mail-Args: <>"), "bounce must use the null sender: {env:?}");
-    assert!(env.iter().any(|l| l == "X-Rcpt-Args: <alice@example.com>"), "{env:?}");
-    assert!(msg.contains("Content-Type: multipart/report; report-type=delivery-status;"), "{msg}");
-    assert!(msg.contains("Content-Type: message/delivery-status"), "{msg}");
-    assert!(msg.contains("Final-Recipient: rfc822; r@example.net\nAction: failed\nStatus: 4.4.7\n"), "{msg}");
-    assert!(msg.contains("Message-ID: <expire1@example.com>"), "original headers attached: {msg}");
+    assert!(
+        env.iter().any(|l| l == "X-Mail-Args: <>"),
+        "bounce must use the null sender: {env:?}"
+    );
+    assert!(
+        env.iter().any(|l| l == "X-Rcpt-Args: <alice@example.com>"),
+        "{env:?}"
+    );
+    assert!(
+        msg.contains("Content-Type: multipart/report; report-type=delivery-status;"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("Content-Type: message/delivery-status"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("Final-Recipient: rfc822; r@example.net\nAction: failed\nStatus: 4.4.7\n"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("Message-ID: <expire1@example.com>"),
+        "original headers attached: {msg}"
+    );
     assert!(!msg.contains("body expire1"), "bounce carries headers only");
     relay.shutdown().await;
 }

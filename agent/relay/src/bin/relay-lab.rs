@@ -18,7 +18,10 @@ async fn main() -> ExitCode {
         eprintln!("usage: relay-lab CONFIG.toml");
         return ExitCode::from(2);
     };
-    let cfg = match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| RelayConfig::from_toml(&t).map_err(|e| e.to_string())) {
+    let cfg = match std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| RelayConfig::from_toml(&t).map_err(|e| e.to_string()))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("relay-lab: {path}: {e}");
@@ -33,8 +36,14 @@ async fn main() -> ExitCode {
         }
     };
     let a = relay.addrs();
-    println!("READY submission={} submissions={} intercept={}", fmt(a.submission), fmt(a.submissions), fmt(a.intercept));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    println!(
+        "READY submission={} submissions={} intercept={}",
+        fmt(a.submission),
+        fmt(a.submissions),
+        fmt(a.intercept)
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

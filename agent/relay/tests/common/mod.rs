@@ -26,7 +26,11 @@ pub fn require_tool(path: &str) {
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A lab directory: TLS cert, users file (alice, bob), spool.
@@ -49,10 +53,28 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = smtpgate_relay::write_lab_cert(dir.path(), &["localhost"]).unwrap();
         let users = dir.path().join("users.toml");
-        smtpgate_relay::users::user_add_hash(&users, "alice", &fast_hash("alice-pw"), vec!["alice@example.com".into()]).unwrap();
-        smtpgate_relay::users::user_add_hash(&users, "bob", &fast_hash("bob-pw"), vec!["@example.org".into()]).unwrap();
+        smtpgate_relay::users::user_add_hash(
+            &users,
+            "alice",
+            &fast_hash("alice-pw"),
+            vec!["alice@example.com".into()],
+        )
+        .unwrap();
+        smtpgate_relay::users::user_add_hash(
+            &users,
+            "bob",
+            &fast_hash("bob-pw"),
+            vec!["@example.org".into()],
+        )
+        .unwrap();
         let spool = dir.path().join("spool");
-        Self { dir, cert, key, users, spool }
+        Self {
+            dir,
+            cert,
+            key,
+            users,
+            spool,
+        }
     }
 
     pub fn config(&self, sink_port: Option<u16>) -> RelayConfig {
@@ -100,16 +122,30 @@ impl Sink {
         require_tool(SMTP_SINK);
         std::fs::create_dir_all(dir).unwrap();
         let child = Command::new(SMTP_SINK)
-            .args(["-u", "root", "-d", &format!("{}/msg.", dir.display()), &format!("127.0.0.1:{port}"), "100"])
+            .args([
+                "-u",
+                "root",
+                "-d",
+                &format!("{}/msg.", dir.display()),
+                &format!("127.0.0.1:{port}"),
+                "100",
+            ])
             .stdin(Stdio::null())
             .spawn()
             .expect("spawning smtp-sink");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "smtp-sink did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "smtp-sink did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { port, dir: dir.into(), child }
+        Self {
+            port,
+            dir: dir.into(),
+            child,
+        }
     }
 
     /// Dumped messages (smtp-sink's own headers included).
@@ -124,14 +160,23 @@ impl Sink {
     }
 
     /// Waits until `pred` holds for the dumped messages.
-    pub async fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.messages();
             if pred(&m) {
                 return m;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; sink has {} messages", m.len());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; sink has {} messages",
+                m.len()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -161,7 +206,10 @@ pub fn sink_split(dump: &str) -> (Vec<String>, String) {
 
 /// Removes the relay's Received header (first header, folded with tabs).
 pub fn strip_relay_received(msg: &str) -> &str {
-    assert!(msg.starts_with("Received: from "), "relay Received header missing: {msg:?}");
+    assert!(
+        msg.starts_with("Received: from "),
+        "relay Received header missing: {msg:?}"
+    );
     let mut idx = 0;
     for (i, line) in msg.split_inclusive('\n').enumerate() {
         if i > 0 && !line.starts_with('\t') {
@@ -174,12 +222,16 @@ pub fn strip_relay_received(msg: &str) -> &str {
 
 pub fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
@@ -199,7 +251,11 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr, cert_pem: &str) -> Self {
         let s = TcpStream::connect(addr).await.expect("connect");
-        Self { s: S::Plain(s), buf: Vec::new(), cert_pem: cert_pem.into() }
+        Self {
+            s: S::Plain(s),
+            buf: Vec::new(),
+            cert_pem: cert_pem.into(),
+        }
     }
 
     /// Port 465 style: TLS from the first byte.
@@ -210,9 +266,14 @@ impl Client {
     }
 
     pub async fn upgrade(&mut self) {
-        let S::Plain(raw) = std::mem::replace(&mut self.s, S::Gone) else { panic!("already TLS") };
+        let S::Plain(raw) = std::mem::replace(&mut self.s, S::Gone) else {
+            panic!("already TLS")
+        };
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tls_connector(&self.cert_pem).connect(name, raw).await.expect("TLS handshake");
+        let tls = tls_connector(&self.cert_pem)
+            .connect(name, raw)
+            .await
+            .expect("TLS handshake");
         self.s = S::Tls(Box::new(tls));
     }
 
@@ -240,7 +301,9 @@ impl Client {
                 S::Gone => unreachable!(),
             }
         };
-        let n = tokio::time::timeout(Duration::from_secs(20), fut).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
+        let n = tokio::time::timeout(Duration::from_secs(20), fut)
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
@@ -263,7 +326,10 @@ impl Client {
     }
 
     pub async fn expect(&mut self, prefix: &str) -> String {
-        let r = self.try_reply().await.unwrap_or_else(|e| panic!("waiting for {prefix:?}: {e}"));
+        let r = self
+            .try_reply()
+            .await
+            .unwrap_or_else(|e| panic!("waiting for {prefix:?}: {e}"));
         assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
         r
     }
@@ -279,10 +345,17 @@ impl Client {
     }
 
     pub async fn expect_closed(&mut self) {
-        assert!(self.buf.is_empty(), "unexpected data {:?}", String::from_utf8_lossy(&self.buf));
+        assert!(
+            self.buf.is_empty(),
+            "unexpected data {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
         match self.read_more().await {
             Ok(0) | Err(_) => {}
-            Ok(_) => panic!("expected close, got {:?}", String::from_utf8_lossy(&self.buf)),
+            Ok(_) => panic!(
+                "expected close, got {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
         }
     }
 
@@ -294,7 +367,8 @@ impl Client {
         c.cmd("STARTTLS", "220").await;
         c.upgrade().await;
         c.cmd("EHLO client.test", "250").await;
-        c.cmd(&format!("AUTH PLAIN {}", plain(user, pw)), "235").await;
+        c.cmd(&format!("AUTH PLAIN {}", plain(user, pw)), "235")
+            .await;
         c
     }
 }
