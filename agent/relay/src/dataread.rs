@@ -228,4 +228,53 @@ mod tests {
         assert_eq!(v, Verdict::TooBig);
         assert!(body.is_empty());
     }
+
+    /// A cheap stand-in for the cargo-fuzz target that runs with every
+    /// `cargo test`: random inputs over the interesting alphabet, fed whole
+    /// and in random pieces, must agree, and accepted bodies must be clean.
+    #[test]
+    fn random_inputs_chunking_invariant() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = usize::try_from(next() % 40).unwrap();
+            let input: Vec<u8> = (0..len).map(|_| b"\r\n.a"[usize::try_from(next() % 4).unwrap()]).collect();
+            let chunk = usize::try_from(next() % 5 + 1).unwrap();
+            let (whole, verdict, body) = read_all(&input, 1 << 16);
+            let mut r = DataReader::new(1 << 16);
+            let mut offset = 0;
+            let mut pieced = Feed::NeedMore;
+            for piece in input.chunks(chunk) {
+                match r.feed(piece) {
+                    Feed::NeedMore => offset += piece.len(),
+                    Feed::Done { consumed } => {
+                        pieced = Feed::Done { consumed: offset + consumed };
+                        break;
+                    }
+                    Feed::BareNewline { consumed } => {
+                        pieced = Feed::BareNewline { consumed: offset + consumed };
+                        break;
+                    }
+                }
+            }
+            assert_eq!(whole, pieced, "{input:?}");
+            if let Feed::Done { consumed } = whole {
+                assert_eq!(verdict, r.verdict());
+                assert_eq!(body, r.into_body());
+                assert!(input[..consumed].ends_with(b"\r\n.\r\n") || input[..consumed] == *b".\r\n", "{input:?}");
+                for (i, &b) in body.iter().enumerate() {
+                    match b {
+                        b'\r' => assert_eq!(body.get(i + 1), Some(&b'\n'), "{input:?}"),
+                        b'\n' => assert!(i > 0 && body[i - 1] == b'\r', "{input:?}"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
 }
