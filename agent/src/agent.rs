@@ -57,6 +57,13 @@ impl Agent {
         &self.config
     }
 
+    /// Re-reads this host's addresses for the cgroup connect hooks; they
+    /// change (DHCP, SLAAC, an admin), the allowlist does not know.
+    pub fn refresh_local_addresses(&mut self) -> Result<(), DatapathError> {
+        let (v4, v6) = local_verdicts(&self.allowlist);
+        self.datapath.set_local_allowed(v4, v6)
+    }
+
     pub fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => Ok(self.status()),
@@ -127,4 +134,55 @@ impl Agent {
             }
         }
     }
+}
+
+/// Whether any of this host's addresses, per family, is allowlisted.
+fn local_verdicts(allowlist: &Allowlist) -> (bool, bool) {
+    let addrs = local_addresses();
+    let any = |v4: bool| {
+        addrs
+            .iter()
+            .any(|a| a.is_ipv4() == v4 && allowlist.matching(*a).is_some())
+    };
+    (any(true), any(false))
+}
+
+/// The addresses an unbound socket may get as its source when it connects
+/// to a non-loopback destination: all of this network namespace's, except
+/// loopback and IPv6 link-local ones.
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and then free.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*sa.cast::<libc::sockaddr_in>();
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out.retain(|a| match a {
+        IpAddr::V4(v4) => !v4.is_loopback(),
+        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    });
+    out
 }

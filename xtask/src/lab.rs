@@ -233,10 +233,14 @@ EOF",
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// A command that runs in a host's namespace.
+    /// A command that runs in a host's network namespace. nsenter rather
+    /// than `ip netns exec`, which remounts /sys and so hides the cgroup
+    /// hierarchy the agent attaches to.
     pub fn command(&self, host: Host, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(host)]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns(host)))
+            .arg("--")
+            .arg(program);
         cmd
     }
 

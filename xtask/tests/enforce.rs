@@ -547,3 +547,66 @@ fn vlan_tagged_frames_are_enforced() {
         "port 80 ({other}) is not counted: {c:?}"
     );
 }
+
+/// Processes on the gateway host itself never cross a TC hook of a LAN
+/// interface; the cgroup attach point covers them.
+#[test]
+fn cgroup_attach_covers_local_processes() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("cgroup", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let cg = lab.cgroup("senders").unwrap();
+    let in_cgroup = |lab: &Lab, action: &str| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} /usr/bin/python3 {} - {} 25 1.5",
+            cg.display(),
+            lab.ns(Host::Gw),
+            lab::scripts_dir().join("connect.py").display(),
+            lab::INET_V4
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["result"].as_str().unwrap().to_owned(),
+            v["ms"].as_f64().unwrap(),
+            action.to_owned(),
+        )
+    };
+    for (action, want) in [("reject", "error:EPERM"), ("drop", "timeout")] {
+        let config = format!(
+            "action = \"{action}\"\nallowlist = [\"127.0.0.0/8\"]\n[[attach]]\nhook = \"cgroup\"\npath = {:?}\n",
+            cg.display().to_string()
+        );
+        let agent = lab.start_agent(action, &config).unwrap();
+        let (result, ms, _) = in_cgroup(&lab, action);
+        assert_eq!(result, want, "{action}: in the cgroup, after {ms} ms");
+        // Outside the cgroup, the same connection is none of its business.
+        let a = lab.connect(Host::Gw, "-", lab::INET_V4, 25, FAST).unwrap();
+        assert!(a.connected(), "{action}: outside the cgroup: {a:?}");
+        let c = lab.stats(&agent).unwrap();
+        let verdict = if action == "reject" {
+            "rejected"
+        } else {
+            "dropped"
+        };
+        assert!(
+            c.connections("ipv4", verdict, "not_allowlisted") >= 1,
+            "{c:?}"
+        );
+        lab.stop(agent.pid, false).unwrap();
+    }
+    // With the gateway's own address allowlisted, its processes may send.
+    let config = format!(
+        "allowlist = [\"{}\"]\n[[attach]]\nhook = \"cgroup\"\npath = {:?}\n",
+        lab::GW_WAN_V4,
+        cg.display().to_string()
+    );
+    let _agent = lab.start_agent("allowed", &config).unwrap();
+    let (result, _, _) = in_cgroup(&lab, "allowed");
+    assert_eq!(result, "connected");
+}

@@ -45,6 +45,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     rt.block_on(async {
         tokio::select! {
             () = control::serve(listener, agent.clone()) => {}
+            () = refresh_local_addresses(agent.clone()) => {}
             r = shutdown_signal() => r?,
         }
         anyhow::Ok(())
@@ -53,6 +54,20 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     drop(agent);
     Ok(())
+}
+
+/// Keeps the cgroup connect hooks' view of this host's addresses current.
+async fn refresh_local_addresses(agent: Arc<Mutex<Agent>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let mut agent = agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = agent.refresh_local_addresses() {
+            tracing::warn!(error = %e, "refreshing local addresses");
+        }
+    }
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -143,6 +143,8 @@ impl Datapath {
             nodes_per_table,
             action: common::Action::Drop as u32,
             mode: common::Mode::Enforce as u32,
+            local_allowed: 0,
+            _reserved: 0,
         };
         let mut dp = Self {
             ebpf,
@@ -179,6 +181,18 @@ impl Datapath {
             Action::Redirect => common::Action::Drop,
         } as u32;
         self.write_settings()
+    }
+
+    /// Tells the cgroup connect hooks whether any of this host's own
+    /// addresses is allowlisted, per family.
+    pub fn set_local_allowed(&mut self, v4: bool, v6: bool) -> Result<(), DatapathError> {
+        let flags =
+            u32::from(v4) * common::LOCAL_V4_ALLOWED | u32::from(v6) * common::LOCAL_V6_ALLOWED;
+        if flags != self.settings.local_allowed {
+            self.settings.local_allowed = flags;
+            self.write_settings()?;
+        }
+        Ok(())
     }
 
     /// Sets the ports that count as SMTP. Words are written one by one, so

@@ -21,6 +21,10 @@ pub mod programs {
     pub const TC_EGRESS: &str = "smtpgate_tc_egress";
     /// cgroup/skb egress program for processes on the gateway host itself.
     pub const CGROUP_EGRESS: &str = "smtpgate_cgroup";
+    /// cgroup/connect4 and connect6: with `action = "reject"`, refuse a
+    /// local process's connect() at once instead of letting it time out.
+    pub const CGROUP_CONNECT4: &str = "smtpgate_connect4";
+    pub const CGROUP_CONNECT6: &str = "smtpgate_connect6";
     /// A classifier that returns "pass" and does nothing else: the baseline
     /// the datapath benchmark compares against. The agent never attaches it.
     pub const TC_BASELINE: &str = "smtpgate_baseline";
@@ -67,9 +71,18 @@ pub struct Config {
     pub action: u32,
     /// A [`Mode`] as `u32`.
     pub mode: u32,
+    /// Whether any of this host's own addresses is allowlisted, per family
+    /// ([`LOCAL_V4_ALLOWED`], [`LOCAL_V6_ALLOWED`]). The cgroup connect
+    /// hooks use it to refuse connect() at once for unbound sockets, whose
+    /// source address is not chosen yet.
+    pub local_allowed: u32,
+    pub _reserved: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+pub const LOCAL_V4_ALLOWED: u32 = 1;
+pub const LOCAL_V6_ALLOWED: u32 = 2;
+
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 #[cfg(feature = "user")]
 // SAFETY: `Config` is `repr(C)`, has no padding and only integer fields.

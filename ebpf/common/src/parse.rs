@@ -363,3 +363,326 @@ fn checked_v6_source(src: [u8; 16]) -> Option<Source> {
     }
     Some(Source::V6(src))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The parser on raw packet bytes, built by hand below.
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    use super::*;
+
+    fn smtp_ports(p: u16) -> bool {
+        p == 25 || p == 587
+    }
+
+    fn parse(frame: &[u8], tag_in_meta: bool) -> Parsed {
+        let pkt = Bytes {
+            start: frame.as_ptr() as usize,
+            end: frame.as_ptr() as usize + frame.len(),
+        };
+        ethernet(&pkt, tag_in_meta, &smtp_ports)
+    }
+
+    fn eth(vlans: &[u16], ethertype: u16) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        for v in vlans {
+            f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+            f.extend_from_slice(&v.to_be_bytes());
+        }
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    fn tcp(dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t
+    }
+
+    fn ipv4(src: [u8; 4], frag: u16, payload: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, IPPROTO_TCP, 0, 0];
+        let total = (20 + payload.len()) as u16;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[6..8].copy_from_slice(&frag.to_be_bytes());
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&[203, 0, 113, 25]);
+        h.extend_from_slice(payload);
+        h
+    }
+
+    /// IPv6 with extension headers given as (type, bytes) after the fixed
+    /// header; the last header's "next" is TCP.
+    fn ipv6(src: [u8; 16], exts: &[(u8, Vec<u8>)], payload: &[u8]) -> Vec<u8> {
+        let mut chain = Vec::new();
+        for (i, (_, body)) in exts.iter().enumerate() {
+            let mut b = body.clone();
+            b[0] = exts.get(i + 1).map_or(IPPROTO_TCP, |(t, _)| *t);
+            chain.extend_from_slice(&b);
+        }
+        chain.extend_from_slice(payload);
+        let mut h = vec![0x60, 0, 0, 0];
+        h.extend_from_slice(&(chain.len() as u16).to_be_bytes());
+        h.push(exts.first().map_or(IPPROTO_TCP, |(t, _)| *t));
+        h.push(64);
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&[
+            0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x25,
+        ]);
+        h.extend_from_slice(&chain);
+        h
+    }
+
+    fn dest_opts() -> (u8, Vec<u8>) {
+        (60, vec![0, 0, 1, 4, 0, 0, 0, 0])
+    }
+
+    fn frag_hdr(offset: u16, more: bool) -> (u8, Vec<u8>) {
+        let mut b = vec![0u8; 8];
+        b[2..4].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+        (44, b)
+    }
+
+    const V6_SRC: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+    ];
+
+    fn frame(vlans: &[u16], l3: Vec<u8>, ethertype: u16) -> Vec<u8> {
+        let mut f = eth(vlans, ethertype);
+        f.extend_from_slice(&l3);
+        f
+    }
+
+    fn deny_reason(p: Parsed) -> (Family, Reason) {
+        match p {
+            Parsed::Deny(f, r) => (f, r),
+            _ => panic!("expected a denial"),
+        }
+    }
+
+    #[test]
+    fn ipv4_smtp_syn_is_recognised() {
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP);
+        let Parsed::Smtp(s) = parse(&f, false) else {
+            panic!("not SMTP")
+        };
+        assert!(matches!(s.source, Source::V4([192, 0, 2, 20])));
+        assert!(s.is_syn());
+        assert_eq!((s.l3, s.l4, s.payload), (14, 34, 0));
+        // Other ports, and other protocols, are left alone.
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0, &tcp(80, TCP_SYN)), ETH_P_IP);
+        assert!(matches!(parse(&f, false), Parsed::Other));
+        let mut udp = ipv4([192, 0, 2, 20], 0, &tcp(25, 0));
+        udp[9] = 17;
+        assert!(matches!(
+            parse(&frame(&[], udp, ETH_P_IP), false),
+            Parsed::Other
+        ));
+        assert!(matches!(parse(&eth(&[], 0x0806), false), Parsed::Other));
+    }
+
+    #[test]
+    fn ipv4_options_are_skipped() {
+        let mut l3 = ipv4([192, 0, 2, 20], 0, &[]);
+        l3[0] = 0x46; // 24-byte header
+        l3.extend_from_slice(&[1, 1, 1, 0]); // NOPs and end of options
+        l3.extend_from_slice(&tcp(587, TCP_SYN));
+        l3[2..4].copy_from_slice(&44u16.to_be_bytes());
+        let Parsed::Smtp(s) = parse(&frame(&[], l3, ETH_P_IP), false) else {
+            panic!()
+        };
+        assert_eq!(s.l4, 14 + 24);
+    }
+
+    #[test]
+    fn vlan_tags_up_to_the_limit() {
+        for tags in 0..=4usize {
+            let vlans: Vec<u16> = (0..tags as u16).map(|i| 100 + i).collect();
+            let f = frame(
+                &vlans,
+                ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)),
+                ETH_P_IP,
+            );
+            assert!(
+                matches!(parse(&f, false), Parsed::Smtp(_)),
+                "{tags} tags in data"
+            );
+        }
+        let f = frame(
+            &[1, 2, 3, 4, 5],
+            ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)),
+            ETH_P_IP,
+        );
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Other, Reason::VlanTooDeep)
+        );
+        // A tag already in skb metadata counts too.
+        let f = frame(
+            &[1, 2, 3, 4],
+            ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)),
+            ETH_P_IP,
+        );
+        assert_eq!(
+            deny_reason(parse(&f, true)),
+            (Family::Other, Reason::VlanTooDeep)
+        );
+        let f = frame(
+            &[1, 2, 3],
+            ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)),
+            ETH_P_IP,
+        );
+        assert!(matches!(parse(&f, true), Parsed::Smtp(_)));
+    }
+
+    #[test]
+    fn ipv4_fragments() {
+        let seg = tcp(25, TCP_SYN);
+        // First fragment with only 8 bytes of TCP: dropped as tiny.
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0x2000, &seg[..8]), ETH_P_IP);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv4, Reason::TinyFragment)
+        );
+        // ...unless its visible port is not SMTP.
+        let other = tcp(80, TCP_SYN);
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0x2000, &other[..8]), ETH_P_IP);
+        assert!(matches!(parse(&f, false), Parsed::Other));
+        // Too short to show the port at all.
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0x2000, &seg[..2]), ETH_P_IP);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv4, Reason::TinyFragment)
+        );
+        // Offset 8 bytes: overlap of the TCP header.
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0x2001, &seg[8..16]), ETH_P_IP);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv4, Reason::FragmentOverlap)
+        );
+        // Later fragments pass, counted.
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0x0010, &[0; 16]), ETH_P_IP);
+        assert!(matches!(
+            parse(&f, false),
+            Parsed::Pass(Family::Ipv4, Reason::NonFirstFragment)
+        ));
+        // A whole TCP header in the first fragment is judged normally.
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0x2000, &seg), ETH_P_IP);
+        assert!(matches!(parse(&f, false), Parsed::Smtp(_)));
+    }
+
+    #[test]
+    fn malformed_and_truncated() {
+        let mut l3 = ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN));
+        l3[0] = 0x44; // IHL 4
+        assert_eq!(
+            deny_reason(parse(&frame(&[], l3, ETH_P_IP), false)),
+            (Family::Ipv4, Reason::Malformed)
+        );
+        let mut bad_doff = tcp(25, TCP_SYN);
+        bad_doff[12] = 4 << 4;
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0, &bad_doff), ETH_P_IP);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv4, Reason::Malformed)
+        );
+        let f = frame(&[], ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP);
+        assert!(matches!(
+            parse(&f[..40], false),
+            Parsed::Truncated(Family::Ipv4)
+        ));
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_walked() {
+        let f = frame(&[], ipv6(V6_SRC, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6);
+        let Parsed::Smtp(s) = parse(&f, false) else {
+            panic!()
+        };
+        assert!(matches!(s.source, Source::V6(a) if a == V6_SRC));
+        let exts: Vec<_> = (0..8).map(|_| dest_opts()).collect();
+        let f = frame(&[], ipv6(V6_SRC, &exts, &tcp(25, TCP_SYN)), ETH_P_IPV6);
+        let Parsed::Smtp(s) = parse(&f, false) else {
+            panic!("8 headers are allowed")
+        };
+        assert_eq!(s.l4, 14 + 40 + 64);
+        let exts: Vec<_> = (0..9).map(|_| dest_opts()).collect();
+        let f = frame(&[], ipv6(V6_SRC, &exts, &tcp(25, TCP_SYN)), ETH_P_IPV6);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv6, Reason::HeaderChainTooLong)
+        );
+        // A chain ending in something else than TCP is not ours.
+        let mut udp = ipv6(V6_SRC, &[], &tcp(25, 0));
+        udp[6] = 17;
+        assert!(matches!(
+            parse(&frame(&[], udp, ETH_P_IPV6), false),
+            Parsed::Other
+        ));
+    }
+
+    #[test]
+    fn ipv6_fragments() {
+        let seg = tcp(25, TCP_SYN);
+        // RFC 7112: first fragment without the whole chain and TCP header.
+        let f = frame(
+            &[],
+            ipv6(V6_SRC, &[frag_hdr(0, true), dest_opts()], &seg[..4]),
+            ETH_P_IPV6,
+        );
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv6, Reason::IncompleteChain)
+        );
+        let f = frame(&[], ipv6(V6_SRC, &[frag_hdr(0, true)], &seg), ETH_P_IPV6);
+        assert!(matches!(parse(&f, false), Parsed::Smtp(_)));
+        let f = frame(
+            &[],
+            ipv6(V6_SRC, &[frag_hdr(1, true)], &seg[8..16]),
+            ETH_P_IPV6,
+        );
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv6, Reason::FragmentOverlap)
+        );
+        let f = frame(
+            &[],
+            ipv6(V6_SRC, &[frag_hdr(4, false)], &[0; 8]),
+            ETH_P_IPV6,
+        );
+        assert!(matches!(
+            parse(&f, false),
+            Parsed::Pass(Family::Ipv6, Reason::NonFirstFragment)
+        ));
+    }
+
+    #[test]
+    fn ipv4_mapped_and_compatible_sources_are_refused() {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[192, 0, 2, 10]);
+        let f = frame(&[], ipv6(mapped, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv6, Reason::MappedAddress)
+        );
+        let mut compat = [0u8; 16];
+        compat[12..].copy_from_slice(&[192, 0, 2, 10]);
+        let f = frame(&[], ipv6(compat, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6);
+        assert_eq!(
+            deny_reason(parse(&f, false)),
+            (Family::Ipv6, Reason::MappedAddress)
+        );
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        let f = frame(&[], ipv6(loopback, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6);
+        assert!(
+            matches!(parse(&f, false), Parsed::Smtp(_)),
+            "::1 is an ordinary source"
+        );
+    }
+}

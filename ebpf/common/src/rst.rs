@@ -115,3 +115,86 @@ pub fn v6(ip: &[u8; 40], tcp: &[u8; 20], payload: u32) -> [u8; V6_LEN] {
     out[40..].copy_from_slice(&t);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header with a correct checksum sums to 0xffff.
+    fn verifies(words: &[u8], seed: u32) -> bool {
+        let mut acc = seed;
+        for pair in words.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc == 0xffff
+    }
+
+    fn syn(seq: u32) -> [u8; 20] {
+        let mut t = [0u8; 20];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&25u16.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = TCP_SYN;
+        t
+    }
+
+    #[test]
+    fn v4_rst_answers_a_syn() {
+        let mut ip = [0u8; 20];
+        ip[12..16].copy_from_slice(&[192, 0, 2, 20]);
+        ip[16..20].copy_from_slice(&[203, 0, 113, 25]);
+        let out = v4(&ip, &syn(0xffff_ffff), 0);
+        assert_eq!(&out[12..16], &[203, 0, 113, 25]);
+        assert_eq!(&out[16..20], &[192, 0, 2, 20]);
+        assert!(verifies(&out[..20], 0), "IPv4 header checksum");
+        let t = &out[20..];
+        assert_eq!(u16::from_be_bytes([t[0], t[1]]), 25);
+        assert_eq!(u16::from_be_bytes([t[2], t[3]]), 40000);
+        assert_eq!(
+            u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+            0,
+            "ack wraps past 2^32"
+        );
+        assert_eq!(t[13], TCP_RST | TCP_ACK);
+        let mut pseudo = 6 + 20;
+        for pair in out[12..20].chunks(2) {
+            pseudo += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+        assert!(verifies(t, pseudo), "TCP checksum");
+    }
+
+    #[test]
+    fn rst_to_an_ack_uses_its_ack_number() {
+        let mut seg = syn(1000);
+        seg[13] = TCP_ACK;
+        seg[8..12].copy_from_slice(&777u32.to_be_bytes());
+        let mut ip = [0u8; 40];
+        ip[8] = 0x20;
+        ip[24] = 0x20;
+        let out = v6(&ip, &seg, 10);
+        let t = &out[40..];
+        assert_eq!(u32::from_be_bytes([t[4], t[5], t[6], t[7]]), 777);
+        assert_eq!(t[13], TCP_RST);
+        assert!(!answerable(TCP_RST | TCP_ACK));
+        assert!(answerable(TCP_SYN));
+    }
+
+    #[test]
+    fn v6_rst_checksum() {
+        let mut ip = [0u8; 40];
+        ip[8..24].copy_from_slice(&[0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20]);
+        ip[24..40].copy_from_slice(&[0x20, 1, 0xd, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x25]);
+        let out = v6(&ip, &syn(41), 0);
+        let t = &out[40..];
+        assert_eq!(u32::from_be_bytes([t[8], t[9], t[10], t[11]]), 42);
+        let mut pseudo = 6 + 20;
+        for pair in out[8..40].chunks(2) {
+            pseudo += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+        assert!(verifies(t, pseudo));
+    }
+}

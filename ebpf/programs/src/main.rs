@@ -14,12 +14,13 @@ mod reject;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::{cgroup_skb, classifier, map},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{Array, PerCpuArray},
-    programs::{SkBuffContext, TcContext},
+    programs::{SkBuffContext, SockAddrContext, TcContext},
 };
 use smtpgate_common::{
-    Action, Config, Counter, Family, Mode, PORT_WORDS, Reason, Verdict,
+    Action, Config, Counter, Family, LOCAL_V4_ALLOWED, LOCAL_V6_ALLOWED, Mode, PORT_WORDS, Reason,
+    Verdict,
     counters::{self, SLOTS},
     parse::{self, Bytes, Parsed, Smtp, Source},
     table::{self, Node},
@@ -67,6 +68,15 @@ fn count(family: Family, verdict: Verdict, reason: Reason, syn: bool) {
             (*c).packets += 1;
             (*c).connections += u64::from(syn);
         }
+    }
+}
+
+/// A connection attempt refused before any packet existed.
+#[inline(always)]
+fn count_attempt(family: Family, verdict: Verdict, reason: Reason) {
+    if let Some(c) = SMTPGATE_COUNTERS.get_ptr_mut(counters::index(family, verdict, reason)) {
+        // SAFETY: as in `count`.
+        unsafe { (*c).connections += 1 };
     }
 }
 
@@ -215,6 +225,94 @@ pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
         Decision::Drop => CGROUP_DROP_QUIET,
         Decision::Reject(_) => CGROUP_DENY,
     }
+}
+
+/// connect() from a process in the cgroup. The SYN that follows is what the
+/// egress program judges; this hook exists only because the kernel cannot
+/// answer that SYN: a denied SYN at cgroup egress leaves connect() waiting
+/// for its timeout. With `action = "reject"`, a connection that is certain
+/// to be denied fails here with EPERM instead.
+#[inline(always)]
+fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
+    const ALLOW: i32 = 1;
+    const REFUSE: i32 = 0;
+    // SAFETY: the context pointer is valid for the program's duration.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != 1 /* SOCK_STREAM */ || (sa.protocol != 0 && sa.protocol != 6) {
+        return ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    let Some(cfg) = SMTPGATE_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if !is_smtp_port(port) || cfg.mode == Mode::Audit as u32 || cfg.action != Action::Reject as u32
+    {
+        return ALLOW;
+    }
+    // SAFETY: `sk` is always set for connect hooks.
+    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
+    let (family, bound, local_flag) = if v6 {
+        let words = sk.src_ip6;
+        let mut a = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let dst = sa.user_ip6;
+        let v4_mapped = dst[0] == 0 && dst[1] == 0 && u32::from_be(dst[2]) == 0xffff;
+        let loopback = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && u32::from_be(dst[3]) == 1;
+        if loopback || (v4_mapped && u32::from_be(dst[3]) >> 24 == 127) {
+            return ALLOW;
+        }
+        if v4_mapped {
+            // A dual-stack socket: the SYN will be IPv4.
+            let src = [a[12], a[13], a[14], a[15]];
+            let bound = if src == [0; 4] {
+                None
+            } else {
+                Some(Source::V4(src))
+            };
+            (Family::Ipv4, bound, LOCAL_V4_ALLOWED)
+        } else {
+            let bound = if a == [0; 16] {
+                None
+            } else {
+                Some(Source::V6(a))
+            };
+            (Family::Ipv6, bound, LOCAL_V6_ALLOWED)
+        }
+    } else {
+        if u32::from_be(sa.user_ip4) >> 24 == 127 {
+            return ALLOW;
+        }
+        let bound = if sk.src_ip4 == 0 {
+            None
+        } else {
+            Some(Source::V4(sk.src_ip4.to_ne_bytes()))
+        };
+        (Family::Ipv4, bound, LOCAL_V4_ALLOWED)
+    };
+    let allowed = match bound {
+        Some(source) => allowlisted(&source, cfg),
+        // Unbound: the source is picked later, among this host's addresses.
+        // Refuse only when none of them could pass; otherwise the egress
+        // program decides on the real SYN.
+        None => cfg.local_allowed & local_flag != 0,
+    };
+    if allowed {
+        return ALLOW;
+    }
+    count_attempt(family, Verdict::Rejected, Reason::NotAllowlisted);
+    REFUSE
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn smtpgate_connect4(ctx: SockAddrContext) -> i32 {
+    connect_verdict(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn smtpgate_connect6(ctx: SockAddrContext) -> i32 {
+    connect_verdict(&ctx, true)
 }
 
 #[classifier]
