@@ -243,7 +243,9 @@ mod tests {
         };
         for _ in 0..20_000 {
             let len = usize::try_from(next() % 40).unwrap();
-            let input: Vec<u8> = (0..len).map(|_| b"\r\n.a"[usize::try_from(next() % 4).unwrap()]).collect();
+            let input: Vec<u8> = (0..len)
+                .map(|_| b"\r\n.a"[usize::try_from(next() % 4).unwrap()])
+                .collect();
             let chunk = usize::try_from(next() % 5 + 1).unwrap();
             let (whole, verdict, body) = read_all(&input, 1 << 16);
             let mut r = DataReader::new(1 << 16);
@@ -253,11 +255,15 @@ mod tests {
                 match r.feed(piece) {
                     Feed::NeedMore => offset += piece.len(),
                     Feed::Done { consumed } => {
-                        pieced = Feed::Done { consumed: offset + consumed };
+                        pieced = Feed::Done {
+                            consumed: offset + consumed,
+                        };
                         break;
                     }
                     Feed::BareNewline { consumed } => {
-                        pieced = Feed::BareNewline { consumed: offset + consumed };
+                        pieced = Feed::BareNewline {
+                            consumed: offset + consumed,
+                        };
                         break;
                     }
                 }
@@ -266,7 +272,10 @@ mod tests {
             if let Feed::Done { consumed } = whole {
                 assert_eq!(verdict, r.verdict());
                 assert_eq!(body, r.into_body());
-                assert!(input[..consumed].ends_with(b"\r\n.\r\n") || input[..consumed] == *b".\r\n", "{input:?}");
+                assert!(
+                    input[..consumed].ends_with(b"\r\n.\r\n") || input[..consumed] == *b".\r\n",
+                    "{input:?}"
+                );
                 for (i, &b) in body.iter().enumerate() {
                     match b {
                         b'\r' => assert_eq!(body.get(i + 1), Some(&b'\n'), "{input:?}"),

@@ -135,10 +135,13 @@ impl Relay {
         let config = Arc::new(config);
         let tls = Arc::new(tls::TlsStore::load(&config.tls_cert, &config.tls_key)?);
         let users = Arc::new(users::UserDb::open(&config.users_file)?);
+        let stats = Arc::new(RelayStats::default());
         let spool_dir = config.spool_dir.clone();
-        let spool = tokio::task::spawn_blocking(move || spool::Spool::open(&spool_dir))
-            .await
-            .expect("spool open does not panic")?;
+        let counters = stats.spool_commits.clone();
+        let spool =
+            tokio::task::spawn_blocking(move || spool::Spool::open_counted(&spool_dir, counters))
+                .await
+                .expect("spool open does not panic")?;
         let s2 = spool.clone();
         let recovered = tokio::task::spawn_blocking(move || s2.recover())
             .await

@@ -17,12 +17,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+
+use crate::stats::CommitCounters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -164,6 +167,7 @@ pub struct Spool {
     queue: PathBuf,
     quarantine: PathBuf,
     committer: Option<mpsc::Sender<Job>>,
+    counters: Arc<CommitCounters>,
 }
 
 impl Spool {
@@ -173,13 +177,20 @@ impl Spool {
             queue: dir.join("queue"),
             quarantine: dir.join("quarantine"),
             committer: None,
+            counters: Arc::default(),
         }
     }
 
     /// Opens the spool for the running relay, creating directories and
     /// starting the committer thread.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        Self::open_counted(dir, Arc::default())
+    }
+
+    /// `open`, counting group-commit batches into `counters`.
+    pub fn open_counted(dir: &Path, counters: Arc<CommitCounters>) -> Result<Self, SpoolError> {
         let mut s = Self::open_offline(dir);
+        s.counters = counters;
         for d in [dir, &s.queue, &s.quarantine] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -189,12 +200,18 @@ impl Spool {
         }
         let (tx, rx) = mpsc::channel::<Job>();
         let queue = s.queue.clone();
+        let counters = s.counters.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(&queue, &rx))
+            .spawn(move || committer(&queue, &rx, &counters))
             .map_err(io_err("spawning committer for", dir))?;
         s.committer = Some(tx);
         Ok(s)
+    }
+
+    /// How well group commit is batching (messages / batches).
+    pub fn commit_counters(&self) -> &CommitCounters {
+        &self.counters
     }
 
     pub fn queue_dir(&self) -> &Path {
@@ -341,7 +358,7 @@ impl Spool {
     }
 }
 
-fn committer(queue: &Path, rx: &mpsc::Receiver<Job>) {
+fn committer(queue: &Path, rx: &mpsc::Receiver<Job>, counters: &CommitCounters) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         // Everything that arrived while the previous batch was syncing.
@@ -350,6 +367,10 @@ fn committer(queue: &Path, rx: &mpsc::Receiver<Job>) {
         {
             batch.push(j);
         }
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters
+            .messages
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         commit_batch(queue, batch);
     }
 }

@@ -12,6 +12,14 @@ pub const LATENCY_BUCKETS_SECS: [f64; 12] = [
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0, 3600.0,
 ];
 
+/// Group-commit counters: directory syncs done (batches), and the messages
+/// they made durable; their ratio is the mean batch size.
+#[derive(Debug, Default)]
+pub struct CommitCounters {
+    pub batches: AtomicU64,
+    pub messages: AtomicU64,
+}
+
 pub type LatencyObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 #[derive(Default)]
@@ -31,6 +39,8 @@ pub struct RelayStats {
     pub deliveries_deferred: AtomicU64,
     pub messages_bounced: AtomicU64,
     pub queue_length: AtomicU64,
+    /// Spool group commit: shared with the committer thread.
+    pub spool_commits: Arc<CommitCounters>,
     latency: LatencyHistogram,
     observer: RwLock<Option<LatencyObserver>>,
 }
@@ -73,6 +83,10 @@ pub struct StatsSnapshot {
     pub deliveries_deferred: u64,
     pub messages_bounced: u64,
     pub queue_length: u64,
+    /// Directory syncs of the spool (group-commit batches).
+    pub spool_batches: u64,
+    /// Messages made durable by those batches.
+    pub spool_batched_messages: u64,
 }
 
 impl RelayStats {
@@ -154,6 +168,8 @@ impl RelayStats {
             deliveries_deferred: self.deliveries_deferred.load(Relaxed),
             messages_bounced: self.messages_bounced.load(Relaxed),
             queue_length: self.queue_length.load(Relaxed),
+            spool_batches: self.spool_commits.batches.load(Relaxed),
+            spool_batched_messages: self.spool_commits.messages.load(Relaxed),
         }
     }
 }

@@ -14,7 +14,9 @@ async fn chain(tls: UpstreamTls) {
     let lab_b = Lab::new();
     smtpgate_relay::write_lab_cert(lab_b.dir.path(), &["localhost", "127.0.0.1"]).unwrap();
     let sink = Sink::start(&lab_b.dir.path().join("sink"), free_port());
-    let relay_b = Relay::start(lab_b.config(Some(sink.port)), Listeners::default()).await.unwrap();
+    let relay_b = Relay::start(lab_b.config(Some(sink.port)), Listeners::default())
+        .await
+        .unwrap();
     let b = relay_b.addrs();
 
     let lab_a = Lab::new();
@@ -24,7 +26,11 @@ async fn chain(tls: UpstreamTls) {
     cfg_a.hostname = "relay-a.test".into();
     cfg_a.upstream = Some(UpstreamConfig {
         host: "127.0.0.1".into(),
-        port: if tls == UpstreamTls::Implicit { b.submissions.unwrap().port() } else { b.submission.unwrap().port() },
+        port: if tls == UpstreamTls::Implicit {
+            b.submissions.unwrap().port()
+        } else {
+            b.submission.unwrap().port()
+        },
         tls,
         username: Some("alice".into()),
         password_file: Some(pw),
@@ -32,19 +38,34 @@ async fn chain(tls: UpstreamTls) {
     });
     let relay_a = Relay::start(cfg_a, Listeners::default()).await.unwrap();
 
-    let mut c = Client::login_587(relay_a.addrs().submission.unwrap(), &lab_a.cert_pem(), "alice", "alice-pw").await;
+    let mut c = Client::login_587(
+        relay_a.addrs().submission.unwrap(),
+        &lab_a.cert_pem(),
+        "alice",
+        "alice-pw",
+    )
+    .await;
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send(&stuff("Message-ID: <chain@example.com>\r\nSubject: chain\r\n\r\nthrough two relays\r\n")).await;
+    c.send(&stuff(
+        "Message-ID: <chain@example.com>\r\nSubject: chain\r\n\r\nthrough two relays\r\n",
+    ))
+    .await;
     c.expect("250 2.0.0").await;
     let got = sink
-        .wait_for("chained delivery", Duration::from_secs(30), |m| m.iter().any(|d| d.contains("through two relays\n")))
+        .wait_for("chained delivery", Duration::from_secs(30), |m| {
+            m.iter().any(|d| d.contains("through two relays\n"))
+        })
         .await;
     let (_, msg) = common::sink_split(&got[0]);
     // B's header on top of A's, both saying TLS + AUTH.
-    let by_b = msg.find("by relay.test (smtpgate) with ESMTPSA").expect("relay B Received");
-    let by_a = msg.find("by relay-a.test (smtpgate) with ESMTPSA").expect("relay A Received");
+    let by_b = msg
+        .find("by relay.test (smtpgate) with ESMTPSA")
+        .expect("relay B Received");
+    let by_a = msg
+        .find("by relay-a.test (smtpgate) with ESMTPSA")
+        .expect("relay A Received");
     assert!(by_b < by_a, "{msg}");
     assert_eq!(relay_b.stats().snapshot().auth_successes, 1);
     relay_a.shutdown().await;
@@ -64,7 +85,9 @@ async fn upstream_starttls_with_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_with_untrusted_certificate_is_retried_not_sent() {
     let lab_b = Lab::new();
-    let relay_b = Relay::start(lab_b.config(None), Listeners::default()).await.unwrap();
+    let relay_b = Relay::start(lab_b.config(None), Listeners::default())
+        .await
+        .unwrap();
     let lab_a = Lab::new();
     let mut cfg_a = lab_a.config(None);
     cfg_a.upstream = Some(UpstreamConfig {
@@ -76,7 +99,13 @@ async fn upstream_with_untrusted_certificate_is_retried_not_sent() {
         ca_file: None,
     });
     let relay_a = Relay::start(cfg_a, Listeners::default()).await.unwrap();
-    let mut c = Client::login_587(relay_a.addrs().submission.unwrap(), &lab_a.cert_pem(), "alice", "alice-pw").await;
+    let mut c = Client::login_587(
+        relay_a.addrs().submission.unwrap(),
+        &lab_a.cert_pem(),
+        "alice",
+        "alice-pw",
+    )
+    .await;
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
@@ -90,10 +119,21 @@ async fn upstream_with_untrusted_certificate_is_retried_not_sent() {
     }
     let q = smtpgate_relay::queue::list(&lab_a.spool).unwrap();
     assert_eq!(q.len(), 1);
-    assert!(q[0].recipients[0].last_error.as_deref().unwrap_or("").contains("connection"), "{q:?}");
+    assert!(
+        q[0].recipients[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("connection"),
+        "{q:?}"
+    );
     // And the handle can delete it.
     relay_a.delete(&q[0].id).unwrap();
-    assert!(smtpgate_relay::queue::list(&lab_a.spool).unwrap().is_empty());
+    assert!(
+        smtpgate_relay::queue::list(&lab_a.spool)
+            .unwrap()
+            .is_empty()
+    );
     relay_a.shutdown().await;
     relay_b.shutdown().await;
 }
