@@ -314,6 +314,9 @@ impl UserDb {
             cache: Mutex::new((None, Arc::new(UsersFile::default()))),
         };
         db.current()?;
+        // Hash the dummy now, not on the first unknown user: otherwise that
+        // first failure would take twice as long and stand out.
+        LazyLock::force(&DUMMY_HASH);
         Ok(db)
     }
 
