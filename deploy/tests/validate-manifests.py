@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RAW = ROOT / "deploy/kubernetes/daemonset.yaml"
 CHART = ROOT / "deploy/kubernetes/helm/smtpgate"
 EXAMPLE_CONFIG = ROOT / "deploy/config/smtpgate.toml"
+CONTAINERFILE = ROOT / "deploy/container/Containerfile"
 
 CAPS = {"BPF", "NET_ADMIN", "PERFMON", "NET_BIND_SERVICE"}
 # Sections the manifests already use but the agent may not accept yet. If
@@ -434,6 +435,46 @@ def schema_validate(r: Report, where, docs: list) -> None:
             r.check(name, False, str(e).splitlines()[0])
 
 
+def check_containerfile(r: Report) -> None:
+    """No container engine runs in CI, so at least: stages referenced by
+    COPY --from exist, files copied from the context exist, and the image
+    runs the same command as the DaemonSet."""
+    where = CONTAINERFILE.relative_to(ROOT)
+    lines, cont = [], ""
+    for raw in CONTAINERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            cont += line[:-1] + " "
+            continue
+        lines.append(cont + line)
+        cont = ""
+    stages = [m.group(1) for l in lines if (m := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", l, re.I))]
+    froms = [l for l in lines if l.upper().startswith("FROM ")]
+    r.check(f"{where}: multi-stage, final stage from debian:bookworm-slim",
+            len(froms) >= 2 and "debian:bookworm-slim" in froms[-1])
+    for l in lines:
+        if not l.upper().startswith("COPY "):
+            continue
+        m = re.search(r"--from=(\S+)", l)
+        args = [a for a in l.split()[1:] if not a.startswith("--")]
+        if m:
+            r.check(f"{where}: COPY --from={m.group(1)} names a stage", m.group(1) in stages)
+        elif args[:-1] != ["."]:
+            for src in args[:-1]:
+                r.check(f"{where}: COPY source {src} exists", (ROOT / src).exists())
+    entry = next((l for l in lines if l.startswith("ENTRYPOINT")), "")
+    cmd = next((l for l in lines if l.startswith("CMD")), "")
+    r.check(f"{where}: ENTRYPOINT smtpgate, CMD run --config /etc/smtpgate/smtpgate.toml",
+            '"/usr/bin/smtpgate"' in entry and '"run", "--config", "/etc/smtpgate/smtpgate.toml"' in cmd)
+    bootstrap = ROOT / "xtask/src/bootstrap.rs"
+    m = re.search(r'BPF_LINKER_VERSION: &str = "([^"]+)"', bootstrap.read_text()) if bootstrap.exists() else None
+    r.check(f"{where}: bpf-linker version matches xtask bootstrap's",
+            m is not None and f"BPF_LINKER_VERSION={m.group(1)}" in CONTAINERFILE.read_text(),
+            m.group(1) if m else "no BPF_LINKER_VERSION in xtask/src/bootstrap.rs")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smtpgate", default=os.environ.get("SMTPGATE_BIN"),
@@ -443,6 +484,7 @@ def main() -> int:
     check_config(r, str(EXAMPLE_CONFIG.relative_to(ROOT)), EXAMPLE_CONFIG.read_text(), args.smtpgate, None)
     check_raw(r, args.smtpgate)
     check_chart(r, args.smtpgate)
+    check_containerfile(r)
     skipped = f", {r.skipped} skipped" if r.skipped else ""
     print(f"validate-manifests: {r.passed} passed, {r.failed} failed{skipped}")
     return 1 if r.failed else 0
