@@ -1,8 +1,10 @@
 #!/bin/bash
 # Runs the agent the way deploy/systemd/smtpgate.service does, without systemd:
 # as the smtpgate user with only the unit's AmbientCapabilities, no new
-# privileges, /sys read-only except a bpffs, the cgroup tree read-only, and
-# /proc reduced to processes (ProcSubset=pid, ProtectProc=invisible). Then it
+# privileges, /sys read-only except a bpffs, the cgroup tree read-only,
+# /proc reduced to processes (ProcSubset=pid, ProtectProc=invisible), and the
+# unit's SystemCallFilter=, RestrictAddressFamilies= and
+# MemoryDenyWriteExecute= as a seccomp filter (seccomp-exec.py). Then it
 # proves the agent enforces from inside that sandbox: a process in the
 # attached cgroup gets its port-25 connect refused by the program, and the
 # CLI reaches the control socket. Finally it drops each capability in turn
@@ -35,6 +37,9 @@ if [[ -z $bin ]]; then
     bin=$target_dir/release/smtpgate
 fi
 [[ -x $bin ]] || fail "$bin not found: cargo build --release -p smtpgate"
+if ! /usr/bin/python3 -c 'import seccomp' 2>/dev/null; then
+    fail "python3-seccomp is missing (apt-get install python3-seccomp): the unit's syscall filter would go untested"
+fi
 getent passwd smtpgate >/dev/null || useradd --system --no-create-home --shell /usr/sbin/nologin smtpgate
 
 # The unit's capabilities, read from the unit so the two cannot drift.
@@ -67,6 +72,11 @@ install -d -o smtpgate -g smtpgate -m 0700 /run/smtpgate
 work=/run/sandbox-test
 install -d -m 0755 "$work"
 mkdir "$cgroup"
+# The unit's syscall filter, resolved here (systemd-analyze) and applied by
+# seccomp-exec.py as the last step before the agent, as systemd does.
+install -m 0755 "$root/deploy/tests/seccomp-exec.py" "$work/seccomp-exec.py"
+"$work/seccomp-exec.py" --resolve "$unit" > "$work/syscalls"
+chmod 0644 "$work/syscalls"
 
 cat > "$work/smtpgate.toml" <<EOF
 mode = "enforce"
@@ -87,7 +97,7 @@ chmod 0644 "$work/smtpgate.toml"
 # Starts the agent in the unit's sandbox with the given capabilities; waits
 # until it says "enforcing" (0) or exits (1).
 start_agent() {
-    local capset=$1 log=$2
+    local capset=$1 log=$2 syscalls=${3:-$work/syscalls}
     # A nested mount namespace holds the agent's read-only view; this shell
     # keeps a writable one to put a test process into the cgroup.
     # Mount flags in a private namespace are per mount: /sys and the cgroup2
@@ -100,8 +110,9 @@ start_agent() {
         mount -t proc -o subset=pid,hidepid=invisible proc /proc
         exec setpriv --reuid smtpgate --regid smtpgate --init-groups --no-new-privs \
             --bounding-set "-all,$2" --inh-caps "-all,$2" --ambient-caps "-all,$2" \
+            /usr/bin/python3 "$5/seccomp-exec.py" --allowed "$6" -- \
             "$3" run --config "$4"
-    ' sandbox "$cg2" "$capset" "$bin" "$work/smtpgate.toml" >"$log" 2>&1 &
+    ' sandbox "$cg2" "$capset" "$bin" "$work/smtpgate.toml" "$work" "$syscalls" >"$log" 2>&1 &
     agent_pid=$!
     for _ in $(seq 100); do
         grep -qs 'enforcing' "$log" && return 0
@@ -139,7 +150,7 @@ ok "without the agent: ECONNREFUSED"
 
 start_agent "$(to_capset "${unit_caps[@]}")" "$work/agent.log" ||
     fail "agent did not start in the unit's sandbox: $(cat "$work/agent.log")"
-ok "agent starts as smtpgate with only: ${unit_caps[*]}"
+ok "agent starts as smtpgate with only: ${unit_caps[*]}, under the unit's syscall filter"
 got=$(probe)
 [[ $got == EPERM ]] || fail "with the agent enforcing, connect gave $got, want EPERM (log: $(cat "$work/agent.log"))"
 ok "enforced from inside the sandbox: connect from the cgroup gets EPERM"
@@ -159,6 +170,16 @@ else
     [[ $(probe) == ECONNREFUSED ]] || fail "after SIGTERM the connect is still blocked, and this build has no detach"
     ok "SIGTERM: agent stopped and detached (this build does not pin yet)"
 fi
+
+# The seccomp emulation is live: without bpf(2) in the allow list the same
+# start fails.
+grep -vx bpf "$work/syscalls" > "$work/syscalls-nobpf"
+chmod 0644 "$work/syscalls-nobpf"
+if start_agent "$(to_capset "${unit_caps[@]}")" "$work/agent-nobpf.log" "$work/syscalls-nobpf"; then
+    stop_agent
+    fail "the agent started with bpf(2) filtered out: the syscall filter is not being applied"
+fi
+ok "syscall filter is live (without bpf(2) allowed the agent cannot start)"
 
 # Which of the unit's capabilities does this agent actually need?
 for drop in "${unit_caps[@]}"; do
