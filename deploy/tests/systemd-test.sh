@@ -1,0 +1,219 @@
+#!/bin/bash
+# The package and its unit under a real systemd: boots a Debian 12 container
+# (systemd-nspawn, systemd as PID 1, its own network namespace, a private
+# bpffs), installs the .deb in it and checks the whole lifecycle: installed
+# disabled, starts under the full sandbox, enforces, can write its pin
+# directory but not /etc, survives an upgrade with a try-restart, and remove
+# detaches and purge cleans up.
+#
+#   deploy/tests/systemd-test.sh [FILE.deb]
+#
+# Root only. Installs systemd-container and debootstrap if missing, and
+# debootstraps a minimal rootfs once (about 3 minutes) into
+# $SMTPGATE_ROOTFS_CACHE (default /var/cache/smtpgate-systemd-test), reused
+# by later runs. Without FILE.deb it builds one like package-test.sh does.
+set -euo pipefail
+
+fail() { echo "systemd-test: FAIL: $*" >&2; exit 1; }
+step() { echo "systemd-test: $*"; }
+passed=0
+ok() { passed=$((passed + 1)); echo "ok   $*"; }
+
+[[ $EUID -eq 0 ]] || fail "must run as root"
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cache=${SMTPGATE_ROOTFS_CACHE:-/var/cache/smtpgate-systemd-test}
+
+if [[ -z ${SMTPGATE_SYSTEMD_NS:-} ]]; then
+    for tool in systemd-nspawn debootstrap; do
+        command -v "$tool" >/dev/null || {
+            step "installing systemd-container debootstrap"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-container debootstrap >/dev/null
+        }
+    done
+    if [[ ! -x $cache/rootfs/lib/systemd/systemd ]]; then
+        step "debootstrapping a bookworm rootfs into $cache (once)"
+        rm -rf "$cache/rootfs.tmp"
+        mkdir -p "$cache"
+        debootstrap --variant=minbase \
+            --include=systemd,systemd-sysv,dbus,adduser,iproute2,python3,man-db \
+            bookworm "$cache/rootfs.tmp" >"$cache/debootstrap.log" 2>&1 ||
+            fail "debootstrap failed: see $cache/debootstrap.log"
+        mv "$cache/rootfs.tmp" "$cache/rootfs"
+    fi
+    # Private mount namespace: the bpffs for the container goes away with it.
+    exec unshare --mount --propagation private env SMTPGATE_SYSTEMD_NS=1 "$0" "$@"
+fi
+
+work=$(mktemp -d -p /var/tmp)
+nspawn_pid=
+cleanup() {
+    if [[ -n $nspawn_pid ]] && kill -0 "$nspawn_pid" 2>/dev/null; then
+        kill -TERM "$nspawn_pid" 2>/dev/null || true   # nspawn: clean container shutdown
+        for _ in $(seq 60); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$nspawn_pid" 2>/dev/null || true
+    fi
+    umount "$work/bpffs" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [[ $# -ge 1 ]]; then
+    deb=$(realpath "$1")
+else
+    step "building the package"
+    (cd "$root" && cargo build --release -p smtpgate && deploy/debian/gen-assets.sh &&
+        cargo deb -p smtpgate --no-build --output "$work/") >"$work/build.log" 2>&1 ||
+        fail "build failed: $(tail -20 "$work/build.log")"
+    deb=$(ls "$work"/*.deb)
+fi
+
+# A throwaway copy of the rootfs, so every run starts from a clean system.
+cp -a "$cache/rootfs" "$work/rootfs"
+cp "$deb" "$work/rootfs/root/smtpgate.deb"
+cat > "$work/rootfs/root/probe.py" <<'EOF'
+import errno, socket
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("192.0.2.1", 25))
+    print("connected")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)))
+EOF
+mkdir "$work/bpffs"
+mount -t bpf bpf "$work/bpffs"
+
+step "booting the container"
+setsid systemd-nspawn -D "$work/rootfs" -b --register=no --keep-unit --private-network \
+    --capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN --system-call-filter='bpf perf_event_open' \
+    --bind="$work/bpffs:/sys/fs/bpf" --console=passive -M smtpgate-systemd-test \
+    >"$work/nspawn.log" 2>&1 &
+nspawn_pid=$!
+init=
+for _ in $(seq 100); do
+    init=$(pgrep -P "$nspawn_pid" | head -1 || true)
+    [[ -n $init ]] && break
+    sleep 0.2
+done
+[[ -n $init ]] || fail "container did not start: $(cat "$work/nspawn.log")"
+ctr() { nsenter -t "$init" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=dumb "$@"; }
+state=
+for _ in $(seq 120); do
+    state=$(ctr systemctl is-system-running 2>/dev/null || true)
+    [[ $state == running || $state == degraded ]] && break
+    sleep 0.5
+done
+[[ $state == running || $state == degraded ]] || fail "container's systemd is '$state': $(tail -20 "$work/nspawn.log")"
+ok "systemd is PID 1 in the container ($state)"
+# A process in the container's own cgroup tree (a transient unit), so the
+# agent's cgroup attach point covers it.
+probe() { ctr systemd-run --wait --pipe --quiet python3 /root/probe.py; }
+journal() { ctr journalctl -u smtpgate --no-pager -o cat; }
+
+# --- install -----------------------------------------------------------------------
+ctr dpkg -i /root/smtpgate.deb >/dev/null
+[[ $(ctr systemctl is-enabled smtpgate || true) == disabled ]] || fail "unit enabled on install"
+[[ $(ctr systemctl is-active smtpgate || true) == inactive ]] || fail "unit started on install"
+ok "installed disabled and stopped, with systemd running"
+ctr ip link set lo up
+ctr ip addr add 192.0.2.1/32 dev lo
+cat > "$work/rootfs/etc/smtpgate/smtpgate.toml" <<'EOF'
+mode = "enforce"
+action = "reject"
+ports = [25]
+allowlist = []
+
+[[attach]]
+hook = "tc-ingress"
+interface = "lo"
+
+[[attach]]
+hook = "cgroup"
+EOF
+[[ $(probe) == ECONNREFUSED ]] || fail "before start, connect should be refused by the kernel"
+
+mkdir -p "$work/rootfs/etc/systemd/system/smtpgate.service.d"
+if ! grep -q NOTIFY_SOCKET "$work/rootfs/usr/bin/smtpgate"; then
+    # The unit is Type=notify; an agent that never sends READY=1 is killed
+    # after TimeoutStartSec. Test everything else with Type=exec until it does.
+    echo "note this smtpgate does not implement sd_notify yet: testing with a Type=exec drop-in"
+    printf '[Service]\nType=exec\n' > "$work/rootfs/etc/systemd/system/smtpgate.service.d/test-exec.conf"
+    notify=no
+else
+    notify=yes
+fi
+# Runs in the unit's sandbox (same user, capabilities, namespaces, filter),
+# right after the agent starts: what can it write?
+cat > "$work/rootfs/etc/systemd/system/smtpgate.service.d/test-probe.conf" <<'EOF'
+[Service]
+ExecStartPost=/bin/sh -c 'mkdir /sys/fs/bpf/smtpgate/probe && rmdir /sys/fs/bpf/smtpgate/probe && echo PROBE pins-writable; touch /etc/smtpgate/probe 2>/dev/null || echo PROBE etc-readonly; touch /var/lib/smtpgate/probe && rm /var/lib/smtpgate/probe && echo PROBE state-writable; mkdir /sys/fs/bpf/other 2>/dev/null || echo PROBE other-pins-readonly'
+EOF
+ctr systemctl daemon-reload
+
+# --- start ---------------------------------------------------------------------------
+ctr systemctl start smtpgate || fail "start failed: $(journal | tail -20)"
+[[ $(ctr systemctl is-active smtpgate) == active ]] || fail "not active: $(journal | tail -20)"
+# With Type=notify, start returns once the agent is ready; with the Type=exec
+# stand-in, wait for the agent to say so.
+wait_enforcing() {
+    for _ in $(seq 150); do
+        journal | grep -q "enforcing" && return 0
+        sleep 0.2
+    done
+    fail "agent never reported enforcing: $(journal | tail -20)"
+}
+wait_enforcing
+ok "starts under the full sandbox (Type=$([[ $notify == yes ]] && echo notify || echo exec))"
+for probe_line in pins-writable etc-readonly state-writable other-pins-readonly; do
+    journal | grep -qx "PROBE $probe_line" || fail "sandbox probe: no '$probe_line' in $(journal | grep PROBE)"
+    ok "in the sandbox: $probe_line"
+done
+[[ $(probe) == EPERM ]] || fail "connect not refused while enforcing: $(probe)"
+ok "enforcing: connect from a unit in the container gets EPERM"
+ctr smtpgate status >/dev/null || fail "smtpgate status failed"
+ok "smtpgate status over the control socket"
+
+pid=$(ctr systemctl show -p MainPID --value smtpgate)
+reload_rc=0
+ctr systemctl reload smtpgate 2>/dev/null || reload_rc=$?
+sleep 1
+newpid=$(ctr systemctl show -p MainPID --value smtpgate)
+if [[ $reload_rc == 0 && $pid == "$newpid" && $(ctr systemctl is-active smtpgate) == active ]]; then
+    ok "reload (SIGHUP) keeps the agent running"
+elif [[ $notify == no ]]; then
+    echo "note reload killed the agent (no SIGHUP handler yet); Restart= brings it back"
+    for _ in $(seq 100); do [[ $(ctr systemctl is-active smtpgate) == active ]] && break; sleep 0.2; done
+    sleep 3
+else
+    fail "reload (SIGHUP) restarted or stopped the agent"
+fi
+
+# --- upgrade (same package again) ------------------------------------------------------
+pid=$(ctr systemctl show -p MainPID --value smtpgate)
+ctr dpkg -i /root/smtpgate.deb >/dev/null
+newpid=$(ctr systemctl show -p MainPID --value smtpgate)
+[[ $(ctr systemctl is-active smtpgate) == active && $pid != "$newpid" ]] ||
+    fail "upgrade did not try-restart the running agent (pid $pid -> $newpid)"
+ok "upgrade try-restarted the running agent (pid $pid -> $newpid)"
+[[ $notify == yes ]] || sleep 3   # Type=exec: give the new agent time to attach
+[[ $(probe) == EPERM ]] || fail "not enforcing after the upgrade"
+ok "enforcing after the upgrade"
+ctr systemctl stop smtpgate
+ctr dpkg -i /root/smtpgate.deb >/dev/null
+[[ $(ctr systemctl is-active smtpgate || true) == inactive ]] || fail "upgrade started a stopped agent"
+ok "upgrade leaves a stopped agent stopped"
+
+# --- remove, purge -----------------------------------------------------------------------
+ctr systemctl start smtpgate
+ctr dpkg -r smtpgate >/dev/null
+[[ $(ctr systemctl is-active smtpgate || true) != active ]] || fail "agent still running after remove"
+[[ ! -e $work/bpffs/smtpgate ]] || fail "pins still there after remove"
+[[ $(probe) == ECONNREFUSED ]] || fail "still enforcing after remove"
+ok "remove stops the agent and detaches"
+ctr dpkg --purge smtpgate >/dev/null
+for path in /etc/smtpgate /var/lib/smtpgate /usr/lib/systemd/system/smtpgate.service; do
+    [[ ! -e $work/rootfs$path ]] || fail "$path still there after purge"
+done
+ok "purge removes config, state and unit"
+
+echo "systemd-test: $passed passed, 0 failed"
