@@ -6,14 +6,18 @@ use std::net::IpAddr;
 use serde_json::{Value, json};
 
 use crate::{
-    config::{Action, Config, Mode},
+    config::{Action, AttachPoint, Config, Mode},
     control::protocol::{Request, Response},
     datapath::{Datapath, DatapathError, table_capacity},
+    metrics::{AttachmentState, Snapshot},
     policy::Allowlist,
 };
 
 pub struct Agent {
     config: Config,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_reload_unix: f64,
     origin: String,
     allowlist: Allowlist,
     table_nodes: usize,
@@ -46,6 +50,9 @@ impl Agent {
         }
         Ok(Self {
             config,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            last_reload_unix: 0.0,
             origin,
             allowlist,
             table_nodes: table.len(),
@@ -62,6 +69,45 @@ impl Agent {
     pub fn refresh_local_addresses(&mut self) -> Result<(), DatapathError> {
         let (v4, v6) = local_verdicts(&self.allowlist);
         self.datapath.set_local_allowed(v4, v6)
+    }
+
+    /// The state the metrics endpoint renders.
+    pub fn snapshot(&self) -> Snapshot {
+        let (v4, v6) = self.allowlist.count_by_family();
+        let attachments = self
+            .datapath
+            .attachments()
+            .iter()
+            .map(|a| {
+                let (hook, target) = match &a.point {
+                    AttachPoint::TcIngress { interface } => ("tc-ingress", interface.clone()),
+                    AttachPoint::TcEgress { interface } => ("tc-egress", interface.clone()),
+                    AttachPoint::Cgroup { path } => (
+                        "cgroup",
+                        path.as_ref()
+                            .map_or_else(String::new, |p| p.display().to_string()),
+                    ),
+                };
+                AttachmentState {
+                    hook: hook.to_owned(),
+                    target,
+                    program: a.program.to_owned(),
+                    attached: true,
+                }
+            })
+            .collect();
+        Snapshot {
+            counters: self.datapath.counters().unwrap_or_default(),
+            allowlist_ipv4: v4,
+            allowlist_ipv6: v6,
+            attachments,
+            programs: self.datapath.program_ids(),
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            last_reload_unix: self.last_reload_unix,
+            ready: !self.datapath.attachments().is_empty(),
+            relay: None,
+        }
     }
 
     pub fn handle(&mut self, request: Request) -> Response {

@@ -74,6 +74,37 @@ pub struct File {
     pub datapath: Datapath,
     #[serde(default)]
     pub control: Control,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Serve /metrics, /healthz and /readyz.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where. Default: 127.0.0.1:9725 (loopback: a scraper elsewhere needs
+    /// this changed deliberately).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_metrics_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9725))
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -172,6 +203,8 @@ pub struct Config {
     pub attach: Vec<AttachPoint>,
     pub table_nodes: u32,
     pub control_socket: PathBuf,
+    /// Where to serve metrics, if at all.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Upper bound on `table_nodes`: 2 tables of 4 GiB would not be a sane
@@ -260,6 +293,7 @@ impl File {
             attach,
             table_nodes: n,
             control_socket: self.control.socket,
+            metrics_listen: self.metrics.enabled.then_some(self.metrics.listen),
         })
     }
 }

@@ -7,5 +7,6 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod metrics;
 pub mod paths;
 pub mod policy;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use smtpgate::{agent::Agent, config::Config, control};
+use smtpgate::{agent::Agent, config::Config, control, metrics};
 use tracing::info;
 
 #[derive(clap::Args)]
@@ -37,11 +37,32 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     // touching the datapath.
     let socket = config.control_socket.clone();
     let listener = rt.block_on(async { control::bind(&socket) })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("metrics.listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let agent = Agent::start(config, origin).context("starting the datapath")?;
     let c = agent.config();
     info!(mode = ?c.mode, action = ?c.action, ports = ?c.ports, socket = %socket.display(), "enforcing");
     let agent = Arc::new(Mutex::new(agent));
 
+    if let Some(l) = metrics_listener {
+        let agent = agent.clone();
+        let source: metrics::SnapshotFn = Arc::new(move || {
+            agent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .snapshot()
+        });
+        rt.spawn(async move {
+            if let Err(e) = metrics::serve(l, source).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     rt.block_on(async {
         tokio::select! {
             () = control::serve(listener, agent.clone()) => {}

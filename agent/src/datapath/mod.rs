@@ -282,6 +282,56 @@ impl Datapath {
         Ok(rows)
     }
 
+    /// Runs a TC program once per `repeat` on `packet` with
+    /// BPF_PROG_TEST_RUN, loading it first if needed: the program's return
+    /// code and the kernel's mean time per run. For benchmarks and tests;
+    /// nothing is attached.
+    pub fn test_run(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, Duration), DatapathError> {
+        use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                op: format!("{name} is not a classifier"),
+                source,
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                op: format!("loading {name}"),
+                source,
+            })?;
+        }
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let r = prog
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                op: format!("test-running {name}"),
+                source,
+            })?;
+        Ok((r.return_value as i32, r.duration))
+    }
+
+    /// Loaded programs and their kernel ids.
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_owned(), p.info().ok()?.id())))
+            .collect()
+    }
+
     /// What is attached, in attach order.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attached
