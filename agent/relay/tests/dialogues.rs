@@ -283,3 +283,31 @@ async fn tls_reload_serves_new_certificate() {
     c.expect("220").await;
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn start_errors_are_clear() {
+    let lab = Lab::new();
+    let mut cfg = lab.config(None);
+    cfg.limits.max_recipients = 0;
+    let e = Relay::start(cfg, Listeners::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_recipients"), "{e}");
+    let mut cfg = lab.config(None);
+    cfg.tls_cert = lab.dir.path().join("missing.crt");
+    let e = Relay::start(cfg, Listeners::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.crt"), "{e}");
+    // A port already in use.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = lab.config(None);
+    cfg.submission_listen = Some(busy.local_addr().unwrap());
+    let e = Relay::start(cfg, Listeners::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("binding Submission listener"), "{e}");
+}
