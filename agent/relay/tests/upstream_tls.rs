@@ -111,13 +111,20 @@ async fn upstream_with_untrusted_certificate_is_retried_not_sent() {
     c.cmd("DATA", "354").await;
     c.send(&stuff("Subject: x\r\n\r\nx\r\n")).await;
     c.expect("250 2.0.0").await;
-    let stats = relay_a.stats();
+    // Wait for the failed attempt to reach the record on disk.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while stats.snapshot().deliveries_deferred == 0 {
-        assert!(std::time::Instant::now() < deadline, "no deferred attempt");
+    let q = loop {
+        let q = smtpgate_relay::queue::list(&lab_a.spool).unwrap();
+        if q.iter().any(|r| r.recipients[0].last_error.is_some()) {
+            break q;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no deferred attempt on disk"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let q = smtpgate_relay::queue::list(&lab_a.spool).unwrap();
+    };
+    assert!(relay_a.stats().snapshot().deliveries_deferred >= 1);
     assert_eq!(q.len(), 1);
     assert!(
         q[0].recipients[0]
