@@ -85,7 +85,26 @@ impl DataReader {
     }
 
     pub fn feed(&mut self, input: &[u8]) -> Feed {
-        for (i, &b) in input.iter().enumerate() {
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::Mid {
+                // Fast path: copy the rest of the line up to the next CR or
+                // LF in one go; the state machine below handles those.
+                let run = input[i..]
+                    .iter()
+                    .position(|&b| b == b'\r' || b == b'\n')
+                    .unwrap_or(input.len() - i);
+                if run > 0 {
+                    self.line_len += run;
+                    if self.line_len > MAX_TEXT_LINE - 2 {
+                        self.long_line = true;
+                    }
+                    self.push(&input[i..i + run]);
+                    i += run;
+                    continue;
+                }
+            }
+            let b = input[i];
             self.state = match (self.state, b) {
                 (State::LineStart | State::Dot | State::Mid, b'\n') => {
                     return Feed::BareNewline { consumed: i };
@@ -113,6 +132,7 @@ impl DataReader {
                 }
                 (State::DotCr, _) => unreachable!("DotCr with LF handled above"),
             };
+            i += 1;
         }
         Feed::NeedMore
     }
