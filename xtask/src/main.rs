@@ -37,6 +37,9 @@ enum Cmd {
         #[arg(long)]
         nat: bool,
     },
+    /// Run a benchmark (as root): `datapath` is the classifier's per-packet
+    /// cost against a pass-through program (see BENCHMARKS.md).
+    Bench { what: String },
 }
 
 fn workspace_root() -> PathBuf {
@@ -77,6 +80,13 @@ fn main() -> anyhow::Result<()> {
             )
         }
         Cmd::Lab { nat } => lab_session(nat),
+        Cmd::Bench { what } => match what.as_str() {
+            "datapath" => {
+                bootstrap::run()?;
+                status(cargo().args(["bench", "-p", "smtpgate", "--bench", "datapath"]))
+            }
+            other => bail!("unknown benchmark {other:?}; known: datapath"),
+        },
     }
 }
 
