@@ -5,6 +5,7 @@
 //! them. Client addresses never become label values: they go to the logs.
 
 mod collector;
+mod listener;
 pub mod names;
 mod snapshot;
 #[cfg(test)]
@@ -23,6 +24,7 @@ use prometheus::{Encoder as _, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
 pub use collector::{SnapshotCollector, families, registry};
+use listener::{Limited, Limits};
 pub use names::RELAY_METRICS;
 pub use snapshot::{AttachmentState, RelaySnapshot, Snapshot};
 
@@ -38,10 +40,19 @@ struct AppState {
 /// Serves /metrics, /healthz and /readyz until the listener fails.
 ///
 /// GET and HEAD only (405 otherwise), 404 for other paths, HTTP/1.1
-/// keep-alive (Prometheus reuses its connection).
+/// keep-alive (Prometheus reuses its connection), and the connection limits
+/// of [`Limits`].
 pub async fn serve(listener: TcpListener, source: SnapshotFn) -> std::io::Result<()> {
+    serve_with(listener, source, Limits::default()).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    source: SnapshotFn,
+    limits: Limits,
+) -> std::io::Result<()> {
     let registry = registry(source.clone()).map_err(std::io::Error::other)?;
-    axum::serve(listener, router(registry, source)).await
+    axum::serve(Limited::new(listener, limits), router(registry, source)).await
 }
 
 fn router(registry: Registry, source: SnapshotFn) -> Router {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::{
     AttachmentState, RelaySnapshot, Snapshot, SnapshotFn, families,
     names::{self, RELAY_METRICS},
-    registry, serve,
+    registry, serve, serve_with,
 };
 use crate::datapath::CounterRow;
 
@@ -399,4 +399,64 @@ async fn http_endpoint() {
 
     let out = exchange(addr, "GARBAGE\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off_and_connections_capped() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = super::Limits {
+        max_connections: 2,
+        request: Duration::from_millis(300),
+        idle: Duration::from_millis(600),
+    };
+    tokio::spawn(serve_with(listener, Arc::new(snapshot), limits));
+    let closed = |mut c: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 512];
+        let t = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the server never closed the connection")
+            .unwrap_or(0);
+        (n, t.elapsed())
+    };
+
+    // Half a request, then silence: closed after the request timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    // Nothing at all: closed as well.
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Both slots are taken: a third client waits in the backlog...
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(150), third.read(&mut buf))
+            .await
+            .is_err(),
+        "served beyond the connection cap"
+    );
+    let (n, took) = closed(slow).await;
+    assert_eq!(n, 0, "the slow client got an answer");
+    assert!(took < Duration::from_secs(2), "slow client held {took:?}");
+    let (_, took) = closed(silent).await;
+    assert!(took < Duration::from_secs(2), "silent client held {took:?}");
+    // ...and is served once a slot frees up.
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("third client never served")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 OK"));
+    // Kept alive after the response, then closed when idle.
+    let (n, took) = closed(third).await;
+    assert_eq!(n, 0);
+    assert!(
+        took >= Duration::from_millis(300),
+        "idle connection closed after {took:?}"
+    );
 }
