@@ -1,62 +1,103 @@
-//! The running agent's state: the config it runs, the allowlist, the
-//! datapath. The control socket's requests are answered here.
+//! The running agent: the config it runs, the allowlist, the datapath.
+//! Requests from the control socket are answered here; every change goes
+//! config/CLI -> policy -> datapath, and is checked before anything is
+//! changed, so a refused change leaves the running policy as it was.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
+use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
+use tracing::{info, warn};
 
 use crate::{
     config::{Action, AttachPoint, Config, Mode},
     control::protocol::{Request, Response},
-    datapath::{Datapath, DatapathError, table_capacity},
+    datapath::{Datapath, DatapathError, PinDir},
     metrics::{AttachmentState, Snapshot},
-    policy::Allowlist,
+    policy::{Allowlist, Origin, Prefix, Table},
+    state::{CliEntry, State},
 };
 
 pub struct Agent {
     config: Config,
-    reloads_ok: u64,
-    reloads_failed: u64,
-    last_reload_unix: f64,
-    origin: String,
+    /// The file the config came from; None for the built-in default.
+    config_path: Option<PathBuf>,
+    state: State,
+    cli_entries: Vec<CliEntry>,
     allowlist: Allowlist,
     table_nodes: usize,
     datapath: Datapath,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_reload_unix: f64,
+    /// Set once `detach` ran: the agent then has nothing left to do.
+    detached: bool,
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Loads the config the agent runs: the file, or the built-in default.
+pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default_config()?,
+    })
 }
 
 impl Agent {
-    /// Loads the datapath, writes the whole policy into it, then attaches.
-    pub fn start(config: Config, origin: String) -> Result<Self, DatapathError> {
-        let allowlist = Allowlist::from_config(&config.allowlist);
+    /// Loads (or adopts) the datapath, writes the whole policy into it, then
+    /// attaches and reconciles with what an earlier agent left pinned.
+    pub fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Self> {
+        let state = State::new(&config.state_dir);
+        let cli_entries = state.load()?;
+        let allowlist = allowlist_of(&config, &cli_entries);
         let table = allowlist.compile();
-        let capacity = table_capacity(table.len(), config.table_nodes);
-        let mut datapath = Datapath::load(capacity)?;
-        // The whole policy is in the maps before the first attach, so no
-        // program ever runs with a half-written policy.
-        datapath.set_ports(&config.ports)?;
-        datapath.set_action(config.mode, config.action)?;
-        datapath.install(&table)?;
+        let mut datapath = Datapath::load(
+            PinDir::new(&config.pin_dir),
+            config.table_nodes,
+            table.len(),
+        )
+        .context("loading the datapath")?;
+        if datapath.adopted() {
+            info!(pin_dir = %config.pin_dir.display(), "adopted the pinned datapath of an earlier agent");
+        }
+        // The whole policy is in the maps before the first attach (or the
+        // first program swap), so no program ever runs a half-written one.
+        apply_settings(&mut datapath, &config, &allowlist, &table)?;
+        for point in &config.attach {
+            datapath
+                .attach(point)
+                .with_context(|| format!("attaching to {point}"))?;
+        }
+        datapath.reconcile()?;
         let (v4, v6) = allowlist.count_by_family();
-        tracing::info!(
+        info!(
             ipv4 = v4,
             ipv6 = v6,
             nodes = table.len(),
-            capacity,
+            capacity = datapath.table_capacity(),
             "allowlist installed"
         );
-        for point in &config.attach {
-            datapath.attach(point)?;
-            tracing::info!(%point, "attached");
-        }
         Ok(Self {
             config,
-            reloads_ok: 0,
-            reloads_failed: 0,
-            last_reload_unix: 0.0,
-            origin,
+            config_path,
+            state,
+            cli_entries,
             allowlist,
             table_nodes: table.len(),
             datapath,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            last_reload_unix: 0.0,
+            detached: false,
         })
     }
 
@@ -64,11 +105,239 @@ impl Agent {
         &self.config
     }
 
+    pub fn detached(&self) -> bool {
+        self.detached
+    }
+
     /// Re-reads this host's addresses for the cgroup connect hooks; they
-    /// change (DHCP, SLAAC, an admin), the allowlist does not know.
+    /// change (DHCP, SLAAC, an admin) and the allowlist does not know.
     pub fn refresh_local_addresses(&mut self) -> Result<(), DatapathError> {
         let (v4, v6) = local_verdicts(&self.allowlist);
         self.datapath.set_local_allowed(v4, v6)
+    }
+
+    pub fn handle(&mut self, request: Request) -> Response {
+        if self.detached && !matches!(request, Request::Status) {
+            return Response::Error {
+                message: "the agent has detached and is stopping".into(),
+            };
+        }
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::Stats => self.stats(),
+            Request::Check { ip, port } => Ok(self.check(ip, port)),
+            Request::AllowAdd { prefix, comment } => self.allow_add(&prefix, comment),
+            Request::AllowRemove { prefix } => self.allow_remove(&prefix),
+            Request::AllowList => {
+                Ok(json!({ "entries": self.allowlist.entries().collect::<Vec<_>>() }))
+            }
+            Request::Reload => self.reload(),
+            Request::Detach => self.detach(),
+        };
+        match result {
+            Ok(data) => Response::Ok { data },
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        }
+    }
+
+    /// SIGHUP and `smtpgate reload`: re-reads the config. A config that
+    /// does not load, or does not fit, changes nothing.
+    pub fn reload(&mut self) -> anyhow::Result<Value> {
+        self.last_reload_unix = now_unix();
+        match self.try_reload() {
+            Ok(v) => {
+                self.reloads_ok += 1;
+                info!("config reloaded");
+                Ok(v)
+            }
+            Err(e) => {
+                self.reloads_failed += 1;
+                warn!(error = %format!("{e:#}"), "reload refused; the running policy is unchanged");
+                Err(e.context("reload refused; the running policy is unchanged"))
+            }
+        }
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<Value> {
+        let config = load_config(self.config_path.as_deref())?;
+        if config.pin_dir != self.config.pin_dir || config.state_dir != self.config.state_dir {
+            bail!("datapath.pin_dir and state_dir cannot change while running; restart the agent");
+        }
+        if config.control_socket != self.config.control_socket
+            || config.metrics_listen != self.config.metrics_listen
+        {
+            bail!(
+                "control.socket and metrics.listen cannot change while running; restart the agent"
+            );
+        }
+        // Everything that can fail is checked before anything changes.
+        for point in &config.attach {
+            check_attach_point(point)?;
+        }
+        let allowlist = allowlist_of(&config, &self.cli_entries);
+        let table = allowlist.compile();
+        self.fits(&table)?;
+        apply_settings(&mut self.datapath, &config, &allowlist, &table)?;
+        let removed: Vec<AttachPoint> = self
+            .config
+            .attach
+            .iter()
+            .filter(|p| !config.attach.contains(p))
+            .cloned()
+            .collect();
+        for point in config
+            .attach
+            .iter()
+            .filter(|p| !self.config.attach.contains(p))
+        {
+            self.datapath
+                .attach(point)
+                .with_context(|| format!("attaching to {point}"))?;
+        }
+        for point in &removed {
+            self.datapath.forget(point);
+        }
+        self.datapath.reconcile()?;
+        self.table_nodes = table.len();
+        self.allowlist = allowlist;
+        self.config = config;
+        Ok(self.status())
+    }
+
+    fn fits(&self, table: &Table) -> anyhow::Result<()> {
+        let capacity = self.datapath.table_capacity();
+        if table.len() > capacity {
+            bail!(
+                "the allowlist needs {} table nodes, the datapath has {capacity}: raise datapath.table_nodes and restart",
+                table.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Installs the allowlist for a new set of CLI entries, persisting them
+    /// first: an entry is never enforced without being saved, and a change
+    /// that cannot be enforced is not saved.
+    fn set_cli_entries(&mut self, entries: Vec<CliEntry>) -> anyhow::Result<()> {
+        let allowlist = allowlist_of(&self.config, &entries);
+        let table = allowlist.compile();
+        self.fits(&table)?;
+        self.state.save(&entries)?;
+        if let Err(e) = self.datapath.install(&table) {
+            // Put the saved state back as it was; the kernel still has the
+            // old table (install flips only once the new one is complete).
+            let _ = self.state.save(&self.cli_entries);
+            return Err(e.into());
+        }
+        self.cli_entries = entries;
+        self.table_nodes = table.len();
+        self.allowlist = allowlist;
+        self.refresh_local_addresses()?;
+        Ok(())
+    }
+
+    fn allow_add(&mut self, prefix: &str, comment: Option<String>) -> anyhow::Result<Value> {
+        let prefix: Prefix = prefix.parse().with_context(|| format!("{prefix:?}"))?;
+        if let Some(e) = self.allowlist.get(&prefix) {
+            bail!(
+                "{prefix} is already allowlisted (from the {})",
+                origin_name(e.origin)
+            );
+        }
+        let mut entries = self.cli_entries.clone();
+        entries.push(CliEntry {
+            prefix,
+            comment,
+            added: now_unix() as u64,
+        });
+        self.set_cli_entries(entries)?;
+        info!(%prefix, "allowlist entry added");
+        Ok(json!({ "added": prefix }))
+    }
+
+    fn allow_remove(&mut self, prefix: &str) -> anyhow::Result<Value> {
+        let prefix: Prefix = prefix.parse().with_context(|| format!("{prefix:?}"))?;
+        let in_config = self.config.allowlist.contains(&prefix);
+        let mut entries = self.cli_entries.clone();
+        let before = entries.len();
+        entries.retain(|e| e.prefix != prefix);
+        if entries.len() == before {
+            if in_config {
+                bail!(
+                    "{prefix} comes from the config file: remove it there, then `smtpgate reload`"
+                );
+            }
+            bail!("{prefix} is not in the allowlist");
+        }
+        self.set_cli_entries(entries)?;
+        info!(%prefix, "allowlist entry removed");
+        Ok(json!({ "removed": prefix, "still_allowed_by_config": in_config }))
+    }
+
+    fn detach(&mut self) -> anyhow::Result<Value> {
+        self.datapath.detach_all()?;
+        self.detached = true;
+        warn!(pin_dir = %self.config.pin_dir.display(), "detached: smtpgate no longer enforces anything");
+        Ok(json!({ "detached": self.config.pin_dir }))
+    }
+
+    fn status(&self) -> Value {
+        let (v4, v6) = self.allowlist.count_by_family();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": self.config_path.as_ref().map_or("built-in default".to_owned(), |p| p.display().to_string()),
+            "mode": self.config.mode,
+            "action": self.config.action,
+            "ports": self.config.ports,
+            "attachments": self.datapath.attachments(),
+            "pin_dir": self.config.pin_dir,
+            "allowlist": { "ipv4": v4, "ipv6": v6, "table_nodes": self.table_nodes,
+                           "table_capacity": self.datapath.table_capacity() },
+            "reloads": { "ok": self.reloads_ok, "failed": self.reloads_failed },
+            "detached": self.detached,
+        })
+    }
+
+    fn stats(&self) -> anyhow::Result<Value> {
+        Ok(json!({ "counters": self.datapath.counters()? }))
+    }
+
+    /// What a connection from `ip` to `port` would get, and why.
+    fn check(&self, ip: IpAddr, port: u16) -> Value {
+        let denied = match (self.config.mode, self.config.action) {
+            (Mode::Audit, _) => "audited",
+            (Mode::Enforce, Action::Drop | Action::Redirect) => "dropped",
+            (Mode::Enforce, Action::Reject) => "rejected",
+        };
+        if !self.config.ports.contains(&port) {
+            return json!({ "ip": ip, "port": port, "verdict": "untouched",
+                           "reason": format!("port {port} is not an SMTP port here") });
+        }
+        if let IpAddr::V6(v6) = ip {
+            let s = v6.segments();
+            let head_zero = s[..5].iter().all(|w| *w == 0);
+            let mapped = head_zero && s[5] == 0xffff;
+            let compat = head_zero && s[5] == 0 && !(s[6] == 0 && s[7] <= 1);
+            if mapped || compat {
+                let verdict = if self.config.mode == Mode::Audit {
+                    "audited"
+                } else {
+                    "dropped"
+                };
+                return json!({ "ip": ip, "port": port, "verdict": verdict, "reason": "mapped_address" });
+            }
+        }
+        match self.allowlist.matching(ip) {
+            Some(entry) => {
+                json!({ "ip": ip, "port": port, "verdict": "allowed", "reason": "allowlisted",
+                                   "entry": entry.prefix, "origin": entry.origin })
+            }
+            None => {
+                json!({ "ip": ip, "port": port, "verdict": denied, "reason": "not_allowlisted" })
+            }
+        }
     }
 
     /// The state the metrics endpoint renders.
@@ -105,81 +374,59 @@ impl Agent {
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
             last_reload_unix: self.last_reload_unix,
-            ready: !self.datapath.attachments().is_empty(),
+            ready: !self.detached && !self.datapath.attachments().is_empty(),
             relay: None,
         }
     }
+}
 
-    pub fn handle(&mut self, request: Request) -> Response {
-        let result = match request {
-            Request::Status => Ok(self.status()),
-            Request::Stats => self.stats(),
-            Request::Check { ip, port } => Ok(self.check(ip, port)),
-        };
-        match result {
-            Ok(data) => Response::Ok { data },
-            Err(e) => Response::Error {
-                message: format!("{e:#}"),
-            },
-        }
+fn origin_name(o: Origin) -> &'static str {
+    match o {
+        Origin::Config => "config file",
+        Origin::Cli => "CLI (smtpgate allow add)",
     }
+}
 
-    fn status(&self) -> Value {
-        let (v4, v6) = self.allowlist.count_by_family();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "config": self.origin,
-            "mode": self.config.mode,
-            "action": self.config.action,
-            "ports": self.config.ports,
-            "attachments": self.datapath.attachments(),
-            "allowlist": { "ipv4": v4, "ipv6": v6, "table_nodes": self.table_nodes,
-                           "table_capacity": self.datapath.table_capacity() },
-        })
-    }
+fn allowlist_of(config: &Config, cli: &[CliEntry]) -> Allowlist {
+    Allowlist::new(
+        &config.allowlist,
+        cli.iter().map(|e| (&e.prefix, e.comment.as_ref())),
+    )
+}
 
-    fn stats(&self) -> anyhow::Result<Value> {
-        Ok(json!({ "counters": self.datapath.counters()? }))
-    }
+/// Writes ports, mode, action, the host's own verdicts and the table.
+fn apply_settings(
+    dp: &mut Datapath,
+    config: &Config,
+    allowlist: &Allowlist,
+    table: &Table,
+) -> anyhow::Result<()> {
+    dp.set_ports(&config.ports)?;
+    dp.set_action(config.mode, config.action)?;
+    dp.install(table)?;
+    let (v4, v6) = local_verdicts(allowlist);
+    dp.set_local_allowed(v4, v6)?;
+    Ok(())
+}
 
-    /// What a connection from `ip` to `port` would get, and why.
-    fn check(&self, ip: IpAddr, port: u16) -> Value {
-        let denied = match (self.config.mode, self.config.action) {
-            (Mode::Audit, _) => "audited",
-            (Mode::Enforce, Action::Drop | Action::Redirect) => "dropped",
-            (Mode::Enforce, Action::Reject) => "rejected",
-        };
-        if !self.config.ports.contains(&port) {
-            return json!({ "ip": ip, "port": port, "verdict": "untouched",
-                           "reason": format!("port {port} is not an SMTP port here") });
-        }
-        if let IpAddr::V6(v6) = ip {
-            let o = v6.octets();
-            if o[..10].iter().all(|b| *b == 0)
-                && ((o[10] == 0xff && o[11] == 0xff)
-                    || (o[10] == 0
-                        && o[11] == 0
-                        && v6.segments()[6..] != [0, 0]
-                        && v6.segments()[6..] != [0, 1]))
-            {
-                let verdict = if self.config.mode == Mode::Audit {
-                    "audited"
-                } else {
-                    "dropped"
-                };
-                return json!({ "ip": ip, "port": port, "verdict": verdict, "reason": "mapped_address" });
+/// What can be checked about an attach point without attaching.
+fn check_attach_point(point: &AttachPoint) -> anyhow::Result<()> {
+    match point {
+        AttachPoint::TcIngress { interface } | AttachPoint::TcEgress { interface } => {
+            let c = std::ffi::CString::new(interface.as_str())?;
+            // SAFETY: a valid NUL-terminated string.
+            if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+                bail!("{point}: interface {interface:?} not found");
             }
         }
-        match self.allowlist.matching(ip) {
-            Some(entry) => {
-                json!({ "ip": ip, "port": port, "verdict": "allowed", "reason": "allowlisted",
-                                   "entry": entry.prefix, "origin": entry.origin })
-            }
-            None => {
-                json!({ "ip": ip, "port": port, "verdict": denied, "reason": "not_allowlisted" })
+        AttachPoint::Cgroup { path } => {
+            let path = path.clone().unwrap_or_else(crate::config::cgroup2_root);
+            if !path.is_dir() {
+                bail!("{point}: {} is not a cgroup directory", path.display());
             }
         }
     }
+    Ok(())
 }
 
 /// Whether any of this host's addresses, per family, is allowlisted.

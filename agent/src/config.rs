@@ -72,6 +72,10 @@ pub struct File {
     pub attach: Vec<AttachPoint>,
     #[serde(default)]
     pub datapath: Datapath,
+    /// Where the agent keeps what it must remember: allowlist entries added
+    /// with `smtpgate allow add`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     #[serde(default)]
     pub control: Control,
     #[serde(default)]
@@ -181,12 +185,27 @@ pub struct Datapath {
     /// sizes them from the allowlist at start, with room to grow.
     #[serde(default)]
     pub table_nodes: u32,
+    /// Where maps, programs and links are pinned in bpffs, so that
+    /// enforcement outlives the agent.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
 }
 
 impl Default for Datapath {
     fn default() -> Self {
-        Self { table_nodes: 0 }
+        Self {
+            table_nodes: 0,
+            pin_dir: default_pin_dir(),
+        }
     }
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(paths::PIN_DIR)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(paths::STATE_DIR)
 }
 
 fn default_ports() -> Vec<u16> {
@@ -202,6 +221,8 @@ pub struct Config {
     pub allowlist: Vec<Prefix>,
     pub attach: Vec<AttachPoint>,
     pub table_nodes: u32,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     /// Where to serve metrics, if at all.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -292,6 +313,8 @@ impl File {
             allowlist,
             attach,
             table_nodes: n,
+            pin_dir: self.datapath.pin_dir,
+            state_dir: self.state_dir,
             control_socket: self.control.socket,
             metrics_listen: self.metrics.enabled.then_some(self.metrics.listen),
         })

@@ -10,3 +10,4 @@ pub mod datapath;
 pub mod metrics;
 pub mod paths;
 pub mod policy;
+pub mod state;

@@ -5,6 +5,10 @@
 use std::path::PathBuf;
 
 pub const CONFIG_FILE: &str = "/etc/smtpgate/smtpgate.toml";
+/// Pins in bpffs: what keeps enforcing while the agent is down.
+pub const PIN_DIR: &str = "/sys/fs/bpf/smtpgate";
+/// StateDirectory: allowlist entries added from the CLI.
+pub const STATE_DIR: &str = "/var/lib/smtpgate";
 /// The control socket (RuntimeDirectory).
 pub const CONTROL_SOCKET: &str = "/run/smtpgate/control.sock";
 

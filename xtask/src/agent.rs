@@ -88,9 +88,13 @@ impl Lab {
     /// answers on its control socket.
     pub fn start_agent(&mut self, name: &str, config: &str) -> anyhow::Result<Agent> {
         let socket = self.dir.join(format!("{name}.sock"));
+        // Pins and state belong to the lab, not to one agent: a restarted
+        // agent finds what the previous one left, as on a real gateway.
         let text = format!(
-            "{config}\n[control]\nsocket = {:?}\n",
-            socket.display().to_string()
+            "state_dir = {:?}\n{config}\n[control]\nsocket = {:?}\n[datapath]\npin_dir = {:?}\n",
+            self.dir.join("state").display().to_string(),
+            socket.display().to_string(),
+            self.pin_dir().display().to_string(),
         );
         let config = self.write(&format!("{name}.toml"), &text)?;
         let mut cmd = self.command(Host::Gw, smtpgate_bin());

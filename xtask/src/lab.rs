@@ -463,6 +463,11 @@ EOF",
         Ok(())
     }
 
+    /// Where this lab's agents pin their programs, maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.prefix)
+    }
+
     /// Writes a file in the lab directory and returns its path.
     pub fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.join(name);
@@ -477,6 +482,8 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // The agents' pins: removing them detaches what they attached.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
         for ns in [Host::Client, Host::VlanClient, Host::Gw, Host::Inet].map(|h| self.ns(h)) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }

@@ -28,6 +28,10 @@ impl ClientArgs {
         Ok(client::call(&self.socket, request)?)
     }
 
+    pub fn try_call(&self, request: &Request) -> Result<serde_json::Value, client::ClientError> {
+        client::call(&self.socket, request)
+    }
+
     /// Prints `data` as JSON, or through `human` for people.
     pub fn print(&self, data: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
         match self.output {

@@ -1,8 +1,12 @@
 //! Command-line interface: one module per subcommand, each with `execute()`.
 
+mod allow;
 mod check;
 mod check_config;
 mod client;
+mod detach;
+mod notify;
+mod reload;
 mod run;
 mod stats;
 mod status;
@@ -36,6 +40,13 @@ enum Command {
     Stats,
     /// Show the verdict a connection from IP would get, and why.
     Check(check::Args),
+    /// Change the allowlist of the running agent.
+    #[command(subcommand)]
+    Allow(allow::Command),
+    /// Re-read the config file (as SIGHUP does); a bad config changes nothing.
+    Reload,
+    /// Stop enforcing: detach every program and remove every pin.
+    Detach(detach::Args),
     /// Print shell completions.
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -64,6 +75,9 @@ pub fn main() -> ExitCode {
         Command::Status => status::execute(&cli.client),
         Command::Stats => stats::execute(&cli.client),
         Command::Check(args) => check::execute(&args, &cli.client),
+        Command::Allow(cmd) => allow::execute(&cmd, &cli.client),
+        Command::Reload => reload::execute(&cli.client),
+        Command::Detach(args) => detach::execute(&args, &cli.client),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -1,4 +1,8 @@
 //! `smtpgate run`: the agent.
+//!
+//! Stopping the agent (SIGTERM, SIGINT, a crash, kill -9) does not stop
+//! enforcement: the programs stay attached through their pinned links.
+//! Only `smtpgate detach` stops it.
 
 use std::{
     path::PathBuf,
@@ -6,8 +10,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use smtpgate::{agent::Agent, config::Config, control, metrics};
-use tracing::info;
+use smtpgate::{
+    agent::{Agent, load_config},
+    control, metrics,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+use super::notify;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,11 +28,23 @@ pub struct Args {
     config: Option<PathBuf>,
 }
 
+type Shared = Arc<Mutex<Agent>>;
+
+fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {
+    agent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn execute(args: Args) -> anyhow::Result<()> {
-    let config = match &args.config {
-        Some(path) => Config::load(path).with_context(|| format!("loading {}", path.display()))?,
-        None => Config::default_config()?,
-    };
+    let config = load_config(args.config.as_deref()).with_context(|| {
+        format!(
+            "loading {}",
+            args.config
+                .as_ref()
+                .map_or("the built-in config".into(), |p| p.display().to_string())
+        )
+    })?;
     let origin = args
         .config
         .as_ref()
@@ -33,8 +55,8 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    // Bind the control socket first: if another agent owns it, fail before
-    // touching the datapath.
+    // Sockets first: if another agent owns them, fail before touching the
+    // datapath.
     let socket = config.control_socket.clone();
     let listener = rt.block_on(async { control::bind(&socket) })?;
     let metrics_listener = match config.metrics_listen {
@@ -44,60 +66,83 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let agent = Agent::start(config, origin).context("starting the datapath")?;
+    let agent = Agent::start(config, args.config.clone())?;
     let c = agent.config();
     info!(mode = ?c.mode, action = ?c.action, ports = ?c.ports, socket = %socket.display(), "enforcing");
-    let agent = Arc::new(Mutex::new(agent));
+    let agent: Shared = Arc::new(Mutex::new(agent));
 
     if let Some(l) = metrics_listener {
         let agent = agent.clone();
-        let source: metrics::SnapshotFn = Arc::new(move || {
-            agent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .snapshot()
-        });
+        let source: metrics::SnapshotFn = Arc::new(move || lock(&agent).snapshot());
         rt.spawn(async move {
             if let Err(e) = metrics::serve(l, source).await {
-                tracing::error!(error = %e, "metrics endpoint failed");
+                error!(error = %e, "metrics endpoint failed");
             }
         });
     }
-    rt.block_on(async {
+    notify::send("READY=1\nSTATUS=enforcing");
+    let result = rt.block_on(async {
         tokio::select! {
-            () = control::serve(listener, agent.clone()) => {}
-            () = refresh_local_addresses(agent.clone()) => {}
-            r = shutdown_signal() => r?,
+            () = control::serve(listener, agent.clone()) => Ok(()),
+            () = refresh_local_addresses(agent.clone()) => Ok(()),
+            r = signals(agent.clone()) => r,
+            () = stopped_by_detach(agent.clone()) => Ok(()),
         }
-        anyhow::Ok(())
-    })?;
-    info!("stopping: detaching");
+    });
+    notify::send("STOPPING=1");
     let _ = std::fs::remove_file(&socket);
-    drop(agent);
-    Ok(())
+    if lock(&agent).detached() {
+        info!("stopped after detach");
+    } else {
+        info!("stopping; the programs stay attached (pinned): `smtpgate detach` removes them");
+    }
+    result
+}
+
+/// SIGHUP reloads; SIGTERM and SIGINT stop the agent (not enforcement).
+async fn signals(agent: Shared) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                notify::send("RELOADING=1");
+                let agent = agent.clone();
+                // A reload may rebuild a large table: off the async threads.
+                let _ = tokio::task::spawn_blocking(move || lock(&agent).reload()).await;
+                notify::send("READY=1");
+            }
+            _ = term.recv() => { info!("SIGTERM"); return Ok(()); }
+            _ = int.recv() => { info!("SIGINT"); return Ok(()); }
+        }
+    }
+}
+
+/// Once `detach` has run, there is nothing left to enforce: stop.
+async fn stopped_by_detach(agent: Shared) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        if lock(&agent).detached() {
+            // Let the control session write its answer first.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            return;
+        }
+    }
 }
 
 /// Keeps the cgroup connect hooks' view of this host's addresses current.
-async fn refresh_local_addresses(agent: Arc<Mutex<Agent>>) {
+async fn refresh_local_addresses(agent: Shared) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let mut agent = agent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = agent.refresh_local_addresses() {
+        let mut a = lock(&agent);
+        if a.detached() {
+            continue;
+        }
+        if let Err(e) = a.refresh_local_addresses() {
             tracing::warn!(error = %e, "refreshing local addresses");
         }
     }
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
-    }
-    Ok(())
 }

@@ -13,6 +13,17 @@ pub enum Request {
         ip: std::net::IpAddr,
         port: u16,
     },
+    /// The prefix travels as text so the agent's own parser judges it.
+    AllowAdd {
+        prefix: String,
+        comment: Option<String>,
+    },
+    AllowRemove {
+        prefix: String,
+    },
+    AllowList,
+    Reload,
+    Detach,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,28 +1,36 @@
-//! Attaching the programs to the hooks the config names.
+//! Attaching the programs to the hooks the config names, pinning the links,
+//! and reconciling with what an earlier agent left pinned.
 //!
-//! TC programs attach through TCX where the kernel has it (6.6+), netlink
-//! clsact otherwise; aya picks. cgroup programs attach through BPF links,
-//! which sit beside other programs on the same cgroup (systemd's
-//! IPAddressDeny= and friends) instead of replacing them.
+//! TC programs attach through TCX links (kernel 6.6+), cgroup programs
+//! through cgroup links; both sit beside other programs on the same hook
+//! (systemd's IPAddressDeny= and friends) instead of replacing them, and both
+//! can be pinned and atomically given a new program.
 
-use std::fs::File;
+use std::{collections::BTreeSet, fs::File, os::fd::AsFd as _, path::Path};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, TcAttachType,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
+    TcAttachType, links::FdLink,
 };
 use smtpgate_common::programs;
+use tracing::{info, warn};
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, pins};
 use crate::config::AttachPoint;
 
-/// One attached program. Dropping the datapath detaches it.
+/// One attached program.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Attachment {
     pub point: AttachPoint,
     pub program: &'static str,
+    /// The pinned link's file name.
+    pub link: String,
+    /// Whether an earlier agent's link was kept (given the new program).
+    pub adopted: bool,
 }
 
 impl Datapath {
+    /// Attaches (or adopts) the programs for one attach point.
     pub fn attach(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
         match point {
             AttachPoint::TcIngress { interface } => self.attach_tc(
@@ -41,6 +49,59 @@ impl Datapath {
         }
     }
 
+    /// Gives an earlier agent's pinned link this agent's program, if there
+    /// is such a link and it still works. Returns whether it did.
+    fn adopt_link(&mut self, id: &str, name: &'static str) -> Result<bool, DatapathError> {
+        let path = self.pins.link(id);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let prog_fd = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .fd()
+            .map_err(program_err(format!("{name} is not loaded")))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Pins {
+                path: path.clone(),
+                source,
+            })?;
+        let updated =
+            pins::obj_get(&path).and_then(|link| pins::link_update(link.as_fd(), prog_fd.as_fd()));
+        match updated {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                // A link whose interface or cgroup went away cannot be
+                // updated: replace it.
+                warn!(link = id, error = %e, "pinned link is stale; attaching anew");
+                pins::unpin(&path).map_err(|source| DatapathError::Pins { path, source })?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn pin_link(&mut self, id: &str, link: FdLink) -> Result<(), DatapathError> {
+        let path = self.pins.link(id);
+        let pinned = link.pin(&path).map_err(|e| DatapathError::Pins {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.links.insert(id.to_owned(), pinned);
+        Ok(())
+    }
+
+    fn record(&mut self, point: &AttachPoint, program: &'static str, link: String, adopted: bool) {
+        info!(%point, program, link, adopted, "attached");
+        self.attached.push(Attachment {
+            point: point.clone(),
+            program,
+            link,
+            adopted,
+        });
+    }
+
     fn attach_tc(
         &mut self,
         point: &AttachPoint,
@@ -53,70 +114,151 @@ impl Datapath {
                 name: interface.to_owned(),
             });
         }
+        let hook = if kind == TcAttachType::Ingress {
+            "tc-ingress"
+        } else {
+            "tc-egress"
+        };
+        let id = pins::link_id(hook, interface, None);
+        load::<SchedClassifier>(&mut self.ebpf, name)?;
+        if self.adopt_link(&id, name)? {
+            self.record(point, name, id, true);
+            return Ok(());
+        }
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(program_err(format!("loading {name}")))?;
-        }
-        // Before TCX (6.6), TC programs hang off a clsact qdisc, which may
-        // not be there yet. It is left in place on detach, as tc does.
-        let before_tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0));
-        if before_tcx {
-            let _ = aya::programs::tc::qdisc_add_clsact(interface);
-        }
-        prog.attach(interface, kind)
+        let link_id = prog
+            .attach(interface, kind)
             .map_err(program_err(format!("attaching {name} to {interface}")))?;
-        self.attached.push(Attachment {
-            point: point.clone(),
-            program: name,
-        });
+        let link = prog
+            .take_link(link_id)
+            .map_err(program_err(format!("taking the {name} link")))?;
+        // Only TCX links can be pinned; before kernel 6.6 this is an error
+        // rather than a silent loss of enforcement when the agent stops.
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
+            path: self.pins.link(&id),
+            source: std::io::Error::other(format!(
+                "TC links can be pinned only with TCX (Linux 6.6+): {e}"
+            )),
+        })?;
+        self.pin_link(&id, link)?;
+        self.record(point, name, id, false);
         Ok(())
     }
 
-    fn attach_cgroup(
-        &mut self,
-        point: &AttachPoint,
-        path: &std::path::Path,
-    ) -> Result<(), DatapathError> {
+    fn attach_cgroup(&mut self, point: &AttachPoint, path: &Path) -> Result<(), DatapathError> {
         let cgroup = File::open(path).map_err(|source| DatapathError::Cgroup {
             path: path.to_owned(),
             source,
         })?;
-        let at = path.display();
-        // Link attachments take no mode flags (the kernel refuses them with
+        let at = path.display().to_string();
+        // Cgroup links take no mode flags (the kernel refuses them with
         // EINVAL) and always coexist with other programs: `Single` is aya's
         // name for "no flags". The connect hooks go first, so that when the
         // egress program starts enforcing, they are already in place.
         for name in [programs::CGROUP_CONNECT4, programs::CGROUP_CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            if prog.fd().is_err() {
-                prog.load()
-                    .map_err(program_err(format!("loading {name}")))?;
+            let id = pins::link_id("cgroup", &at, Some(name));
+            load::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            if self.adopt_link(&id, name)? {
+                self.record(point, name, id, true);
+                continue;
             }
-            prog.attach(&cgroup, CgroupAttachMode::Single)
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let link_id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_err(format!("attaching {name} to {at}")))?;
-            self.attached.push(Attachment {
-                point: point.clone(),
-                program: name,
-            });
+            let link = prog
+                .take_link(link_id)
+                .map_err(program_err(format!("taking the {name} link")))?;
+            let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
+                path: self.pins.link(&id),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            self.pin_link(&id, link)?;
+            self.record(point, name, id, false);
         }
         let name = programs::CGROUP_EGRESS;
-        let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(program_err(format!("loading {name}")))?;
+        let id = pins::link_id("cgroup", &at, Some(name));
+        load::<CgroupSkb>(&mut self.ebpf, name)?;
+        if self.adopt_link(&id, name)? {
+            self.record(point, name, id, true);
+            return Ok(());
         }
-        prog.attach(
-            &cgroup,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::Single,
-        )
-        .map_err(program_err(format!("attaching {name} to {at}")))?;
-        self.attached.push(Attachment {
-            point: point.clone(),
-            program: name,
-        });
+        let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+        let link_id = prog
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(program_err(format!("attaching {name} to {at}")))?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(program_err(format!("taking the {name} link")))?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
+            path: self.pins.link(&id),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.pin_link(&id, link)?;
+        self.record(point, name, id, false);
+        Ok(())
+    }
+
+    /// After every attach point is in place: detaches what an earlier
+    /// agent attached that the config no longer names, removes older pin
+    /// layouts, and pins this agent's maps and programs. Attaching first and
+    /// removing after means there is never a moment without enforcement.
+    pub fn reconcile(&mut self) -> Result<(), DatapathError> {
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::Pins { path, source }
+        };
+        let wanted: BTreeSet<&str> = self.attached.iter().map(|a| a.link.as_str()).collect();
+        for stale in self
+            .pins
+            .links()
+            .into_iter()
+            .filter(|l| !wanted.contains(l.as_str()))
+        {
+            let path = self.pins.link(&stale);
+            pins::unpin(&path).map_err(pin_err(&path))?;
+            self.links.remove(&stale);
+            info!(link = stale, "detached: no longer in the config");
+        }
+        for old in self.pins.other_layouts() {
+            pins::remove_tree(&old).map_err(pin_err(&old))?;
+            info!(layout = %old.display(), "removed an older pin layout");
+        }
+        let program_pins: Vec<_> = self
+            .ebpf
+            .programs()
+            .filter(|(_, p)| p.fd().is_ok())
+            .map(|(name, _)| (name.to_owned(), self.pins.program(name)))
+            .collect();
+        for (name, path) in program_pins {
+            let Some(prog) = self.ebpf.program_mut(&name) else {
+                continue;
+            };
+            pins::unpin(&path).map_err(pin_err(&path))?;
+            prog.pin(&path).map_err(|e| DatapathError::Pins {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an attach point's programs; `reconcile` then detaches them.
+    pub fn forget(&mut self, point: &AttachPoint) {
+        self.attached.retain(|a| &a.point != point);
+    }
+
+    /// Removes every pin and detaches every program: the end of enforcement.
+    pub fn detach_all(&mut self) -> Result<(), DatapathError> {
+        let root = self.pins.root().to_owned();
+        pins::remove_tree(&root).map_err(|source| DatapathError::Pins { path: root, source })?;
+        // Closing our own link fds detaches what the pins no longer hold.
+        self.links.clear();
+        self.attached.clear();
         Ok(())
     }
 }
@@ -135,6 +277,40 @@ where
         .try_into()
         .map_err(program_err(format!("{name} has the wrong program type")))
 }
+
+/// Loads a program into the kernel, once.
+fn load<P: Loadable>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<(), DatapathError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut P = program(ebpf, name)?;
+    if !prog.is_loaded() {
+        prog.load_it()
+            .map_err(program_err(format!("loading {name}")))?;
+    }
+    Ok(())
+}
+
+/// The program types this module loads, behind one interface.
+trait Loadable {
+    fn is_loaded(&self) -> bool;
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! loadable {
+    ($($t:ty),*) => {$(
+        impl Loadable for $t {
+            fn is_loaded(&self) -> bool {
+                self.fd().is_ok()
+            }
+            fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+        }
+    )*};
+}
+
+loadable!(SchedClassifier, CgroupSkb, CgroupSockAddr);
 
 /// The interface's index, or `None` if there is no such interface here.
 fn ifindex(name: &str) -> Option<u32> {

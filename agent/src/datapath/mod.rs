@@ -4,6 +4,7 @@
 
 mod attach;
 mod nodes;
+pub mod pins;
 
 use std::{
     collections::BTreeSet,
@@ -18,6 +19,7 @@ use smtpgate_common::{self as common, Counter, Family, PORT_WORDS, Reason, Verdi
 
 pub use attach::Attachment;
 use nodes::NodeRegion;
+pub use pins::PinDir;
 
 use crate::{
     config::{Action, Mode},
@@ -59,6 +61,12 @@ pub enum DatapathError {
     Mmap(#[source] std::io::Error),
     #[error(transparent)]
     TableFull(#[from] TableFull),
+    #[error("pinning under {path}")]
+    Pins {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interface {name:?} not found")]
     NoInterface { name: String },
     #[error("opening cgroup {path}")]
@@ -103,6 +111,12 @@ pub struct Datapath {
     settings: common::Config,
     last_flip: Option<Instant>,
     attached: Vec<Attachment>,
+    pins: PinDir,
+    /// Whether the maps were adopted from an earlier agent's pins.
+    adopted: bool,
+    /// Links this agent created and pinned; the pins keep them attached,
+    /// these only keep them open while the agent runs.
+    links: std::collections::HashMap<String, aya::programs::links::PinnedLink>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
@@ -114,17 +128,69 @@ fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathErro
     move |source| DatapathError::Map { op, source }
 }
 
+const MAP_NAMES: [&str; 4] = [
+    common::maps::CONFIG,
+    common::maps::PORTS,
+    common::maps::ALLOW_NODES,
+    common::maps::COUNTERS,
+];
+
+/// Nodes per table of the pinned maps, if a complete set of this layout's
+/// maps is pinned.
+fn pinned_capacity(pins: &PinDir) -> Option<u32> {
+    if !MAP_NAMES.iter().all(|m| pins.map(m).exists()) {
+        return None;
+    }
+    let nodes = MapData::from_pin(pins.map(common::maps::ALLOW_NODES)).ok()?;
+    let info = nodes.info().ok()?;
+    (info.value_size() as usize == size_of::<common::table::Node>()).then(|| info.max_entries() / 2)
+}
+
 impl Datapath {
-    /// Loads the eBPF object with tables of `nodes_per_table` nodes. Nothing
-    /// is attached yet, and the (empty) tables deny every SMTP source.
-    pub fn load(nodes_per_table: u32) -> Result<Self, DatapathError> {
+    /// Loads the eBPF object. If an earlier agent left its maps pinned and
+    /// they are big enough, they are adopted: the policy they hold keeps
+    /// being enforced by the programs already attached, with no gap.
+    /// Otherwise fresh maps are made, with tables of `configured` nodes
+    /// (0: sized from `needed`). Nothing new is attached yet; fresh tables
+    /// deny every SMTP source.
+    pub fn load(pins: PinDir, configured: u32, needed: usize) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(common::maps::ALLOW_NODES, 2 * nodes_per_table)
-            .load(OBJECT)
-            .map_err(DatapathError::Load)?;
+        pins.ensure().map_err(|source| DatapathError::Pins {
+            path: pins.root().to_owned(),
+            source,
+        })?;
+        let pinned = pinned_capacity(&pins);
+        let adopted =
+            pinned.is_some_and(|n| n as usize >= needed && (configured == 0 || configured == n));
+        let nodes_per_table = match pinned {
+            Some(n) if adopted => n,
+            _ => table_capacity(needed, configured),
+        };
+        let map_paths: Vec<_> = MAP_NAMES.iter().map(|m| pins.map(m)).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(common::maps::ALLOW_NODES, 2 * nodes_per_table);
+        if adopted {
+            for (name, path) in MAP_NAMES.iter().zip(&map_paths) {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        if !adopted {
+            // Fresh maps replace older pins. The old maps live on while the
+            // programs attached to them do, until attach() swaps those.
+            for (name, path) in MAP_NAMES.iter().zip(&map_paths) {
+                let pin_err = |source| DatapathError::Pins {
+                    path: path.clone(),
+                    source,
+                };
+                pins::unpin(path).map_err(pin_err)?;
+                let map = ebpf.map(name).ok_or(DatapathError::MissingMap { name })?;
+                map.pin(path)
+                    .map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
+            }
+        }
         let config = Array::try_from(take_map(&mut ebpf, common::maps::CONFIG)?)
             .map_err(map_err("opening the config map"))?;
         let ports = Array::try_from(take_map(&mut ebpf, common::maps::PORTS)?)
@@ -138,13 +204,21 @@ impl Datapath {
         };
         let nodes = NodeRegion::map(node_map.fd(), 2 * nodes_per_table as usize)
             .map_err(DatapathError::Mmap)?;
-        let settings = common::Config {
-            active_table: 0,
-            nodes_per_table,
-            action: common::Action::Drop as u32,
-            mode: common::Mode::Enforce as u32,
-            local_allowed: 0,
-            _reserved: 0,
+        // Adopted maps carry the settings the running programs enforce:
+        // keep them until the new config is written over them.
+        let settings = if adopted {
+            config
+                .get(&0, 0)
+                .map_err(map_err("reading the config map"))?
+        } else {
+            common::Config {
+                active_table: 0,
+                nodes_per_table,
+                action: common::Action::Drop as u32,
+                mode: common::Mode::Enforce as u32,
+                local_allowed: 0,
+                _reserved: 0,
+            }
         };
         let mut dp = Self {
             ebpf,
@@ -156,9 +230,20 @@ impl Datapath {
             settings,
             last_flip: None,
             attached: Vec::new(),
+            pins,
+            adopted,
+            links: std::collections::HashMap::new(),
         };
-        dp.write_settings()?;
+        if !adopted {
+            dp.write_settings()?;
+        }
         Ok(dp)
+    }
+
+    /// Whether this datapath took over an earlier agent's pinned maps.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     fn write_settings(&mut self) -> Result<(), DatapathError> {

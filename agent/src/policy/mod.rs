@@ -20,12 +20,16 @@ pub use table::{Table, TableFull};
 pub enum Origin {
     /// The config file's `allowlist`.
     Config,
+    /// `smtpgate allow add`, kept in the state directory.
+    Cli,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Entry {
     pub prefix: Prefix,
     pub origin: Origin,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
 }
 
 /// The allowlist: a set of prefixes, each with its origin.
@@ -36,19 +40,45 @@ pub struct Allowlist {
 
 impl Allowlist {
     pub fn from_config(prefixes: &[Prefix]) -> Self {
-        let entries = prefixes
-            .iter()
-            .map(|p| {
+        Self::new(prefixes, std::iter::empty())
+    }
+
+    /// The config's prefixes and the CLI's entries. A prefix in both is
+    /// listed once, as the config's: removing it from the CLI leaves it
+    /// allowed.
+    pub fn new<'a>(
+        config: &[Prefix],
+        cli: impl IntoIterator<Item = (&'a Prefix, Option<&'a String>)>,
+    ) -> Self {
+        let mut entries: BTreeMap<Prefix, Entry> = cli
+            .into_iter()
+            .map(|(p, c)| {
                 (
                     *p,
                     Entry {
                         prefix: *p,
-                        origin: Origin::Config,
+                        origin: Origin::Cli,
+                        comment: c.cloned(),
                     },
                 )
             })
             .collect();
+        for p in config {
+            entries.insert(
+                *p,
+                Entry {
+                    prefix: *p,
+                    origin: Origin::Config,
+                    comment: None,
+                },
+            );
+        }
         Self { entries }
+    }
+
+    #[must_use]
+    pub fn get(&self, prefix: &Prefix) -> Option<&Entry> {
+        self.entries.get(prefix)
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
