@@ -14,6 +14,7 @@ mod reject;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::generated::bpf_map_lookup_elem,
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{Array, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, TcContext},
@@ -22,7 +23,7 @@ use smtpgate_common::{
     Action, Config, Counter, Family, LOCAL_V4_ALLOWED, LOCAL_V6_ALLOWED, Mode, PORT_WORDS, Reason,
     Verdict,
     counters::{self, SLOTS},
-    parse::{self, Bytes, Parsed, Smtp, Source},
+    parse::{self, Bytes, Parsed, Quick, Smtp, Source},
     table::{self, Node},
 };
 
@@ -83,10 +84,22 @@ fn count_attempt(family: Family, verdict: Verdict, reason: Reason) {
 #[inline(always)]
 fn allowlisted(source: &Source, cfg: &Config) -> bool {
     let base = (cfg.active_table & 1) * cfg.nodes_per_table;
-    let node = |i: u32| SMTPGATE_ALLOW_NODES.get(i);
+    // `Array::get` takes the index by value and so copies it to the stack;
+    // the helper takes any pointer the verifier can check, a table cell
+    // included (see `table::lookup_by_ref`).
+    let map = (&raw const SMTPGATE_ALLOW_NODES).cast_mut().cast();
+    let node = |i: &u32| {
+        // SAFETY: an array map lookup with a 4-byte key, which returns a
+        // pointer to a whole node or null.
+        unsafe {
+            bpf_map_lookup_elem(map, (&raw const *i).cast())
+                .cast::<Node>()
+                .as_ref()
+        }
+    };
     match source {
-        Source::V4(a) => table::lookup(a, base, node),
-        Source::V6(a) => table::lookup(a, base, node),
+        Source::V4(a) => table::lookup_by_ref(a, base, node),
+        Source::V6(a) => table::lookup_by_ref(a, base, node),
     }
 }
 
@@ -145,6 +158,33 @@ fn deny(family: Family, reason: Reason, audit: bool) -> Decision {
     }
 }
 
+/// `decide` for SMTP that `parse::quick` vouched for, down to the same
+/// counters, for every outcome but a reject: that needs the header offsets,
+/// and `None` sends it to the full parser (and the table is read twice,
+/// for a packet that is about to be answered with a RST anyway).
+#[inline(always)]
+fn quick_verdict(source: &Source, flags: u8) -> Option<i32> {
+    // No config: the full path fails closed.
+    let cfg = SMTPGATE_CONFIG.get(0)?;
+    let syn = flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
+    let family = match source {
+        Source::V4(_) => Family::Ipv4,
+        Source::V6(_) => Family::Ipv6,
+    };
+    if allowlisted(source, cfg) {
+        count(family, Verdict::Allowed, Reason::Allowlisted, syn);
+        Some(TC_ACT_UNSPEC)
+    } else if cfg.mode == Mode::Audit as u32 {
+        count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
+        Some(TC_ACT_UNSPEC)
+    } else if cfg.action == Action::Reject as u32 {
+        None
+    } else {
+        count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
+        Some(TC_ACT_SHOT as i32)
+    }
+}
+
 #[inline(always)]
 fn tc_bytes(ctx: &TcContext) -> Bytes {
     Bytes {
@@ -176,6 +216,17 @@ fn tc_parse(ctx: &TcContext) -> Parsed {
 
 #[inline(always)]
 fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
+    // Nearly all traffic is plain: judge it without the full parser (see
+    // `parse::quick`).
+    match parse::quick(&tc_bytes(ctx), &is_smtp_port) {
+        Quick::Other => return TC_ACT_UNSPEC,
+        Quick::Smtp(source, flags) => {
+            if let Some(verdict) = quick_verdict(&source, flags) {
+                return verdict;
+            }
+        }
+        Quick::Unsure => {}
+    }
     let parsed = match tc_parse(ctx) {
         Parsed::Smtp(smtp) => Parsed::Smtp(reject::stash_offsets(ctx, smtp)),
         other => other,
