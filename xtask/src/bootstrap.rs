@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "prometheus", // promtool and a real Prometheus server
     "sasl2-bin",
     "jq",
+    "curl",       // the metrics tests scrape with it
+    "util-linux", // setpriv, nsenter
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,428 @@
+//! The control plane, as an admin uses it: every CLI subcommand against a
+//! running agent (bad input included), persistence, reload, detach, and
+//! enforcement that survives the agent.
+
+use std::{process::Output, time::Duration};
+
+use xtask::{
+    agent::{privileged, smtpgate_bin},
+    lab::{self, Host, Lab, Options},
+};
+
+const FAST: Duration = Duration::from_millis(1500);
+
+fn config(extra_allow: &[&str]) -> String {
+    let mut list = vec![
+        lab::CLIENT_ALLOWED_V4.to_owned(),
+        "2001:db8:1::10".to_owned(),
+        // Prefixes that cover neither denied client.
+        "192.0.2.8/30".to_owned(),
+        "2001:db8:1::/124".to_owned(),
+    ];
+    list.extend(extra_allow.iter().map(|s| (*s).to_owned()));
+    let quoted: Vec<String> = list.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "action = \"reject\"\nallowlist = [{}]\n[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n",
+        quoted.join(", ")
+    )
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "expected success: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
+}
+
+fn connect(lab: &Lab, src: &str, dst: &str) -> String {
+    lab.connect(Host::Client, src, dst, 25, FAST)
+        .unwrap()
+        .result
+}
+
+#[test]
+fn every_subcommand_against_a_running_agent() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("cli", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let cli = |args: &[&str]| lab.cli(&agent, args).unwrap();
+
+    let status = ok(&cli(&["status"]));
+    assert!(status.contains("attached:  tc-ingress lan0"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&["status", "--output", "json"]))).unwrap();
+    assert_eq!(json["action"], "reject");
+    assert_eq!(json["allowlist"]["ipv4"], 2);
+
+    // check agrees with real packets, for each kind of entry.
+    for (ip, want_check, want_conn, dst) in [
+        (lab::CLIENT_ALLOWED_V4, "allowed", "connected", lab::INET_V4), // host
+        ("192.0.2.9", "allowed", "", lab::INET_V4),                     // prefix (no such client)
+        (lab::CLIENT_DENIED_V4, "rejected", "refused", lab::INET_V4),
+        (lab::CLIENT_ALLOWED_V6, "allowed", "connected", lab::INET_V6), // host, and in a prefix
+        (lab::CLIENT_DENIED_V6, "rejected", "refused", lab::INET_V6),
+    ] {
+        let out: serde_json::Value =
+            serde_json::from_str(&ok(&cli(&["check", ip, "--output", "json"]))).unwrap();
+        assert_eq!(out["verdict"], want_check, "check {ip}: {out}");
+        if !want_conn.is_empty() {
+            assert_eq!(connect(&lab, ip, dst), want_conn, "packets from {ip}");
+        }
+    }
+    let human = ok(&cli(&["check", "192.0.2.9"]));
+    assert!(
+        human.contains("matched 192.0.2.8/30, from config"),
+        "{human}"
+    );
+    assert!(ok(&cli(&["check", lab::CLIENT_DENIED_V4, "--port", "80"])).contains("untouched"));
+    fails(&cli(&["check", "not-an-ip"]), "invalid IP address");
+
+    // allow add: live, listed with its origin and comment.
+    ok(&cli(&[
+        "allow",
+        "add",
+        lab::CLIENT_DENIED_V4,
+        "--comment",
+        "new mail server",
+    ]));
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "connected"
+    );
+    let list = ok(&cli(&["allow", "list"]));
+    assert!(
+        list.contains("192.0.2.20/32") && list.contains("cli") && list.contains("new mail server"),
+        "{list}"
+    );
+    assert!(
+        list.contains("192.0.2.10/32") && list.contains("config"),
+        "{list}"
+    );
+    let check = ok(&cli(&["check", lab::CLIENT_DENIED_V4]));
+    assert!(check.contains("from cli"), "{check}");
+    // Bad input: clear errors, non-zero exit, nothing changed.
+    fails(
+        &cli(&["allow", "add", lab::CLIENT_DENIED_V4]),
+        "already allowlisted",
+    );
+    fails(&cli(&["allow", "add", "192.0.2.21/24"]), "host bits set");
+    fails(
+        &cli(&["allow", "add", "mail.example"]),
+        "not an IPv4 or IPv6",
+    );
+    fails(&cli(&["allow", "add", "::ffff:192.0.2.21"]), "IPv4-mapped");
+    fails(
+        &cli(&["allow", "remove", lab::CLIENT_ALLOWED_V4]),
+        "comes from the config file",
+    );
+    fails(
+        &cli(&["allow", "remove", "192.0.2.99"]),
+        "not in the allowlist",
+    );
+
+    // stats.
+    let stats = ok(&cli(&["stats"]));
+    assert!(
+        stats.contains("rejected") && stats.contains("not_allowlisted"),
+        "{stats}"
+    );
+
+    // The CLI entry survives a restart of the agent.
+    lab.stop(agent.pid, false).unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let list = ok(&lab.cli(&agent, &["allow", "list"]).unwrap());
+    assert!(
+        list.contains("192.0.2.20/32"),
+        "lost across a restart: {list}"
+    );
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "connected"
+    );
+    ok(&lab
+        .cli(&agent, &["allow", "remove", lab::CLIENT_DENIED_V4])
+        .unwrap());
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "refused"
+    );
+
+    // reload: a broken config changes nothing and says why.
+    std::fs::write(&agent.config, "action = \"bounce\"\n").unwrap();
+    fails(&lab.cli(&agent, &["reload"]).unwrap(), "bounce");
+    let bad_iface = format!(
+        "{}\n[control]\nsocket = {:?}\n[datapath]\npin_dir = {:?}\n",
+        config(&[]).replace("lan0", "nosuch0"),
+        agent.socket.display().to_string(),
+        lab.pin_dir().display().to_string()
+    );
+    std::fs::write(
+        &agent.config,
+        format!(
+            "state_dir = {:?}\n{bad_iface}",
+            lab.dir.join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    fails(&lab.cli(&agent, &["reload"]).unwrap(), "nosuch0");
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "refused"
+    );
+    assert_eq!(
+        connect(&lab, lab::CLIENT_ALLOWED_V4, lab::INET_V4),
+        "connected"
+    );
+    // A good one takes effect, by CLI and by SIGHUP.
+    let good = |extra: &[&str]| {
+        format!(
+            "state_dir = {:?}\n{}\n[control]\nsocket = {:?}\n[datapath]\npin_dir = {:?}\n",
+            lab.dir.join("state").display().to_string(),
+            config(extra),
+            agent.socket.display().to_string(),
+            lab.pin_dir().display().to_string()
+        )
+    };
+    std::fs::write(&agent.config, good(&[lab::CLIENT_DENIED_V4])).unwrap();
+    ok(&lab.cli(&agent, &["reload"]).unwrap());
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "connected"
+    );
+    std::fs::write(&agent.config, good(&[])).unwrap();
+    // SAFETY: signalling the agent this test started.
+    unsafe { libc::kill(agent.pid as i32, libc::SIGHUP) };
+    lab.wait_for("SIGHUP reload", Duration::from_secs(10), |lab| {
+        connect(lab, lab::CLIENT_DENIED_V4, lab::INET_V4) == "refused"
+    })
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&ok(&lab
+        .cli(&agent, &["status", "--output", "json"])
+        .unwrap()))
+    .unwrap();
+    assert_eq!(status["reloads"]["failed"], 2, "{status}");
+    assert_eq!(status["reloads"]["ok"], 2, "{status}");
+
+    // Not root: the control socket refuses, and says so.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(smtpgate_bin())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    fails(&out, "permission denied");
+
+    // detach: the agent removes everything and stops; nothing is enforced.
+    ok(&lab.cli(&agent, &["detach"]).unwrap());
+    lab.wait_for("agent exit after detach", Duration::from_secs(10), |_| {
+        !lab_alive(agent.pid)
+    })
+    .unwrap();
+    assert!(!lab.pin_dir().exists(), "pins left after detach");
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "connected",
+        "still enforcing after detach"
+    );
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn lab_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[test]
+fn cli_without_an_agent() {
+    // These need no root: they never reach a datapath.
+    let bin = smtpgate_bin();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    fails(
+        &run(&["--socket", "/nonexistent/control.sock", "status"]),
+        "no agent is running",
+    );
+    fails(
+        &run(&["--socket", "/nonexistent/control.sock", "allow", "list"]),
+        "no agent is running",
+    );
+    fails(
+        &run(&[
+            "--socket",
+            "/nonexistent/control.sock",
+            "allow",
+            "add",
+            "192.0.2.1/24",
+        ]),
+        "host bits set",
+    );
+    let dir = std::env::temp_dir().join(format!("smtpgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "allowlist = [\"192.0.2.10\"]\n[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n",
+    )
+    .unwrap();
+    let out = ok(&run(&["check-config", good.to_str().unwrap()]));
+    assert!(
+        out.contains("OK") && out.contains("tc-ingress:lan0"),
+        "{out}"
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "allowlist = [\"192.0.2.10/24\"]\n").unwrap();
+    fails(
+        &run(&["check-config", bad.to_str().unwrap()]),
+        "host bits set",
+    );
+    fails(
+        &run(&["check-config", dir.join("missing.toml").to_str().unwrap()]),
+        "cannot read",
+    );
+    fails(
+        &run(&[
+            "detach",
+            "--socket",
+            "/nonexistent/c.sock",
+            "--pin-dir",
+            dir.join("none").to_str().unwrap(),
+        ]),
+        "nothing to detach",
+    );
+    assert!(ok(&run(&["completions", "bash"])).contains("smtpgate"));
+    assert!(ok(&run(&["man"])).contains(".TH smtpgate"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Steady attempts from an allowlisted and a denied client, over IPv4 and
+/// IPv6, while `change` runs; then every attempt is checked.
+fn under_traffic(lab: &mut Lab, seconds: u32, change: impl FnOnce(&mut Lab)) {
+    let out = lab.dir.join("load.log");
+    let mut cmd = lab.command(Host::Client, "/usr/bin/python3");
+    cmd.arg(lab::scripts_dir().join("load.py"))
+        .arg(seconds.to_string())
+        .arg(&out)
+        .arg("25")
+        .arg(format!("{}/{}", lab::CLIENT_ALLOWED_V4, lab::INET_V4))
+        .arg(format!("{}/{}", lab::CLIENT_DENIED_V4, lab::INET_V4))
+        .arg(format!("{}/{}", lab::CLIENT_ALLOWED_V6, lab::INET_V6))
+        .arg(format!("{}/{}", lab::CLIENT_DENIED_V6, lab::INET_V6));
+    let pid = lab.spawn(cmd, "load.out").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    change(lab);
+    lab.wait_for(
+        "load to finish",
+        Duration::from_secs(u64::from(seconds) + 20),
+        |_| !lab_alive(pid),
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(&out).unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    for line in log.lines() {
+        let mut f = line.split_whitespace();
+        let (src, result) = (f.next().unwrap(), f.next().unwrap());
+        *counts
+            .entry((src.to_owned(), result.to_owned()))
+            .or_insert(0u32) += 1;
+    }
+    eprintln!("attempts: {counts:?}");
+    for ((src, result), n) in &counts {
+        let allowed = src == lab::CLIENT_ALLOWED_V4 || src == lab::CLIENT_ALLOWED_V6;
+        let want = if allowed { "connected" } else { "refused" };
+        assert_eq!(result, want, "{n} attempts from {src} ended {result}");
+    }
+    for src in [
+        lab::CLIENT_ALLOWED_V4,
+        lab::CLIENT_DENIED_V4,
+        lab::CLIENT_ALLOWED_V6,
+        lab::CLIENT_DENIED_V6,
+    ] {
+        assert!(
+            counts.keys().any(|(s, _)| s == src),
+            "no attempts from {src}: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn enforcement_survives_kill_9_and_restart() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("kill9", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    under_traffic(&mut lab, 10, |lab| {
+        lab.stop(agent.pid, true).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        let again = lab.start_agent("agent", &config(&[])).unwrap();
+        let status = lab.cli(&again, &["status", "--output", "json"]).unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(status["attachments"][0]["adopted"], true, "{status}");
+    });
+}
+
+#[test]
+fn allowlist_of_100k_replaced_live_under_traffic() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("replace", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    // 100k host entries in the benchmarking range, then another 100k in a
+    // different part of it; the allowlisted clients are in both.
+    let hosts = |offset: u32| -> Vec<String> {
+        (0..100_000u32)
+            .map(|i| std::net::Ipv4Addr::from((198 << 24 | 18 << 16) + offset + i * 2).to_string())
+            .collect()
+    };
+    let first = hosts(0);
+    let second = hosts(1);
+    let agent = lab.start_agent("agent", &config(&refs(&first))).unwrap();
+    let socket = agent.socket.clone();
+    let path = agent.config.clone();
+    let pin = lab.pin_dir();
+    let state = lab.dir.join("state");
+    under_traffic(&mut lab, 10, |lab| {
+        let text = format!(
+            "state_dir = {:?}\n{}\n[control]\nsocket = {:?}\n[datapath]\npin_dir = {:?}\n",
+            state.display().to_string(),
+            config(&refs(&second)),
+            socket.display().to_string(),
+            pin.display().to_string()
+        );
+        std::fs::write(&path, text).unwrap();
+        let start = std::time::Instant::now();
+        let out = lab.cli(&agent, &["reload"]).unwrap();
+        eprintln!("reload of 100k entries: {:?}", start.elapsed());
+        ok(&out);
+    });
+    let check = ok(&lab.cli(&agent, &["check", "198.18.0.1"]).unwrap());
+    assert!(check.contains("allowed"), "the new list is live: {check}");
+    let check = ok(&lab.cli(&agent, &["check", "198.18.0.0"]).unwrap());
+    assert!(check.contains("rejected"), "the old list is gone: {check}");
+}
