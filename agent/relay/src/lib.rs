@@ -146,7 +146,6 @@ impl Relay {
         let recovered = tokio::task::spawn_blocking(move || s2.recover())
             .await
             .expect("recover does not panic")?;
-        let stats = Arc::new(RelayStats::default());
         stats
             .queue_length
             .store(recovered.len() as u64, std::sync::atomic::Ordering::Relaxed);

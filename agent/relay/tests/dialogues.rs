@@ -54,6 +54,11 @@ async fn submission_587_starttls_auth_and_delivery() {
     }
     let stats = relay.stats().snapshot();
     assert_eq!(
+        stats.spool_batched_messages, 1,
+        "group-commit counters wired"
+    );
+    assert!(stats.spool_batches >= 1);
+    assert_eq!(
         (
             stats.messages_accepted,
             stats.messages_delivered,
