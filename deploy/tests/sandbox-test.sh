@@ -78,10 +78,13 @@ install -m 0755 "$root/deploy/tests/seccomp-exec.py" "$work/seccomp-exec.py"
 "$work/seccomp-exec.py" --resolve "$unit" > "$work/syscalls"
 chmod 0644 "$work/syscalls"
 
+# Port 2525, not 25: cgroup programs apply to every descendant cgroup, so a
+# port-25 policy already enforced on this host's root cgroup (a developer's
+# agent, say) would decide the probe's fate instead of the agent under test.
 cat > "$work/smtpgate.toml" <<EOF
 mode = "enforce"
 action = "reject"
-ports = [25]
+ports = [2525]
 allowlist = []
 
 [[attach]]
@@ -138,7 +141,7 @@ import errno, socket, sys
 s = socket.socket()
 s.settimeout(5)
 try:
-    s.connect((\"192.0.2.1\", 25))
+    s.connect((\"192.0.2.1\", 2525))
     print(\"connected\")
 except OSError as e:
     print(errno.errorcode.get(e.errno, str(e)))

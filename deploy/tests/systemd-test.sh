@@ -75,7 +75,7 @@ import errno, socket
 s = socket.socket()
 s.settimeout(5)
 try:
-    s.connect(("192.0.2.1", 25))
+    s.connect(("192.0.2.1", 2525))
     print("connected")
 except OSError as e:
     print(errno.errorcode.get(e.errno, str(e)))
@@ -117,10 +117,13 @@ ctr dpkg -i /root/smtpgate.deb >/dev/null
 ok "installed disabled and stopped, with systemd running"
 ctr ip link set lo up
 ctr ip addr add 192.0.2.1/32 dev lo
+# Port 2525, not 25: cgroup programs apply to every descendant cgroup, so a
+# port-25 policy already enforced on this host's root cgroup (a developer's
+# agent, say) would decide the probe's fate instead of the agent under test.
 cat > "$work/rootfs/etc/smtpgate/smtpgate.toml" <<'EOF'
 mode = "enforce"
 action = "reject"
-ports = [25]
+ports = [2525]
 allowlist = []
 
 [[attach]]
@@ -130,7 +133,7 @@ interface = "lo"
 [[attach]]
 hook = "cgroup"
 EOF
-[[ $(probe) == ECONNREFUSED ]] || fail "before start, connect should be refused by the kernel"
+got=$(probe); [[ $got == ECONNREFUSED ]] || fail "before start, connect should be refused by the kernel, got: $got"
 
 mkdir -p "$work/rootfs/etc/systemd/system/smtpgate.service.d"
 if ! grep -q NOTIFY_SOCKET "$work/rootfs/usr/bin/smtpgate"; then
@@ -172,6 +175,15 @@ done
 ok "enforcing: connect from a unit in the container gets EPERM"
 ctr smtpgate status >/dev/null || fail "smtpgate status failed"
 ok "smtpgate status over the control socket"
+if grep -q /readyz "$work/rootfs/usr/bin/smtpgate"; then
+    # [metrics] is on by default (127.0.0.1:9725): the sandbox must let it listen.
+    for path in /healthz /readyz /metrics; do
+        code=$(ctr python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9725$path', timeout=5).status)" 2>&1) ||
+            fail "GET $path: $code"
+        [[ $code == 200 ]] || fail "GET $path: $code"
+    done
+    ok "metrics endpoint answers /healthz, /readyz, /metrics from inside the sandbox"
+fi
 
 pid=$(ctr systemctl show -p MainPID --value smtpgate)
 reload_rc=0
