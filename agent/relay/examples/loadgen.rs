@@ -185,8 +185,18 @@ async fn main() {
             .unwrap()
             .port();
         // Sink without dumping: we measure the relay, not smtp-sink's disk.
+        let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        });
+        let mut sink_args = if root {
+            vec!["-u".to_owned(), "root".to_owned()]
+        } else {
+            vec![]
+        };
+        sink_args.extend([format!("127.0.0.1:{sink_port}"), "1000".to_owned()]);
         let sink = std::process::Command::new("/usr/sbin/smtp-sink")
-            .args(["-u", "root", &format!("127.0.0.1:{sink_port}"), "1000"])
+            .args(&sink_args)
             .spawn()
             .unwrap();
         let mut cfg = smtpgate_relay::RelayConfig {
