@@ -215,9 +215,50 @@ impl Relay {
     }
 }
 
+/// Cloneable control surface of a running relay, for the agent's SIGHUP
+/// handler, control socket and metrics scrape, which outlive no handle but
+/// must not own the one that shuts the relay down.
+#[derive(Clone)]
+pub struct RelayControl {
+    shared: Arc<session::Shared>,
+    deliverer: Arc<deliver::Deliverer>,
+}
+
+impl std::fmt::Debug for RelayControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayControl").finish_non_exhaustive()
+    }
+}
+
+impl RelayControl {
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.shared.stats.clone()
+    }
+
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        self.shared.tls.reload()
+    }
+
+    pub fn flush(&self) {
+        self.deliverer.flush();
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), spool::SpoolError> {
+        self.deliverer.delete(id)
+    }
+}
+
 impl RelayHandle {
     pub fn addrs(&self) -> BoundAddrs {
         self.addrs
+    }
+
+    /// A cloneable handle for reload/flush/delete/stats from other tasks.
+    pub fn control(&self) -> RelayControl {
+        RelayControl {
+            shared: self.shared.clone(),
+            deliverer: self.deliverer.clone(),
+        }
     }
 
     /// Counters for the agent's metrics module, read at scrape time.

@@ -28,10 +28,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
             }
         };
         // For intercepted connections this is the address the client meant
-        // to reach (the datapath redirects without rewriting it).
-        let local = sock
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        // to reach (the datapath redirects without rewriting it). A
+        // dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d: logs,
+        // limits and Received headers use the plain IPv4 form.
+        let local = canonical(
+            sock.local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+        );
+        let peer = canonical(peer);
         let Some(guard) = shared.limits.conns.try_acquire(peer.ip()) else {
             RelayStats::inc(&shared.stats.sessions_refused);
             tracing::info!(peer = %peer, "session limit reached; refusing connection");
@@ -72,4 +76,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
             }
         });
     }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`, same port.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

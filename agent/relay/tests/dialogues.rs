@@ -278,7 +278,12 @@ async fn tls_reload_serves_new_certificate() {
     // Before reload the old certificate is still served...
     let mut c = Client::connect_tls(addr, &old).await;
     c.expect("220").await;
-    relay.reload_tls().unwrap();
+    // Through the cloneable control handle, as the agent's SIGHUP task would.
+    let control = relay.control();
+    tokio::spawn(async move { control.reload_tls() })
+        .await
+        .unwrap()
+        .unwrap();
     // ...after it, the new one.
     let mut c = Client::connect_tls(addr, &new).await;
     c.expect("220").await;
