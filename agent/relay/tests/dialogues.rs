@@ -321,3 +321,35 @@ async fn start_errors_are_clear() {
         .to_string();
     assert!(e.contains("binding Submission listener"), "{e}");
 }
+
+#[tokio::test]
+async fn users_file_changes_apply_without_restart() {
+    let lab = Lab::new();
+    let relay = Relay::start(lab.config(None), Listeners::default())
+        .await
+        .unwrap();
+    let addr = relay.addrs().submissions.unwrap();
+    let pem = lab.cert_pem();
+    let try_login = |user: &'static str, pw: &'static str, want: &'static str| {
+        let pem = pem.clone();
+        async move {
+            let mut c = Client::connect_tls(addr, &pem).await;
+            c.expect("220").await;
+            c.cmd("EHLO client.test", "250").await;
+            c.cmd(&format!("AUTH PLAIN {}", common::plain(user, pw)), want)
+                .await;
+        }
+    };
+    try_login("carol", "carol-pw", "535").await;
+    smtpgate_relay::users::user_add_hash(
+        &lab.users,
+        "carol",
+        &common::fast_hash("carol-pw"),
+        vec!["carol@example.com".into()],
+    )
+    .unwrap();
+    try_login("carol", "carol-pw", "235").await;
+    smtpgate_relay::users::user_remove(&lab.users, "carol").unwrap();
+    try_login("carol", "carol-pw", "535").await;
+    relay.shutdown().await;
+}
