@@ -17,7 +17,7 @@ use crate::{
     config::{Action, AttachPoint, Config, Mode},
     control::protocol::{Request, Response},
     datapath::{Datapath, DatapathError, PinDir},
-    metrics::{AttachmentState, Snapshot},
+    metrics::{AttachmentState, RelaySnapshot, Snapshot},
     policy::{Allowlist, Origin, Prefix, Table},
     state::{CliEntry, State},
 };
@@ -36,6 +36,8 @@ pub struct Agent {
     last_reload_unix: f64,
     /// Set once `detach` ran: the agent then has nothing left to do.
     detached: bool,
+    /// The embedded relay, when `[relay] enabled`.
+    relay: Option<smtpgate_relay::RelayHandle>,
 }
 
 fn now_unix() -> f64 {
@@ -72,6 +74,9 @@ impl Agent {
         // The whole policy is in the maps before the first attach (or the
         // first program swap), so no program ever runs a half-written one.
         apply_settings(&mut datapath, &config, &allowlist, &table)?;
+        if config.action == Action::Redirect {
+            crate::datapath::redirect::install_routing()?;
+        }
         for point in &config.attach {
             datapath
                 .attach(point)
@@ -98,6 +103,7 @@ impl Agent {
             reloads_failed: 0,
             last_reload_unix: 0.0,
             detached: false,
+            relay: None,
         })
     }
 
@@ -107,6 +113,28 @@ impl Agent {
 
     pub fn detached(&self) -> bool {
         self.detached
+    }
+
+    /// Hands the relay's intercept listener to the datapath (redirect).
+    pub fn set_relay_listener(
+        &mut self,
+        listener: &std::net::TcpListener,
+    ) -> Result<(), DatapathError> {
+        self.datapath.set_relay_listener(listener)
+    }
+
+    pub fn set_relay(&mut self, relay: smtpgate_relay::RelayHandle) {
+        self.relay = Some(relay);
+    }
+
+    pub fn take_relay(&mut self) -> Option<smtpgate_relay::RelayHandle> {
+        self.relay.take()
+    }
+
+    fn relay(&self) -> anyhow::Result<&smtpgate_relay::RelayHandle> {
+        self.relay
+            .as_ref()
+            .context("the relay is not running (set [relay] enabled = true)")
     }
 
     /// Re-reads this host's addresses for the cgroup connect hooks; they
@@ -133,6 +161,14 @@ impl Agent {
             }
             Request::Reload => self.reload(),
             Request::Detach => self.detach(),
+            Request::QueueFlush => self.relay().map(|r| {
+                r.flush();
+                json!({ "flushed": true })
+            }),
+            Request::QueueDelete { id } => self
+                .relay()
+                .and_then(|r| r.delete(&id).with_context(|| format!("deleting {id}")))
+                .map(|()| json!({ "deleted": id })),
         };
         match result {
             Ok(data) => Response::Ok { data },
@@ -146,6 +182,12 @@ impl Agent {
     /// does not load, or does not fit, changes nothing.
     pub fn reload(&mut self) -> anyhow::Result<Value> {
         self.last_reload_unix = now_unix();
+        if let Some(relay) = &self.relay {
+            // New certificate and key; on error the old ones stay.
+            if let Err(e) = relay.reload_tls() {
+                warn!(error = %e, "relay TLS reload failed; keeping the old certificate");
+            }
+        }
         match self.try_reload() {
             Ok(v) => {
                 self.reloads_ok += 1;
@@ -172,6 +214,11 @@ impl Agent {
                 "control.socket and metrics.listen cannot change while running; restart the agent"
             );
         }
+        if serde_json::to_value(&config.relay)? != serde_json::to_value(&self.config.relay)? {
+            bail!(
+                "[relay] settings change only when the agent restarts (its certificate is reloaded now)"
+            );
+        }
         // Everything that can fail is checked before anything changes.
         for point in &config.attach {
             check_attach_point(point)?;
@@ -179,6 +226,14 @@ impl Agent {
         let allowlist = allowlist_of(&config, &self.cli_entries);
         let table = allowlist.compile();
         self.fits(&table)?;
+        if config.action == Action::Redirect && self.relay.is_none() {
+            bail!(
+                "action = \"redirect\" needs the relay, which starts only with the agent: restart it"
+            );
+        }
+        if config.action == Action::Redirect {
+            crate::datapath::redirect::install_routing()?;
+        }
         apply_settings(&mut self.datapath, &config, &allowlist, &table)?;
         let removed: Vec<AttachPoint> = self
             .config
@@ -297,6 +352,15 @@ impl Agent {
                            "table_capacity": self.datapath.table_capacity() },
             "reloads": { "ok": self.reloads_ok, "failed": self.reloads_failed },
             "detached": self.detached,
+            "relay": self.relay.as_ref().map(|r| {
+                let a = r.addrs();
+                let s = r.stats().snapshot();
+                json!({
+                    "submission": a.submission, "submissions": a.submissions, "intercept": a.intercept,
+                    "queue_length": s.queue_length, "sessions_active": s.sessions_active,
+                    "messages_accepted": s.messages_accepted, "messages_delivered": s.messages_delivered,
+                })
+            }),
         })
     }
 
@@ -375,7 +439,13 @@ impl Agent {
             reloads_failed: self.reloads_failed,
             last_reload_unix: self.last_reload_unix,
             ready: !self.detached && !self.datapath.attachments().is_empty(),
-            relay: None,
+            relay: self.relay.as_ref().map(|r| {
+                let stats = r.stats();
+                RelaySnapshot {
+                    stats: stats.snapshot(),
+                    latency: stats.latency(),
+                }
+            }),
         }
     }
 }

@@ -42,10 +42,16 @@ pub enum ConfigError {
     Ports { reason: String },
     #[error("attach point {index}: {reason}")]
     Attach { index: usize, reason: String },
+    #[error("[relay]: {0}")]
+    Relay(#[source] smtpgate_relay::ConfigError),
     #[error("no [[attach]] points: smtpgate would enforce nothing")]
     NoAttachPoints,
-    #[error("action = \"redirect\" needs the embedded relay, which this build does not have yet")]
-    RedirectUnsupported,
+    #[error("action = \"redirect\" needs the embedded relay: set [relay] enabled = true")]
+    RedirectNeedsRelay,
+    #[error(
+        "action = \"redirect\" works at tc-ingress (the client-facing interface) and cgroup hooks, not at {point}"
+    )]
+    RedirectAtEgress { point: String },
     #[error("datapath.table_nodes = {value}: must be between {min} and {max}")]
     TableNodes { value: u32, min: u32, max: u32 },
 }
@@ -80,6 +86,9 @@ pub struct File {
     pub control: Control,
     #[serde(default)]
     pub metrics: Metrics,
+    /// The embedded submission relay (off by default).
+    #[serde(default)]
+    pub relay: smtpgate_relay::RelayConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -226,6 +235,7 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Where to serve metrics, if at all.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub relay: smtpgate_relay::RelayConfig,
 }
 
 /// Upper bound on `table_nodes`: 2 tables of 4 GiB would not be a sane
@@ -262,9 +272,23 @@ impl Config {
 impl File {
     pub fn validate(self) -> Result<Config, ConfigError> {
         if self.action == Action::Redirect {
-            return Err(ConfigError::RedirectUnsupported);
+            if !self.relay.enabled {
+                return Err(ConfigError::RedirectNeedsRelay);
+            }
+            if let Some(p) = self
+                .attach
+                .iter()
+                .find(|p| matches!(p, AttachPoint::TcEgress { .. }))
+            {
+                return Err(ConfigError::RedirectAtEgress {
+                    point: p.to_string(),
+                });
+            }
         }
         let ports = validate_ports(&self.ports)?;
+        if self.relay.enabled {
+            self.relay.validate().map_err(ConfigError::Relay)?;
+        }
         let mut seen = BTreeSet::new();
         let mut allowlist = Vec::with_capacity(self.allowlist.len());
         for (index, entry) in self.allowlist.iter().enumerate() {
@@ -317,6 +341,7 @@ impl File {
             state_dir: self.state_dir,
             control_socket: self.control.socket,
             metrics_listen: self.metrics.enabled.then_some(self.metrics.listen),
+            relay: self.relay,
         })
     }
 }
@@ -456,7 +481,10 @@ mod tests {
                 "absolute",
             ),
             (format!("{ATTACH}{ATTACH}"), "listed twice"),
-            (format!("action = \"redirect\"\n{ATTACH}"), "relay"),
+            (
+                format!("action = \"redirect\"\n{ATTACH}"),
+                "[relay] enabled = true",
+            ),
             (
                 format!("[datapath]\ntable_nodes = 5\n{ATTACH}"),
                 "table_nodes",

@@ -39,6 +39,7 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
             }
             pins::remove_tree(&args.pin_dir)
                 .map_err(|e| anyhow::anyhow!("removing {}: {e}", args.pin_dir.display()))?;
+            smtpgate::datapath::redirect::remove_routing();
             client.print(&serde_json::json!({ "detached": args.pin_dir }), |_| {
                 println!(
                     "detached: no agent was running; removed {}",

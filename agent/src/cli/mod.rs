@@ -6,10 +6,12 @@ mod check_config;
 mod client;
 mod detach;
 mod notify;
+mod queue;
 mod reload;
 mod run;
 mod stats;
 mod status;
+mod user;
 
 use std::process::ExitCode;
 
@@ -47,6 +49,10 @@ enum Command {
     Reload,
     /// Stop enforcing: detach every program and remove every pin.
     Detach(detach::Args),
+    /// Manage the relay's users (AUTH credentials and allowed senders).
+    User(user::Args),
+    /// Look at and act on the relay's queue.
+    Queue(queue::Args),
     /// Print shell completions.
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -78,6 +84,8 @@ pub fn main() -> ExitCode {
         Command::Allow(cmd) => allow::execute(&cmd, &cli.client),
         Command::Reload => reload::execute(&cli.client),
         Command::Detach(args) => detach::execute(&args, &cli.client),
+        Command::User(args) => user::execute(&args),
+        Command::Queue(args) => queue::execute(&args, &cli.client),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -12,7 +12,9 @@ use std::{
 use anyhow::Context as _;
 use smtpgate::{
     agent::{Agent, load_config},
-    control, metrics,
+    control,
+    datapath::redirect,
+    metrics,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -29,6 +31,12 @@ pub struct Args {
 }
 
 type Shared = Arc<Mutex<Agent>>;
+
+/// Where redirected port-25 connections land when `[relay]
+/// intercept_listen` is not set: dual-stack, any address (the listener is
+/// transparent and steered connections keep their original destination).
+const DEFAULT_INTERCEPT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 10025);
 
 fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {
     agent
@@ -66,7 +74,25 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let agent = Agent::start(config, args.config.clone())?;
+    let relay_config = config.relay.clone();
+    let mut agent = Agent::start(config, args.config.clone())?;
+    if relay_config.enabled {
+        // The intercept listener is bound here, not by the relay: the
+        // datapath needs it too (redirect steers connections into it), and
+        // the relay needs nothing of eBPF.
+        let addr = relay_config.intercept_listen.unwrap_or(DEFAULT_INTERCEPT);
+        let intercept = redirect::intercept_listener(addr)
+            .with_context(|| format!("binding the relay's intercept listener on {addr}"))?;
+        agent.set_relay_listener(&intercept)?;
+        let listeners = smtpgate_relay::Listeners {
+            intercept: Some(intercept),
+            ..Default::default()
+        };
+        let relay = rt
+            .block_on(smtpgate_relay::Relay::start(relay_config, listeners))
+            .context("starting the relay")?;
+        agent.set_relay(relay);
+    }
     let c = agent.config();
     info!(mode = ?c.mode, action = ?c.action, ports = ?c.ports, socket = %socket.display(), "enforcing");
     let agent: Shared = Arc::new(Mutex::new(agent));
@@ -90,6 +116,11 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         }
     });
     notify::send("STOPPING=1");
+    let relay = lock(&agent).take_relay();
+    if let Some(relay) = relay {
+        // Sessions get 421 and queued mail stays on disk for the next start.
+        rt.block_on(relay.shutdown());
+    }
     let _ = std::fs::remove_file(&socket);
     if lock(&agent).detached() {
         info!("stopped after detach");

@@ -13,10 +13,9 @@ pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
         );
         let rows = d["counters"].as_array().cloned().unwrap_or_default();
         let mut shown = 0;
-        for r in rows
-            .iter()
-            .filter(|r| r["packets"].as_u64().unwrap_or(0) > 0)
-        {
+        for r in rows.iter().filter(|r| {
+            r["packets"].as_u64().unwrap_or(0) + r["connections"].as_u64().unwrap_or(0) > 0
+        }) {
             println!(
                 "{:<6} {:<10} {:<22} {:>12} {:>12}",
                 r["family"].as_str().unwrap_or("?"),

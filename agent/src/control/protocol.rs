@@ -24,6 +24,12 @@ pub enum Request {
     AllowList,
     Reload,
     Detach,
+    /// Retry every queued message now.
+    QueueFlush,
+    /// Delete a queued message (and stop its delivery).
+    QueueDelete {
+        id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

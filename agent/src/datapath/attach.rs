@@ -258,6 +258,7 @@ impl Datapath {
         pins::remove_tree(&root).map_err(|source| DatapathError::Pins { path: root, source })?;
         // Closing our own link fds detaches what the pins no longer hold.
         self.links.clear();
+        super::redirect::remove_routing();
         self.attached.clear();
         Ok(())
     }

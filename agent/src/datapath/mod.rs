@@ -5,6 +5,7 @@
 mod attach;
 mod nodes;
 pub mod pins;
+pub mod redirect;
 
 use std::{
     collections::BTreeSet,
@@ -67,6 +68,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("policy routing for redirect: {what}")]
+    Routing { what: String },
     #[error("interface {name:?} not found")]
     NoInterface { name: String },
     #[error("opening cgroup {path}")]
@@ -105,6 +108,7 @@ pub struct Datapath {
     config: Array<MapData, common::Config>,
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counter>,
+    relay: aya::maps::SockMap<MapData>,
     nodes: NodeRegion,
     /// Kept open: programs loaded later are relocated against this fd.
     _node_map: MapData,
@@ -128,11 +132,12 @@ fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathErro
     move |source| DatapathError::Map { op, source }
 }
 
-const MAP_NAMES: [&str; 4] = [
+const MAP_NAMES: [&str; 5] = [
     common::maps::CONFIG,
     common::maps::PORTS,
     common::maps::ALLOW_NODES,
     common::maps::COUNTERS,
+    common::maps::RELAY,
 ];
 
 /// Nodes per table of the pinned maps, if a complete set of this layout's
@@ -197,6 +202,8 @@ impl Datapath {
             .map_err(map_err("opening the ports map"))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, common::maps::COUNTERS)?)
             .map_err(map_err("opening the counters map"))?;
+        let relay = aya::maps::SockMap::try_from(take_map(&mut ebpf, common::maps::RELAY)?)
+            .map_err(map_err("opening the relay SOCKMAP"))?;
         let Map::Array(node_map) = take_map(&mut ebpf, common::maps::ALLOW_NODES)? else {
             return Err(DatapathError::MissingMap {
                 name: common::maps::ALLOW_NODES,
@@ -217,7 +224,7 @@ impl Datapath {
                 action: common::Action::Drop as u32,
                 mode: common::Mode::Enforce as u32,
                 local_allowed: 0,
-                _reserved: 0,
+                relay_port: 0,
             }
         };
         let mut dp = Self {
@@ -225,6 +232,7 @@ impl Datapath {
             config,
             ports,
             counters,
+            relay,
             nodes,
             _node_map: node_map,
             settings,
@@ -261,9 +269,7 @@ impl Datapath {
         self.settings.action = match action {
             Action::Drop => common::Action::Drop,
             Action::Reject => common::Action::Reject,
-            // Rejected by config validation until the relay exists; fail
-            // closed if it ever gets here.
-            Action::Redirect => common::Action::Drop,
+            Action::Redirect => common::Action::Redirect,
         } as u32;
         self.write_settings()
     }

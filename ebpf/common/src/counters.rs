@@ -60,6 +60,9 @@ pub enum Reason {
     /// A non-first fragment of a TCP datagram: its port is unknown, and the
     /// first fragment got the verdict.
     NonFirstFragment = 9,
+    /// `action = "redirect"`, but the relay's listener is not there (agent
+    /// down, relay stopped): the connection is dropped, never let through.
+    RelayUnavailable = 10,
 }
 
 /// One counter slot.
@@ -79,7 +82,7 @@ unsafe impl aya::Pod for Counter {}
 
 pub const FAMILIES: u32 = 3;
 pub const VERDICTS: u32 = 6;
-pub const REASONS: u32 = 10;
+pub const REASONS: u32 = 11;
 
 /// Number of slots in [`crate::maps::COUNTERS`].
 pub const SLOTS: u32 = FAMILIES * VERDICTS * REASONS;
@@ -139,6 +142,7 @@ impl Reason {
         Reason::MappedAddress,
         Reason::Malformed,
         Reason::NonFirstFragment,
+        Reason::RelayUnavailable,
     ];
 
     #[must_use]
@@ -154,6 +158,7 @@ impl Reason {
             Reason::MappedAddress => "mapped_address",
             Reason::Malformed => "malformed",
             Reason::NonFirstFragment => "non_first_fragment",
+            Reason::RelayUnavailable => "relay_unavailable",
         }
     }
 }

@@ -36,6 +36,8 @@ pub mod maps {
     pub const PORTS: &str = "SMTPGATE_PORTS";
     pub const ALLOW_NODES: &str = "SMTPGATE_ALLOW_NODES";
     pub const COUNTERS: &str = "SMTPGATE_COUNTERS";
+    /// SOCKMAP holding the relay's intercept listener at index 0.
+    pub const RELAY: &str = "SMTPGATE_RELAY";
 }
 
 /// What happens to SMTP egress from a source that is not allowlisted.
@@ -46,6 +48,9 @@ pub enum Action {
     Drop = 0,
     /// Answer with a TCP RST (TC) or EPERM (cgroup) so the client fails fast.
     Reject = 1,
+    /// Steer the connection into the embedded relay's intercept listener
+    /// (bpf_sk_assign at TC ingress; a rewritten connect() at cgroup).
+    Redirect = 2,
 }
 
 /// Whether denials are enforced or only counted.
@@ -76,8 +81,16 @@ pub struct Config {
     /// hooks use it to refuse connect() at once for unbound sockets, whose
     /// source address is not chosen yet.
     pub local_allowed: u32,
-    pub _reserved: u32,
+    /// The relay's intercept port, for the cgroup connect hooks' redirect
+    /// (0: no relay, redirects fail closed).
+    pub relay_port: u32,
 }
+
+/// The mark on packets steered into the relay, which policy routing
+/// (`ip rule add fwmark` .. `lookup` [`REDIRECT_TABLE`]) delivers locally.
+pub const REDIRECT_MARK: u32 = 0x0534_7001;
+/// The routing table with `local 0.0.0.0/0 dev lo` (and `::/0`).
+pub const REDIRECT_TABLE: u32 = 25_225;
 
 pub const LOCAL_V4_ALLOWED: u32 = 1;
 pub const LOCAL_V6_ALLOWED: u32 = 2;

@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod redirect;
 mod reject;
 
 use aya_ebpf::{
@@ -50,6 +51,8 @@ enum Decision {
     Pass,
     Drop,
     Reject(Smtp),
+    /// Counted by whoever carries it out: it may still fail (no relay).
+    Redirect(Smtp),
 }
 
 #[inline(always)]
@@ -61,7 +64,7 @@ fn is_smtp_port(port: u16) -> bool {
 }
 
 #[inline(always)]
-fn count(family: Family, verdict: Verdict, reason: Reason, syn: bool) {
+pub(crate) fn count(family: Family, verdict: Verdict, reason: Reason, syn: bool) {
     if let Some(c) = SMTPGATE_COUNTERS.get_ptr_mut(counters::index(family, verdict, reason)) {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on a CPU
         // while they run, so nothing else writes it concurrently.
@@ -137,6 +140,8 @@ fn decide(parsed: Parsed) -> Decision {
             if cfg.action == Action::Reject as u32 {
                 count(family, Verdict::Rejected, Reason::NotAllowlisted, syn);
                 Decision::Reject(smtp)
+            } else if cfg.action == Action::Redirect as u32 {
+                Decision::Redirect(smtp)
             } else {
                 count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
                 Decision::Drop
@@ -177,7 +182,7 @@ fn quick_verdict(source: &Source, flags: u8) -> Option<i32> {
     } else if cfg.mode == Mode::Audit as u32 {
         count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
         Some(TC_ACT_UNSPEC)
-    } else if cfg.action == Action::Reject as u32 {
+    } else if cfg.action == Action::Reject as u32 || cfg.action == Action::Redirect as u32 {
         None
     } else {
         count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
@@ -235,6 +240,19 @@ fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
         Decision::Untouched | Decision::Pass => TC_ACT_UNSPEC,
         Decision::Drop => TC_ACT_SHOT as i32,
         Decision::Reject(smtp) => reject::answer::<INGRESS>(ctx, &smtp),
+        // Steering works only where the packet is received: at egress the
+        // config refuses redirect, and a packet that gets here anyway is
+        // dropped, never let out.
+        Decision::Redirect(smtp) if INGRESS => redirect::steer(ctx, &smtp),
+        Decision::Redirect(smtp) => {
+            count(
+                smtp.family(),
+                Verdict::Dropped,
+                Reason::RelayUnavailable,
+                smtp.is_syn(),
+            );
+            TC_ACT_SHOT as i32
+        }
     }
 }
 
@@ -275,6 +293,19 @@ pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
         Decision::Untouched | Decision::Pass => CGROUP_ALLOW,
         Decision::Drop => CGROUP_DROP_QUIET,
         Decision::Reject(_) => CGROUP_DENY,
+        // The connect hooks steer denied connections to the relay before
+        // any packet exists. A SYN that still gets here (its source was
+        // picked after the hook could judge it) has nowhere to go but out:
+        // it is dropped.
+        Decision::Redirect(smtp) => {
+            count(
+                smtp.family(),
+                Verdict::Dropped,
+                Reason::NotAllowlisted,
+                smtp.is_syn(),
+            );
+            CGROUP_DROP_QUIET
+        }
     }
 }
 
@@ -288,7 +319,7 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
     const ALLOW: i32 = 1;
     const REFUSE: i32 = 0;
     // SAFETY: the context pointer is valid for the program's duration.
-    let sa = unsafe { &*ctx.sock_addr };
+    let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != 1 /* SOCK_STREAM */ || (sa.protocol != 0 && sa.protocol != 6) {
         return ALLOW;
     }
@@ -296,7 +327,10 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(cfg) = SMTPGATE_CONFIG.get(0) else {
         return ALLOW;
     };
-    if !is_smtp_port(port) || cfg.mode == Mode::Audit as u32 || cfg.action != Action::Reject as u32
+    let redirect = cfg.action == Action::Redirect as u32;
+    if !is_smtp_port(port)
+        || cfg.mode == Mode::Audit as u32
+        || (cfg.action != Action::Reject as u32 && !redirect)
     {
         return ALLOW;
     }
@@ -352,8 +386,30 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
     if allowed {
         return ALLOW;
     }
-    count_attempt(family, Verdict::Rejected, Reason::NotAllowlisted);
-    REFUSE
+    if !redirect {
+        count_attempt(family, Verdict::Rejected, Reason::NotAllowlisted);
+        return REFUSE;
+    }
+    // Redirect: connect to the relay's intercept listener on loopback
+    // instead. No relay port: fail closed.
+    if cfg.relay_port == 0 || cfg.relay_port > 0xffff {
+        count_attempt(family, Verdict::Dropped, Reason::RelayUnavailable);
+        return REFUSE;
+    }
+    sa.user_port = u32::from((cfg.relay_port as u16).to_be());
+    if v6 {
+        let v4_mapped =
+            sa.user_ip6[0] == 0 && sa.user_ip6[1] == 0 && u32::from_be(sa.user_ip6[2]) == 0xffff;
+        sa.user_ip6 = if v4_mapped {
+            [0, 0, 0xffffu32.to_be(), 0x7f00_0001u32.to_be()]
+        } else {
+            [0, 0, 0, 1u32.to_be()]
+        };
+    } else {
+        sa.user_ip4 = 0x7f00_0001u32.to_be();
+    }
+    count_attempt(family, Verdict::Redirected, Reason::NotAllowlisted);
+    ALLOW
 }
 
 #[cgroup_sock_addr(connect4)]

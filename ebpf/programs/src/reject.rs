@@ -48,7 +48,7 @@ pub fn stash_offsets(ctx: &TcContext, smtp: Smtp) -> Smtp {
 }
 
 #[inline(always)]
-fn unstash_offsets(ctx: &TcContext) -> (usize, usize, u32) {
+pub(crate) fn unstash_offsets(ctx: &TcContext) -> (usize, usize, u32) {
     // SAFETY: as in `stash_offsets`.
     unsafe {
         let cb = &raw const (*ctx.skb.skb).cb;

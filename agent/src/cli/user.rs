@@ -1,0 +1,119 @@
+//! `smtpgate user add|remove|list|passwd`: the relay's users file. Works on
+//! the file named by the config's `[relay] users_file`; a running relay
+//! notices the change by itself.
+
+use std::{io::BufRead as _, path::PathBuf};
+
+use anyhow::Context as _;
+use smtpgate::{agent::load_config, paths};
+use smtpgate_relay::users;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The agent's config file, for `[relay] users_file`.
+    #[arg(long, short, global = true, default_value = paths::CONFIG_FILE)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Add a user. The password is read from standard input (one line).
+    Add {
+        name: String,
+        /// An address or @domain the user may send as (repeatable).
+        #[arg(long = "sender", required = true)]
+        senders: Vec<String>,
+        /// Import an existing hash ($argon2id$, $2b$/$2y$ bcrypt, $6$
+        /// SHA-512-crypt) instead of reading a password.
+        #[arg(long)]
+        hash: Option<String>,
+    },
+    /// Remove a user.
+    Remove { name: String },
+    /// List users, their hash scheme and allowed senders.
+    List,
+    /// Set a user's password, read from standard input (one line).
+    Passwd { name: String },
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let tty = unsafe { libc::isatty(0) } == 1;
+    if tty {
+        eprint!("password: ");
+    }
+    let _echo = tty.then(EchoOff::new);
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password")?;
+    if tty {
+        eprintln!();
+    }
+    let pw = line.trim_end_matches(['\n', '\r']).to_owned();
+    anyhow::ensure!(!pw.is_empty(), "empty password");
+    Ok(pw)
+}
+
+/// Turns terminal echo off while a password is typed.
+struct EchoOff(Option<libc::termios>);
+
+impl EchoOff {
+    fn new() -> Self {
+        // SAFETY: tcgetattr/tcsetattr on stdin with a zeroed termios.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return Self(None);
+            }
+            let old = t;
+            t.c_lflag &= !libc::ECHO;
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            Self(Some(old))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            // SAFETY: restoring what `new` read.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &old) };
+        }
+    }
+}
+
+pub fn execute(args: &Args) -> anyhow::Result<()> {
+    let config = load_config(Some(&args.config))?;
+    let file = &config.relay.users_file;
+    match &args.command {
+        Command::Add {
+            name,
+            senders,
+            hash,
+        } => {
+            match hash {
+                Some(h) => users::user_add_hash(file, name, h, senders.clone())?,
+                None => users::user_add(file, name, &read_password()?, senders.clone())?,
+            }
+            println!("added {name} ({})", file.display());
+        }
+        Command::Remove { name } => {
+            users::user_remove(file, name)?;
+            println!("removed {name}");
+        }
+        Command::Passwd { name } => {
+            users::user_passwd(file, name, &read_password()?)?;
+            println!("password changed for {name}");
+        }
+        Command::List => {
+            println!("{:<24} {:<14} SENDERS", "USER", "SCHEME");
+            for u in users::user_list(file)? {
+                println!("{:<24} {:<14} {}", u.name, u.scheme, u.senders.join(", "));
+            }
+        }
+    }
+    Ok(())
+}

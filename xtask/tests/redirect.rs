@@ -1,0 +1,353 @@
+//! Redirect: denied clients' port-25 connections land in the embedded
+//! relay, never on the Internet. Real swaks, real smtp-sink upstream.
+
+use std::{process::Command, time::Duration};
+
+use xtask::{
+    agent::{Agent, privileged, smtpgate_bin},
+    lab::{self, Host, Lab, Options, run},
+};
+
+const PASSWORD: &str = "correct horse battery staple";
+const SINK_PORT: u16 = 2525;
+const LAN_INGRESS: &str = "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n";
+
+/// A lab with smtp-sink as the relay's upstream (in the gateway, on
+/// loopback), a self-signed certificate, a user, and the agent running
+/// `action = "redirect"` at the attach points `attach` writes.
+fn setup(name: &str, options: Options, attach: impl FnOnce(&mut Lab) -> String) -> (Lab, Agent) {
+    let mut lab = Lab::up(name, options).unwrap();
+    lab.start_listeners().unwrap();
+    let attach = attach(&mut lab);
+    let dir = lab.dir.clone();
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=relay.lab",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("relay.key"))
+        .arg("-out")
+        .arg(dir.join("relay.crt")))
+    .unwrap();
+    let sink_dir = dir.join("sink");
+    std::fs::create_dir_all(&sink_dir).unwrap();
+    let mut sink = lab.command(Host::Gw, "/usr/sbin/smtp-sink");
+    sink.args([
+        "-u",
+        "root",
+        "-d",
+        &format!("{}/msg.", sink_dir.display()),
+        &format!("127.0.0.1:{SINK_PORT}"),
+        "100",
+    ]);
+    lab.spawn(sink, "sink.log").unwrap();
+    let config = format!(
+        "action = \"redirect\"\nallowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
+         tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\n\
+         [relay.upstream]\nhost = \"127.0.0.1\"\nport = {SINK_PORT}\ntls = \"none\"\n[relay.retry]\ninitial_backoff_secs = 0.2\n",
+        lab::CLIENT_ALLOWED_V4,
+        lab::CLIENT_ALLOWED_V6,
+        dir.join("relay.crt").display().to_string(),
+        dir.join("relay.key").display().to_string(),
+        dir.join("users.toml").display().to_string(),
+        dir.join("spool").display().to_string(),
+    );
+    // The user, added with the CLI, as an admin would.
+    let cfg = lab.write("users-cli.toml", &config).unwrap();
+    let mut add = Command::new(smtpgate_bin());
+    add.args([
+        "user",
+        "add",
+        "alice",
+        "--sender",
+        "alice@client.lab",
+        "--config",
+    ])
+    .arg(&cfg);
+    let out = pipe(add, PASSWORD);
+    assert!(
+        out.status.success(),
+        "user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = lab.start_agent("agent", &config).unwrap();
+    (lab, agent)
+}
+
+fn pipe(mut cmd: Command, input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{input}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// swaks from `src` in `host` to `dst`:25; returns its whole transcript.
+fn swaks(lab: &Lab, host: Host, src: &str, dst: &str, auth: bool, body: &str) -> String {
+    let mut cmd = lab.command(host, "/usr/bin/swaks");
+    cmd.args([
+        "--server",
+        dst,
+        "--port",
+        "25",
+        "--timeout",
+        "10",
+        "--to",
+        "bob@inet.lab",
+    ]);
+    if src != "-" {
+        cmd.args(["--local-interface", src]);
+    }
+    if auth {
+        cmd.args([
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            "alice@client.lab",
+        ]);
+    } else {
+        cmd.args(["--from", "spammer@client.lab"]);
+    }
+    cmd.args(["--header", "Subject: redirect test", "--body", body]);
+    let out = cmd.output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn sink_messages(lab: &Lab) -> Vec<String> {
+    std::fs::read_dir(lab.dir.join("sink"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect()
+}
+
+fn inet_saw(lab: &Lab, peer: &str) -> usize {
+    lab.inet_connections()
+        .iter()
+        .filter(|(p, a)| *p == 25 && a == peer)
+        .count()
+}
+
+#[test]
+fn denied_clients_land_in_the_relay_and_never_reach_the_internet() {
+    if !privileged() {
+        return;
+    }
+    let (lab, agent) = setup("redir", Options::default(), |_| LAN_INGRESS.to_owned());
+    for (denied, allowed, inet) in [
+        (lab::CLIENT_DENIED_V4, lab::CLIENT_ALLOWED_V4, lab::INET_V4),
+        (lab::CLIENT_DENIED_V6, lab::CLIENT_ALLOWED_V6, lab::INET_V6),
+    ] {
+        // Without credentials: the relay's banner, then a refusal that says
+        // what to do.
+        let t = swaks(&lab, Host::Client, denied, inet, false, "spam");
+        assert!(
+            t.contains("220 relay.lab"),
+            "no relay banner for {denied}:\n{t}"
+        );
+        assert!(
+            t.contains("530 5.7.0") && t.contains("587"),
+            "MAIL without AUTH must get 530:\n{t}"
+        );
+        // With credentials: relayed to the upstream sink.
+        let body = format!("hello from {denied}");
+        let t = swaks(&lab, Host::Client, denied, inet, true, &body);
+        assert!(
+            t.contains("250 2.0.0"),
+            "authenticated mail refused for {denied}:\n{t}"
+        );
+        lab.wait_for(
+            "the sink to get the message",
+            Duration::from_secs(20),
+            |lab| sink_messages(lab).iter().any(|m| m.contains(&body)),
+        )
+        .unwrap();
+        let msg = sink_messages(&lab)
+            .into_iter()
+            .find(|m| m.contains(&body))
+            .unwrap();
+        assert!(
+            msg.contains(&format!(
+                "original destination {}",
+                if inet.contains(':') {
+                    format!("[{inet}]:25")
+                } else {
+                    format!("{inet}:25")
+                }
+            )),
+            "{msg}"
+        );
+        // The internet host's port 25 never saw the denied client.
+        assert_eq!(
+            inet_saw(&lab, denied),
+            0,
+            "{denied} reached the internet host"
+        );
+        // An allowlisted client still goes straight out.
+        let t = swaks(&lab, Host::Client, allowed, inet, false, "direct");
+        assert!(
+            t.contains("220 inet.lab"),
+            "allowlisted {allowed} did not reach the internet host:\n{t}"
+        );
+        assert_eq!(inet_saw(&lab, allowed), 1);
+    }
+    let c = lab.stats(&agent).unwrap();
+    for family in ["ipv4", "ipv6"] {
+        assert_eq!(
+            c.connections(family, "redirected", "not_allowlisted"),
+            2,
+            "{family}: {c:?}"
+        );
+    }
+    let status = String::from_utf8_lossy(
+        &lab.cli(&agent, &["status", "--output", "json"])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(status.contains("\"intercept\""), "{status}");
+}
+
+#[test]
+fn redirect_fails_closed_when_the_agent_is_gone() {
+    if !privileged() {
+        return;
+    }
+    let (mut lab, agent) = setup("redirdown", Options { nat: true }, |_| {
+        LAN_INGRESS.to_owned()
+    });
+    // On the NAT gateway too, first: redirect works, allowlisted go out.
+    let t = swaks(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        false,
+        "x",
+    );
+    assert!(t.contains("220 relay.lab"), "{t}");
+    let t = swaks(
+        &lab,
+        Host::Client,
+        lab::CLIENT_ALLOWED_V4,
+        lab::INET_V4,
+        false,
+        "x",
+    );
+    assert!(t.contains("220 inet.lab"), "{t}");
+    lab.stop(agent.pid, true).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = lab.inet_connections().len();
+    for (src, dst) in [
+        (lab::CLIENT_DENIED_V4, lab::INET_V4),
+        (lab::CLIENT_DENIED_V6, lab::INET_V6),
+    ] {
+        let a = lab
+            .connect(Host::Client, src, dst, 25, Duration::from_millis(1500))
+            .unwrap();
+        assert!(
+            !a.connected(),
+            "{src} got through with the agent down: {a:?}"
+        );
+    }
+    assert_eq!(
+        lab.inet_connections().len(),
+        before,
+        "the internet host saw a connection"
+    );
+    // The allowlisted client is unaffected.
+    let a = lab
+        .connect(
+            Host::Client,
+            lab::CLIENT_ALLOWED_V4,
+            lab::INET_V4,
+            25,
+            Duration::from_millis(1500),
+        )
+        .unwrap();
+    assert!(a.connected(), "{a:?}");
+    // users-cli.toml holds the config as setup() wrote it.
+    let config = std::fs::read_to_string(lab.dir.join("users-cli.toml")).unwrap();
+    let agent = lab.start_agent("agent", &config).unwrap();
+    let c = lab.stats(&agent).unwrap();
+    assert!(
+        c.connections("ipv4", "dropped", "relay_unavailable") >= 1,
+        "{c:?}"
+    );
+}
+
+#[test]
+fn local_processes_are_redirected_through_the_cgroup_hook() {
+    if !privileged() {
+        return;
+    }
+    let (lab, agent) = setup("redircg", Options::default(), |lab| {
+        let cg = lab.cgroup("senders").unwrap();
+        format!(
+            "[[attach]]\nhook = \"cgroup\"\npath = {:?}\n",
+            cg.display().to_string()
+        )
+    });
+    let cg = lab::cgroup2_mount()
+        .unwrap()
+        .join(format!("{}-senders", lab.prefix));
+    // swaks on the gateway host itself, in the cgroup, to the internet host.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{} swaks --server {} --port 25 --timeout 10 \
+         --from spammer@gw.lab --to bob@inet.lab",
+        cg.display(),
+        lab.ns(Host::Gw),
+        lab::INET_V4
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.contains("220 relay.lab"),
+        "the local process did not land in the relay:\n{t}"
+    );
+    assert!(t.contains("530 5.7.0"), "{t}");
+    assert_eq!(
+        inet_saw(&lab, lab::GW_WAN_V4),
+        0,
+        "the internet host saw the gateway's process"
+    );
+    let c = lab.stats(&agent).unwrap();
+    assert_eq!(
+        c.connections("ipv4", "redirected", "not_allowlisted"),
+        1,
+        "{c:?}"
+    );
+}
