@@ -51,7 +51,8 @@ echo "sandbox-test: unit capabilities: ${unit_caps[*]}"
 
 cg2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/self/mounts)
 [[ -n $cg2 ]] || fail "no cgroup v2 hierarchy mounted"
-cgroup=$cg2/smtpgate-sandbox-test.$$
+# No dot in the name: bpffs refuses dots in pin names.
+cgroup=$cg2/smtpgate-sandbox-test-$$
 agent_pid=
 cleanup() {
     if [[ -n $agent_pid ]]; then kill "$agent_pid" 2>/dev/null || true; wait "$agent_pid" 2>/dev/null || true; fi

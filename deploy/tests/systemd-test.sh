@@ -46,6 +46,21 @@ fi
 
 work=$(mktemp -d -p /var/tmp)
 nspawn_pid=
+# The container gets a cgroup of its own (nspawn --keep-unit puts it in ours):
+# the agent in it attaches to the root of its cgroup namespace, which must not
+# be this host's root cgroup, or the test would enforce on every process here.
+cgroups=()
+while read -r _ mnt type opts _; do
+    if [[ $type == cgroup2 || ($type == cgroup && $opts == *name=systemd*) ]]; then
+        cgroups+=("$mnt")
+    fi
+done < /proc/self/mounts
+leave_cgroups() {
+    for mnt in "${cgroups[@]}"; do
+        echo $$ > "$mnt/cgroup.procs" 2>/dev/null || true
+        rmdir "$mnt/smtpgate-systemd-test-$$" 2>/dev/null || true
+    done
+}
 cleanup() {
     if [[ -n $nspawn_pid ]] && kill -0 "$nspawn_pid" 2>/dev/null; then
         kill -TERM "$nspawn_pid" 2>/dev/null || true   # nspawn: clean container shutdown
@@ -54,6 +69,7 @@ cleanup() {
     fi
     umount "$work/bpffs" 2>/dev/null || true
     rm -rf "$work"
+    leave_cgroups
 }
 trap cleanup EXIT
 
@@ -83,6 +99,10 @@ EOF
 mkdir "$work/bpffs"
 mount -t bpf bpf "$work/bpffs"
 
+for mnt in "${cgroups[@]}"; do
+    mkdir "$mnt/smtpgate-systemd-test-$$"
+    echo $$ > "$mnt/smtpgate-systemd-test-$$/cgroup.procs"
+done
 step "booting the container"
 setsid systemd-nspawn -D "$work/rootfs" -b --register=no --keep-unit --private-network \
     --capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN --system-call-filter='bpf perf_event_open' \
@@ -175,6 +195,14 @@ done
 ok "enforcing: connect from a unit in the container gets EPERM"
 ctr smtpgate status >/dev/null || fail "smtpgate status failed"
 ok "smtpgate status over the control socket"
+if ctr smtpgate --help | grep -qE '^ +allow'; then
+    # Writes the agent's state (StateDirectory) from inside the sandbox.
+    ctr smtpgate allow add 198.51.100.7 --comment systemd-test >/dev/null ||
+        fail "smtpgate allow add failed: $(journal | tail -5)"
+    [[ -n $(ls -A "$work/rootfs/var/lib/smtpgate" 2>/dev/null | grep -v '^spool$') ]] ||
+        fail "allow add left nothing in /var/lib/smtpgate"
+    ok "smtpgate allow add persists to /var/lib/smtpgate under the sandbox"
+fi
 if grep -q /readyz "$work/rootfs/usr/bin/smtpgate"; then
     # [metrics] is on by default (127.0.0.1:9725): the sandbox must let it listen.
     for path in /healthz /readyz /metrics; do
@@ -185,19 +213,31 @@ if grep -q /readyz "$work/rootfs/usr/bin/smtpgate"; then
     ok "metrics endpoint answers /healthz, /readyz, /metrics from inside the sandbox"
 fi
 
+# A bad config: reload must fail visibly and change nothing.
+cp "$work/rootfs/etc/smtpgate/smtpgate.toml" "$work/good.toml"
+echo 'ports = [0]' > "$work/rootfs/etc/smtpgate/smtpgate.toml"
+if [[ $notify == yes ]]; then
+    if ctr systemctl reload smtpgate 2>/dev/null; then
+        fail "systemctl reload succeeded with an invalid config"
+    fi
+    [[ $(ctr systemctl is-active smtpgate) == active && $(probe) == EPERM ]] ||
+        fail "a bad config on reload changed the running policy"
+    ok "systemctl reload with a bad config fails and changes nothing"
+fi
+cp "$work/good.toml" "$work/rootfs/etc/smtpgate/smtpgate.toml"
 pid=$(ctr systemctl show -p MainPID --value smtpgate)
 reload_rc=0
 ctr systemctl reload smtpgate 2>/dev/null || reload_rc=$?
 sleep 1
 newpid=$(ctr systemctl show -p MainPID --value smtpgate)
 if [[ $reload_rc == 0 && $pid == "$newpid" && $(ctr systemctl is-active smtpgate) == active ]]; then
-    ok "reload (SIGHUP) keeps the agent running"
+    ok "systemctl reload keeps the agent running (same pid)"
 elif [[ $notify == no ]]; then
     echo "note reload killed the agent (no SIGHUP handler yet); Restart= brings it back"
     for _ in $(seq 100); do [[ $(ctr systemctl is-active smtpgate) == active ]] && break; sleep 0.2; done
     sleep 3
 else
-    fail "reload (SIGHUP) restarted or stopped the agent"
+    fail "systemctl reload failed, or restarted or stopped the agent (rc $reload_rc, pid $pid -> $newpid): $(journal | tail -8)"
 fi
 
 # --- upgrade (same package again) ------------------------------------------------------
@@ -211,6 +251,10 @@ ok "upgrade try-restarted the running agent (pid $pid -> $newpid)"
 [[ $(probe) == EPERM ]] || fail "not enforcing after the upgrade"
 ok "enforcing after the upgrade"
 ctr systemctl stop smtpgate
+if ctr smtpgate --help | grep -qE '^ +detach'; then
+    [[ $(probe) == EPERM ]] || fail "systemctl stop lifted enforcement; the pins should keep it"
+    ok "systemctl stop: the agent stops, the pinned policy keeps enforcing"
+fi
 ctr dpkg -i /root/smtpgate.deb >/dev/null
 [[ $(ctr systemctl is-active smtpgate || true) == inactive ]] || fail "upgrade started a stopped agent"
 ok "upgrade leaves a stopped agent stopped"
