@@ -209,12 +209,16 @@ def check_raw(r: Report, smtpgate: str | None) -> None:
     srcs = facts.get("config_sources") or []
     cm_ref = [s["configMap"] for s in srcs if "configMap" in s]
     sec_ref = [s["secret"] for s in srcs if "secret" in s]
+    users_ref = [x for x in sec_ref if any(i.get("path") == "users.toml" for i in x.get("items", []))]
+    tls_ref = [x for x in sec_ref if any(i.get("path") == "relay.key" for i in x.get("items", []))]
     r.check(f"{where}: config volume projects the ConfigMap's smtpgate.toml",
             len(cm_ref) == 1 and cm_ref[0].get("name") == dig(cm, "metadata", "name")
             and "smtpgate.toml" in (cm.get("data") or {}))
     r.check(f"{where}: config volume projects the Secret's users.toml",
-            len(sec_ref) == 1 and sec_ref[0].get("name") == dig(secret, "metadata", "name")
+            len(users_ref) == 1 and users_ref[0].get("name") == dig(secret, "metadata", "name")
             and "users.toml" in (secret.get("stringData") or secret.get("data") or {}))
+    r.check(f"{where}: relay TLS Secret projected as relay.crt/relay.key, optional",
+            len(tls_ref) == 1 and tls_ref[0].get("optional") is True)
     users = (secret.get("stringData") or {}).get("users.toml")
     if users is not None:
         try:
@@ -362,6 +366,11 @@ def check_config(r: Report, where: str, text: str, smtpgate: str | None, facts: 
         r.check(f"{where}: [metrics] listen port matches the pod's metrics port",
                 port is not None and port == facts.get("metrics_port"),
                 f"listen {listen!r}, pod port {facts.get('metrics_port')}")
+        relay = cfg.get("relay", {})
+        r.check(f"{where}: [relay] users_file and spool_dir are where the pod mounts them",
+                relay.get("users_file") == "/etc/smtpgate/users.toml"
+                and str(relay.get("spool_dir", "")).startswith("/var/lib/smtpgate/"),
+                f"users_file {relay.get('users_file')!r}, spool_dir {relay.get('spool_dir')!r}")
         cg_mount = facts.get("cgroup_mount")
         for a in cfg.get("attach", []):
             if a.get("hook") == "cgroup":
