@@ -161,6 +161,7 @@ impl Agent {
             }
             Request::Reload => self.reload(),
             Request::Detach => self.detach(),
+            Request::Top { limit } => Ok(self.top(limit)),
             Request::QueueFlush => self.relay().map(|r| {
                 r.flush();
                 json!({ "flushed": true })
@@ -364,6 +365,26 @@ impl Agent {
         })
     }
 
+    fn top(&self, limit: usize) -> Value {
+        let now_mono = monotonic_ns();
+        let now = now_unix();
+        let rows: Vec<Value> = self
+            .datapath
+            .top(limit)
+            .into_iter()
+            .map(|(ip, attempts, last_ns, verdict)| {
+                let last = now - (now_mono.saturating_sub(last_ns)) as f64 / 1e9;
+                json!({ "source": ip, "attempts": attempts, "last_seen_unix": last, "verdict": verdict })
+            })
+            .collect();
+        json!({ "sources": rows })
+    }
+
+    /// The datapath's ring buffer of denied attempts (see `events`).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.datapath.take_events()
+    }
+
     fn stats(&self) -> anyhow::Result<Value> {
         Ok(json!({ "counters": self.datapath.counters()? }))
     }
@@ -548,4 +569,15 @@ fn local_addresses() -> Vec<IpAddr> {
         IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
     });
     out
+}
+
+/// CLOCK_MONOTONIC, which bpf_ktime_get_ns reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

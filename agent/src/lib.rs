@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod events;
 pub mod metrics;
 pub mod paths;
 pub mod policy;

@@ -426,3 +426,99 @@ fn allowlist_of_100k_replaced_live_under_traffic() {
     let check = ok(&lab.cli(&agent, &["check", "198.18.0.0"]).unwrap());
     assert!(check.contains("rejected"), "the old list is gone: {check}");
 }
+
+#[test]
+fn top_ranks_denied_sources_and_the_log_is_rate_limited() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("top", Options::default()).unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let cli = |args: &[&str]| lab.cli(&agent, args).unwrap();
+    assert!(ok(&cli(&["top"])).contains("no denied SMTP egress"));
+    let v4 = lab
+        .craft(
+            Host::Client,
+            "syn",
+            lab::CLIENT_DENIED_V4,
+            lab::INET_V4,
+            25,
+            &[],
+        )
+        .unwrap();
+    let v6 = lab
+        .craft(
+            Host::Client,
+            "syn",
+            lab::CLIENT_DENIED_V6,
+            lab::INET_V6,
+            3,
+            &[],
+        )
+        .unwrap();
+    lab.craft(
+        Host::Client,
+        "syn",
+        lab::CLIENT_ALLOWED_V4,
+        lab::INET_V4,
+        4,
+        &[],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let top: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&["top", "--output", "json"]))).unwrap();
+    let sources = top["sources"].as_array().unwrap();
+    assert_eq!(
+        sources.len(),
+        2,
+        "allowlisted sources are not ranked: {top}"
+    );
+    assert_eq!(sources[0]["source"], lab::CLIENT_DENIED_V4);
+    assert_eq!(sources[0]["attempts"], v4);
+    assert_eq!(sources[0]["verdict"], "rejected");
+    assert_eq!(sources[1]["source"], lab::CLIENT_DENIED_V6);
+    assert_eq!(sources[1]["attempts"], v6);
+    let human = ok(&cli(&["top", "-n", "1"]));
+    assert!(
+        human.contains(lab::CLIENT_DENIED_V4) && !human.contains(lab::CLIENT_DENIED_V6),
+        "{human}"
+    );
+    // One log line per source per second, however many attempts.
+    let log = lab.read_log(&agent.log);
+    let lines = |src: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("denied SMTP egress attempt") && l.contains(&format!("src={src} "))
+            })
+            .count()
+    };
+    assert_eq!(lines(lab::CLIENT_DENIED_V4), 1, "{log}");
+    assert_eq!(lines(lab::CLIENT_DENIED_V6), 1, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("src={} ", lab::CLIENT_DENIED_V4)))
+        .unwrap();
+    assert!(
+        line.contains(&format!("dst={}", lab::INET_V4))
+            && line.contains("dport=25")
+            && line.contains("verdict=\"rejected\""),
+        "{line}"
+    );
+    // After the interval, the next attempt reports what was held back.
+    std::thread::sleep(Duration::from_millis(1100));
+    lab.craft(
+        Host::Client,
+        "syn",
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        1,
+        &[],
+    )
+    .unwrap();
+    lab.wait_for("the second event", Duration::from_secs(5), |lab| {
+        lab.read_log(&agent.log)
+            .contains(&format!("suppressed={}", v4 - 1))
+    })
+    .unwrap();
+}

@@ -11,6 +11,7 @@ mod reload;
 mod run;
 mod stats;
 mod status;
+mod top;
 mod user;
 
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     Stats,
     /// Show the verdict a connection from IP would get, and why.
     Check(check::Args),
+    /// Show the sources denied most, with counts and when last seen.
+    Top(top::Args),
     /// Change the allowlist of the running agent.
     #[command(subcommand)]
     Allow(allow::Command),
@@ -64,8 +67,12 @@ enum Command {
 fn init_logging() {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("SMTPGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal; journald and log files get
+    // plain `key=value` lines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -83,6 +90,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::execute(&args, &cli.client),
         Command::Allow(cmd) => allow::execute(&cmd, &cli.client),
         Command::Reload => reload::execute(&cli.client),
+        Command::Top(args) => top::execute(&args, &cli.client),
         Command::Detach(args) => detach::execute(&args, &cli.client),
         Command::User(args) => user::execute(&args),
         Command::Queue(args) => queue::execute(&args, &cli.client),

@@ -106,6 +106,9 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(ring) = lock(&agent).take_events() {
+        rt.spawn(smtpgate::events::log_denials(ring));
+    }
     notify::send("READY=1\nSTATUS=enforcing");
     let result = rt.block_on(async {
         tokio::select! {

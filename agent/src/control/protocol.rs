@@ -24,6 +24,10 @@ pub enum Request {
     AllowList,
     Reload,
     Detach,
+    /// The sources denied most.
+    Top {
+        limit: usize,
+    },
     /// Retry every queued message now.
     QueueFlush,
     /// Delete a queued message (and stop its delivery).

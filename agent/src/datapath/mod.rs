@@ -16,7 +16,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
 };
-use smtpgate_common::{self as common, Counter, Family, PORT_WORDS, Reason, Verdict, counters};
+use smtpgate_common::{
+    self as common, Counter, Family, PORT_WORDS, Reason, Verdict, counters,
+    events::{SourceKey, SourceStats},
+};
 
 pub use attach::Attachment;
 use nodes::NodeRegion;
@@ -109,6 +112,9 @@ pub struct Datapath {
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counter>,
     relay: aya::maps::SockMap<MapData>,
+    top: aya::maps::HashMap<MapData, SourceKey, SourceStats>,
+    /// Taken by the agent's event reader.
+    events: Option<aya::maps::RingBuf<MapData>>,
     nodes: NodeRegion,
     /// Kept open: programs loaded later are relocated against this fd.
     _node_map: MapData,
@@ -132,12 +138,14 @@ fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathErro
     move |source| DatapathError::Map { op, source }
 }
 
-const MAP_NAMES: [&str; 5] = [
+const MAP_NAMES: [&str; 7] = [
     common::maps::CONFIG,
     common::maps::PORTS,
     common::maps::ALLOW_NODES,
     common::maps::COUNTERS,
     common::maps::RELAY,
+    common::maps::TOP,
+    common::maps::EVENTS,
 ];
 
 /// Nodes per table of the pinned maps, if a complete set of this layout's
@@ -204,6 +212,10 @@ impl Datapath {
             .map_err(map_err("opening the counters map"))?;
         let relay = aya::maps::SockMap::try_from(take_map(&mut ebpf, common::maps::RELAY)?)
             .map_err(map_err("opening the relay SOCKMAP"))?;
+        let top = aya::maps::HashMap::try_from(take_map(&mut ebpf, common::maps::TOP)?)
+            .map_err(map_err("opening the top map"))?;
+        let events = aya::maps::RingBuf::try_from(take_map(&mut ebpf, common::maps::EVENTS)?)
+            .map_err(map_err("opening the events ring buffer"))?;
         let Map::Array(node_map) = take_map(&mut ebpf, common::maps::ALLOW_NODES)? else {
             return Err(DatapathError::MissingMap {
                 name: common::maps::ALLOW_NODES,
@@ -233,6 +245,8 @@ impl Datapath {
             ports,
             counters,
             relay,
+            top,
+            events: Some(events),
             nodes,
             _node_map: node_map,
             settings,
@@ -421,6 +435,35 @@ impl Datapath {
             .programs()
             .filter_map(|(name, p)| Some((name.to_owned(), p.info().ok()?.id())))
             .collect()
+    }
+
+    /// The ring buffer of denied attempts, for the one task that reads it.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The sources denied most, most first: (source, attempts, last seen as
+    /// nanoseconds of CLOCK_MONOTONIC, last verdict).
+    pub fn top(&self, limit: usize) -> Vec<(std::net::IpAddr, u64, u64, &'static str)> {
+        let mut rows: Vec<_> = self
+            .top
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                let ip = if k.family == Family::Ipv4 as u32 {
+                    std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+                } else {
+                    std::net::IpAddr::from(k.addr)
+                };
+                let verdict = Verdict::ALL
+                    .get(v.verdict as usize)
+                    .map_or("?", |v| v.as_str());
+                (ip, v.attempts, v.last_seen_ns, verdict)
+            })
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
+        rows.truncate(limit);
+        rows
     }
 
     /// What is attached, in attach order.

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod counters;
+pub mod events;
 pub mod parse;
 pub mod rst;
 pub mod table;
@@ -38,6 +39,10 @@ pub mod maps {
     pub const COUNTERS: &str = "SMTPGATE_COUNTERS";
     /// SOCKMAP holding the relay's intercept listener at index 0.
     pub const RELAY: &str = "SMTPGATE_RELAY";
+    /// LRU hash: denied sources, for `smtpgate top`.
+    pub const TOP: &str = "SMTPGATE_TOP";
+    /// Ring buffer of denied connection attempts, for the log.
+    pub const EVENTS: &str = "SMTPGATE_EVENTS";
 }
 
 /// What happens to SMTP egress from a source that is not allowlisted.

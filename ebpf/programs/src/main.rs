@@ -12,6 +12,7 @@
 
 mod redirect;
 mod reject;
+mod top;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -49,6 +50,8 @@ static SMTPGATE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(S
 enum Decision {
     Untouched,
     Pass,
+    /// Would have been denied; passes because `mode = "audit"`.
+    Audited,
     Drop,
     Reject(Smtp),
     /// Counted by whoever carries it out: it may still fail (no relay).
@@ -135,7 +138,7 @@ fn decide(parsed: Parsed) -> Decision {
             }
             if audit {
                 count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
-                return Decision::Pass;
+                return Decision::Audited;
             }
             if cfg.action == Action::Reject as u32 {
                 count(family, Verdict::Rejected, Reason::NotAllowlisted, syn);
@@ -179,6 +182,10 @@ fn quick_verdict(source: &Source, flags: u8) -> Option<i32> {
     if allowlisted(source, cfg) {
         count(family, Verdict::Allowed, Reason::Allowlisted, syn);
         Some(TC_ACT_UNSPEC)
+    } else if syn {
+        // A denied connection attempt: the full path records who and where
+        // (`smtpgate top`, the log).
+        None
     } else if cfg.mode == Mode::Audit as u32 {
         count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
         Some(TC_ACT_UNSPEC)
@@ -236,8 +243,26 @@ fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
         Parsed::Smtp(smtp) => Parsed::Smtp(reject::stash_offsets(ctx, smtp)),
         other => other,
     };
-    match decide(parsed) {
-        Decision::Untouched | Decision::Pass => TC_ACT_UNSPEC,
+    let smtp = match &parsed {
+        Parsed::Smtp(s) if s.is_syn() => Some(*s),
+        _ => None,
+    };
+    let decision = decide(parsed);
+    if let Some(smtp) = smtp {
+        let verdict = match &decision {
+            Decision::Reject(_) => Some(Verdict::Rejected),
+            Decision::Redirect(_) => Some(Verdict::Redirected),
+            Decision::Drop => Some(Verdict::Dropped),
+            // Audit lets denied attempts through: still worth knowing.
+            Decision::Audited => Some(Verdict::Audited),
+            _ => None,
+        };
+        if let Some(v) = verdict {
+            top::denied(ctx, &smtp, v);
+        }
+    }
+    match decision {
+        Decision::Untouched | Decision::Pass | Decision::Audited => TC_ACT_UNSPEC,
         Decision::Drop => TC_ACT_SHOT as i32,
         Decision::Reject(smtp) => reject::answer::<INGRESS>(ctx, &smtp),
         // Steering works only where the packet is received: at egress the
@@ -290,7 +315,7 @@ pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
     };
     let parsed = parse::network(&Bytes { start, end }, proto, &is_smtp_port);
     match decide(parsed) {
-        Decision::Untouched | Decision::Pass => CGROUP_ALLOW,
+        Decision::Untouched | Decision::Pass | Decision::Audited => CGROUP_ALLOW,
         Decision::Drop => CGROUP_DROP_QUIET,
         Decision::Reject(_) => CGROUP_DENY,
         // The connect hooks steer denied connections to the relay before

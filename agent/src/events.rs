@@ -1,0 +1,62 @@
+//! The log side of denied connection attempts: the kernel emits at most one
+//! event per source per second over a ring buffer (the rest are counted in
+//! the next event's `suppressed`), and each becomes one structured line.
+
+use std::net::IpAddr;
+
+use aya::maps::{MapData, RingBuf};
+use smtpgate_common::{Family, Reason, Verdict, events::Event};
+use tokio::io::unix::AsyncFd;
+
+fn addr(family: u32, bytes: [u8; 16]) -> IpAddr {
+    if family == Family::Ipv4 as u32 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(bytes)
+    }
+}
+
+/// Logs events until the ring buffer fails.
+pub async fn log_denials(ring: RingBuf<MapData>) {
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as
+    // the AsyncFd that now owns the ring buffer lives.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the events ring buffer; denials will not be logged");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<Event>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote an `Event` (checked length), read
+            // unaligned from the ring's memory.
+            let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let verdict = Verdict::ALL
+                .get(e.verdict as usize)
+                .map_or("?", |v| v.as_str());
+            let reason = Reason::ALL
+                .get(e.reason as usize)
+                .map_or("?", |r| r.as_str());
+            tracing::warn!(
+                target: "smtpgate::denied",
+                src = %addr(e.family, e.src),
+                sport = e.sport,
+                dst = %addr(e.family, e.dst),
+                dport = e.dport,
+                verdict,
+                reason,
+                suppressed = e.suppressed,
+                "denied SMTP egress attempt"
+            );
+        }
+        guard.clear_ready();
+    }
+}
