@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail, ensure};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use smtpgate::{
     config::{Action, Mode},
-    datapath::{Datapath, table_capacity},
+    datapath::{Datapath, PinDir, pins, table_capacity},
     policy::{Allowlist, Prefix},
 };
 use smtpgate_common::programs::{TC_BASELINE, TC_INGRESS};
@@ -62,6 +62,40 @@ fn main() -> anyhow::Result<()> {
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// A pin directory of our own (`Datapath::load` pins its maps), removed on
+/// drop so that no table outlives the benchmark.
+struct BenchPins(PinDir);
+
+impl BenchPins {
+    fn new() -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(PinDir::new(format!(
+            "/sys/fs/bpf/smtpgate-bench-{}-{n}",
+            std::process::id()
+        )))
+    }
+
+    /// A datapath with `per_half` nodes per table, fresh (never adopted).
+    fn load(&self, per_half: u32) -> anyhow::Result<Datapath> {
+        let dp = Datapath::load(self.0.clone(), per_half, per_half as usize)?;
+        ensure!(
+            !dp.adopted(),
+            "{} held maps already",
+            self.0.root().display()
+        );
+        Ok(dp)
+    }
+}
+
+impl Drop for BenchPins {
+    fn drop(&mut self) {
+        if let Err(e) = pins::remove_tree(self.0.root()) {
+            eprintln!("removing {}: {e}", self.0.root().display());
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -407,7 +441,8 @@ fn bench_size(n: usize, samples: usize, repeat: u32) -> anyhow::Result<()> {
     // Only what is needed: the agent would ask for table_capacity(needed, 0),
     // room to double.
     let per_half = u32::try_from(table.len())?.max(smtpgate::config::MIN_TABLE_NODES);
-    let mut dp = Datapath::load(per_half)?;
+    let pins = BenchPins::new();
+    let mut dp = pins.load(per_half)?;
     dp.set_ports(&BTreeSet::from([25]))?;
     dp.set_action(Mode::Enforce, Action::Drop)?;
     dp.install(&table)?;
@@ -492,7 +527,8 @@ fn bench_install(n: usize) -> anyhow::Result<()> {
         max_nodes = max_nodes.max(table.len());
         compiled.push(table);
     }
-    let mut dp = Datapath::load(table_capacity(max_nodes, 0))?;
+    let pins = BenchPins::new();
+    let mut dp = pins.load(table_capacity(max_nodes, 0))?;
     let mut install_ms = Vec::new();
     for (i, table) in compiled.iter().enumerate() {
         // Stay clear of install()'s grace period between flips: an agent
