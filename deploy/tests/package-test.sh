@@ -149,6 +149,22 @@ for exe in /proc/[0-9]*/exe; do
 done
 ok "nothing started"
 
+# `smtpgate user add` rewrites the users file; the agent (user smtpgate) must
+# still be able to read it afterwards.
+if smtpgate --help | grep -qE '^ +user'; then
+    cp -p /etc/smtpgate/users.toml "$work/users.before"
+    echo 'package-test-password' | smtpgate user add pkgtest --sender pkgtest@example.com >/dev/null ||
+        fail "smtpgate user add failed"
+    if setpriv --reuid smtpgate --regid smtpgate --init-groups cat /etc/smtpgate/users.toml >/dev/null 2>&1; then
+        ok "after smtpgate user add, the agent's user can still read users.toml"
+    else
+        # Known: the relay rewrites the file root-only (0600). Reported; this
+        # turns into a failure once `smtpgate user` keeps owner and mode.
+        echo "xfail after smtpgate user add, users.toml is $(stat -c '%U:%G %a' /etc/smtpgate/users.toml): the agent cannot read it"
+    fi
+    cp -p "$work/users.before" /etc/smtpgate/users.toml
+fi
+
 # --- Upgrade (same version again: postinst configure runs with the old version) ----
 echo '# local edit' >> /etc/smtpgate/smtpgate.toml
 echo '# a user line' >> /etc/smtpgate/users.toml
