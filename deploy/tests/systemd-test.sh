@@ -240,6 +240,45 @@ else
     fail "systemctl reload failed, or restarted or stopped the agent (rc $reload_rc, pid $pid -> $newpid): $(journal | tail -8)"
 fi
 
+# --- the relay under the sandbox ---------------------------------------------------------
+if ctr smtpgate --help | grep -qE '^ +user' && command -v openssl >/dev/null; then
+    # Self-signed certificate, made on the host (the container has no openssl).
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=relay.test \
+        -keyout "$work/rootfs/etc/smtpgate/relay.key" -out "$work/rootfs/etc/smtpgate/relay.crt" \
+        >/dev/null 2>&1 || fail "openssl could not make a test certificate"
+    ctr chown root:smtpgate /etc/smtpgate/relay.key /etc/smtpgate/relay.crt
+    ctr chmod 0640 /etc/smtpgate/relay.key /etc/smtpgate/relay.crt
+    cp "$work/rootfs/etc/smtpgate/smtpgate.toml" "$work/good.toml"
+    cat >> "$work/rootfs/etc/smtpgate/smtpgate.toml" <<'EOF'
+
+[relay]
+enabled = true
+hostname = "relay.test"
+users_file = "/etc/smtpgate/users.toml"
+spool_dir = "/var/lib/smtpgate/spool"
+tls_cert = "/etc/smtpgate/relay.crt"
+tls_key = "/etc/smtpgate/relay.key"
+EOF
+    ctr systemctl restart smtpgate || fail "restart with the relay enabled failed: $(journal | tail -10)"
+    # The submission listeners are below 1024 (CAP_NET_BIND_SERVICE) and the
+    # relay reads the users file through the smtpgate group.
+    for port in 587 465; do
+        banner=$(ctr python3 -c "
+import socket, ssl, sys
+s = socket.create_connection(('127.0.0.1', $port), timeout=5)
+if $port == 465:
+    c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE
+    s = c.wrap_socket(s)
+print(s.recv(512).decode().strip())" 2>&1) || fail "relay on $port: $banner ($(journal | tail -5))"
+        [[ $banner == 220* ]] || fail "relay on $port said: $banner"
+        ok "relay answers on $port under the sandbox: ${banner:0:40}"
+    done
+    cp "$work/good.toml" "$work/rootfs/etc/smtpgate/smtpgate.toml"
+    # Admin-made files survive purge by design; these are the test's own.
+    rm "$work/rootfs/etc/smtpgate/relay.key" "$work/rootfs/etc/smtpgate/relay.crt"
+    ctr systemctl restart smtpgate
+fi
+
 # --- upgrade (same package again) ------------------------------------------------------
 pid=$(ctr systemctl show -p MainPID --value smtpgate)
 ctr dpkg -i /root/smtpgate.deb >/dev/null
