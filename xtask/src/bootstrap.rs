@@ -43,6 +43,7 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     bpffs()?;
+    cargo_fuzz()?;
     eprintln!("bootstrap: everything is in place");
     Ok(())
 }
@@ -155,4 +156,13 @@ fn bpffs() -> anyhow::Result<()> {
     eprintln!("bootstrap: mounting bpffs on /sys/fs/bpf");
     std::fs::create_dir_all("/sys/fs/bpf").ok();
     sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// cargo-fuzz, for the relay's parser fuzz targets that CI runs briefly.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    eprintln!("bootstrap: installing cargo-fuzz");
+    sh(Command::new("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))
 }

@@ -73,11 +73,17 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             bootstrap::run()?;
             status(cargo().args(["build", "-p", "smtpgate"]))?;
-            status(
-                cargo()
-                    .args(["test", "--workspace", "--no-fail-fast"])
-                    .args(&args),
-            )
+            // The default members: the eBPF crate only builds for bpfel
+            // (agent/build.rs builds it), so not `--workspace`.
+            let tests = status(cargo().args(["test", "--no-fail-fast"]).args(&args));
+            // A filtered run is someone chasing one test: skip the rest.
+            if args.is_empty() {
+                tests?;
+                fuzz_briefly()?;
+                deploy_tests()?;
+                return Ok(());
+            }
+            tests
         }
         Cmd::Lab { nat } => lab_session(nat),
         Cmd::Bench { what } => match what.as_str() {
@@ -85,9 +91,69 @@ fn main() -> anyhow::Result<()> {
                 bootstrap::run()?;
                 status(cargo().args(["bench", "-p", "smtpgate", "--bench", "datapath"]))
             }
-            other => bail!("unknown benchmark {other:?}; known: datapath"),
+            "relay" => {
+                bootstrap::run()?;
+                bench_relay()
+            }
+            other => bail!("unknown benchmark {other:?}; known: datapath, relay"),
         },
     }
+}
+
+/// Each relay fuzz target for a short while: long enough to catch a
+/// regression in the parsers, short enough for every CI run.
+fn fuzz_briefly() -> anyhow::Result<()> {
+    let dir = workspace_root().join("agent/relay/fuzz");
+    for target in ["command", "data"] {
+        status(Command::new("cargo").current_dir(&dir).args([
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            "--",
+            "-max_total_time=20",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// deploy/: the Debian package (built, installed with dpkg, checked,
+/// purged), the systemd unit, the Kubernetes manifests and chart.
+fn deploy_tests() -> anyhow::Result<()> {
+    status(Command::new("bash").arg(workspace_root().join("deploy/tests/run-all.sh")))
+}
+
+/// The relay under load: STARTTLS, AUTH, durable spool and delivery to a
+/// local smtp-sink, per message.
+fn bench_relay() -> anyhow::Result<()> {
+    for size in [1024, 100 * 1024] {
+        for sessions in [1, 10, 100] {
+            let messages = (400 / sessions).max(5).to_string();
+            println!("== {sessions} sessions, {size}-byte messages");
+            status(
+                cargo()
+                    .args([
+                        "run",
+                        "--release",
+                        "-q",
+                        "-p",
+                        "smtpgate-relay",
+                        "--example",
+                        "loadgen",
+                        "--",
+                    ])
+                    .args([
+                        "--sessions",
+                        &sessions.to_string(),
+                        "--messages",
+                        &messages,
+                        "--size",
+                        &size.to_string(),
+                    ]),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn exec(cmd: &mut Command) -> std::io::Error {

@@ -170,14 +170,14 @@ fn counts_land_on_their_own_series_and_unknown_rows_survive() {
     s.counters.push(CounterRow {
         family: "ipv6",
         verdict: "dropped",
-        reason: "relay_unavailable",
+        reason: "from_the_future",
         packets: 5,
         connections: 5,
     });
     let text = render(&s);
     assert!(text.contains("smtpgate_egress_packets_total{family=\"ipv4\",verdict=\"dropped\",reason=\"not_allowlisted\"} 9\n"));
     assert!(text.contains("smtpgate_egress_connections_total{family=\"ipv4\",verdict=\"dropped\",reason=\"not_allowlisted\"} 3\n"));
-    assert!(text.contains("smtpgate_egress_connections_total{family=\"ipv6\",verdict=\"dropped\",reason=\"relay_unavailable\"} 5\n"));
+    assert!(text.contains("smtpgate_egress_connections_total{family=\"ipv6\",verdict=\"dropped\",reason=\"from_the_future\"} 5\n"));
     let total: usize = Family::ALL.len() * Verdict::ALL.len() * Reason::ALL.len() + 1;
     let n = samples(&text)
         .iter()
