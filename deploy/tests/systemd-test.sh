@@ -249,6 +249,9 @@ if ctr smtpgate --help | grep -qE '^ +user' && command -v openssl >/dev/null; th
     ctr chown root:smtpgate /etc/smtpgate/relay.key /etc/smtpgate/relay.crt
     ctr chmod 0640 /etc/smtpgate/relay.key /etc/smtpgate/relay.crt
     cp "$work/rootfs/etc/smtpgate/smtpgate.toml" "$work/good.toml"
+    # action = "redirect": the agent also sets up its transparent intercept
+    # listener and policy routes (netlink), all under the unit's sandbox.
+    sed -i 's/^action = "reject"/action = "redirect"/' "$work/rootfs/etc/smtpgate/smtpgate.toml"
     cat >> "$work/rootfs/etc/smtpgate/smtpgate.toml" <<'EOF'
 
 [relay]
@@ -273,6 +276,13 @@ print(s.recv(512).decode().strip())" 2>&1) || fail "relay on $port: $banner ($(j
         [[ $banner == 220* ]] || fail "relay on $port said: $banner"
         ok "relay answers on $port under the sandbox: ${banner:0:40}"
     done
+    # A denied connection from a process in the container lands in the relay.
+    got=$(ctr systemd-run --wait --pipe --quiet python3 -c "
+import socket
+s = socket.create_connection(('192.0.2.1', 2525), timeout=5)
+print(s.recv(512).decode().strip())" 2>&1) || fail "redirected connect failed: $got ($(journal | tail -5))"
+    [[ $got == 220* ]] || fail "redirected connect got: $got"
+    ok "action = redirect: a denied connect lands in the relay: ${got:0:40}"
     cp "$work/good.toml" "$work/rootfs/etc/smtpgate/smtpgate.toml"
     # Admin-made files survive purge by design; these are the test's own.
     rm "$work/rootfs/etc/smtpgate/relay.key" "$work/rootfs/etc/smtpgate/relay.crt"
