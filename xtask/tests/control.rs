@@ -522,3 +522,36 @@ fn top_ranks_denied_sources_and_the_log_is_rate_limited() {
     })
     .unwrap();
 }
+
+/// An agent that finds pins of another layout (an older version) attaches
+/// its own first, then removes the old ones: no gap, and nothing left over.
+#[test]
+fn pins_of_an_incompatible_layout_are_replaced_without_a_gap() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("layout", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    lab.stop(agent.pid, false).unwrap();
+    // What an older smtpgate would have left: its own layout directory,
+    // whose links still enforce.
+    let pins = lab.pin_dir();
+    std::fs::rename(pins.join("v1"), pins.join("v0")).unwrap();
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "refused",
+        "the old layout enforces"
+    );
+    under_traffic(&mut lab, 8, |lab| {
+        let again = lab.start_agent("agent", &config(&[])).unwrap();
+        let status = ok(&lab.cli(&again, &["status", "--output", "json"]).unwrap());
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(
+            status["attachments"][0]["adopted"], false,
+            "a new layout attaches anew: {status}"
+        );
+    });
+    assert!(!pins.join("v0").exists(), "the old layout was not removed");
+    assert!(pins.join("v1/links/tc-ingress-lan0").exists());
+}

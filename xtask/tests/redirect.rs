@@ -311,7 +311,8 @@ fn local_processes_are_redirected_through_the_cgroup_hook() {
         return;
     }
     let (lab, agent) = setup("redircg", Options::default(), |lab| {
-        let cg = lab.cgroup("senders").unwrap();
+        // A dot, as in systemd's slices: pin names must cope with it.
+        let cg = lab.cgroup("senders.slice").unwrap();
         format!(
             "[[attach]]\nhook = \"cgroup\"\npath = {:?}\n",
             cg.display().to_string()
@@ -319,7 +320,7 @@ fn local_processes_are_redirected_through_the_cgroup_hook() {
     });
     let cg = lab::cgroup2_mount()
         .unwrap()
-        .join(format!("{}-senders", lab.prefix));
+        .join(format!("{}-senders.slice", lab.prefix));
     // swaks on the gateway host itself, in the cgroup, to the internet host.
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{} swaks --server {} --port 25 --timeout 10 \

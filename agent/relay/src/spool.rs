@@ -135,6 +135,17 @@ fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 
 /// temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_owned(path, bytes, mode, None)
+}
+
+/// `write_atomic`, the new file given `owner` (uid, gid) before it replaces
+/// the old one: a file an admin made readable to the agent's group stays so.
+pub fn write_atomic_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -147,7 +158,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         name.to_string_lossy(),
         OsRng.next_u64()
     ));
-    if let Err(e) = write_synced(&tmp, bytes, mode) {
+    let written = write_synced(&tmp, bytes, mode).and_then(|()| match owner {
+        Some((uid, gid)) => std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)),
+        None => Ok(()),
+    });
+    if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }

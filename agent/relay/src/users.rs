@@ -199,10 +199,22 @@ impl UsersFile {
     /// 0600: it holds password hashes.
     pub fn save(&self, path: &Path) -> Result<(), UsersError> {
         let text = toml::to_string_pretty(self).expect("users file serialises");
-        crate::spool::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| UsersError::Io {
-            op: "writing",
-            path: path.into(),
-            source,
+        // Keep the owner and mode an existing file has (the package makes it
+        // root:smtpgate 0640 so the agent's user can read it); a new file is
+        // 0600.
+        let (mode, owner) = match std::fs::metadata(path) {
+            Ok(m) => {
+                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid())))
+            }
+            Err(_) => (0o600, None),
+        };
+        crate::spool::write_atomic_owned(path, text.as_bytes(), mode, owner).map_err(|source| {
+            UsersError::Io {
+                op: "writing",
+                path: path.into(),
+                source,
+            }
         })
     }
 }
@@ -361,6 +373,27 @@ impl UserDb {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rewriting_keeps_the_files_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("smtpgate-users-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("users.toml");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        user_add_hash(
+            &path,
+            "alice",
+            "$6$salt$hash",
+            vec!["alice@example.org".into()],
+        )
+        .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640, "the agent's group must still read it");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -167,10 +167,15 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
-/// A file name for a link: hook, target (with '/' and '%' escaped), and
-/// the program when a hook has several.
+/// A file name for a link: hook, target (with '%', '/' and '.' escaped:
+/// bpffs refuses dots in names, and cgroups like `system.slice` or
+/// interfaces like `eth0.100` have them), and the program when a hook has
+/// several.
 pub fn link_id(hook: &str, target: &str, program: Option<&str>) -> String {
-    let target = target.replace('%', "%25").replace('/', "%2F");
+    let target = target
+        .replace('%', "%25")
+        .replace('/', "%2F")
+        .replace('.', "%2E");
     match program {
         Some(p) => format!("{hook}-{target}-{p}"),
         None => format!("{hook}-{target}"),
@@ -187,5 +192,11 @@ mod tests {
         let id = link_id("cgroup", "/sys/fs/cgroup/a%b", Some("smtpgate_cgroup"));
         assert_eq!(id, "cgroup-%2Fsys%2Ffs%2Fcgroup%2Fa%25b-smtpgate_cgroup");
         assert!(!id.contains('/'));
+        let id = link_id("cgroup", "/sys/fs/cgroup/system.slice", Some("p"));
+        assert_eq!(id, "cgroup-%2Fsys%2Ffs%2Fcgroup%2Fsystem%2Eslice-p");
+        assert_eq!(
+            link_id("tc-ingress", "eth0.100", None),
+            "tc-ingress-eth0%2E100"
+        );
     }
 }
