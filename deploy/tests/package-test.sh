@@ -158,9 +158,7 @@ if smtpgate --help | grep -qE '^ +user'; then
     if setpriv --reuid smtpgate --regid smtpgate --init-groups cat /etc/smtpgate/users.toml >/dev/null 2>&1; then
         ok "after smtpgate user add, the agent's user can still read users.toml"
     else
-        # Known: the relay rewrites the file root-only (0600). Reported; this
-        # turns into a failure once `smtpgate user` keeps owner and mode.
-        echo "xfail after smtpgate user add, users.toml is $(stat -c '%U:%G %a' /etc/smtpgate/users.toml): the agent cannot read it"
+        fail "after smtpgate user add, users.toml is $(stat -c '%U:%G %a' /etc/smtpgate/users.toml): the agent cannot read it"
     fi
     cp -p "$work/users.before" /etc/smtpgate/users.toml
 fi
