@@ -571,13 +571,13 @@ fn local_addresses() -> Vec<IpAddr> {
     out
 }
 
-/// CLOCK_MONOTONIC, which bpf_ktime_get_ns reads.
+/// CLOCK_MONOTONIC_COARSE, which bpf_ktime_get_coarse_ns reads.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime fills the struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -263,6 +263,13 @@ fn crafted_syns_are_counted_exactly() {
         u64::from(p80),
         "only the port-80 SYNs pass: {seen:?}"
     );
+    // Dropped SYNs take the quick path; `top` still ranks their sources.
+    let top = lab.cli(&agent, &["top", "--output", "json"]).unwrap();
+    let top: serde_json::Value = serde_json::from_slice(&top.stdout).unwrap();
+    assert_eq!(top["sources"][0]["source"], lab::CLIENT_DENIED_V4, "{top}");
+    assert_eq!(top["sources"][0]["attempts"], d4, "{top}");
+    assert_eq!(top["sources"][0]["verdict"], "dropped", "{top}");
+    assert_eq!(top["sources"][1]["source"], lab::CLIENT_DENIED_V6, "{top}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use crate::{Family, MAX_IPV6_EXT_HEADERS, MAX_VLAN_DEPTH, Reason};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;

@@ -2,7 +2,7 @@
 //! most once a second per source (for the log).
 
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{LruHashMap, RingBuf},
     programs::TcContext,
@@ -33,8 +33,10 @@ pub fn denied(ctx: &TcContext, smtp: &Smtp, verdict: Verdict) {
         Source::V4(a) => key.addr[..4].copy_from_slice(&a),
         Source::V6(a) => key.addr = a,
     }
+    // The coarse clock (jiffies) is plenty for "last seen" and a one-second
+    // rate limit, and far cheaper than a precise one in a VM.
     // SAFETY: a plain helper.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut emit = false;
     let mut suppressed = 0;
     match SMTPGATE_TOP.get_ptr_mut(&key) {
