@@ -82,13 +82,34 @@ impl Datapath {
         }
     }
 
-    fn pin_link(&mut self, id: &str, link: FdLink) -> Result<(), DatapathError> {
-        let path = self.pins.link(id);
-        let pinned = link.pin(&path).map_err(|e| DatapathError::Pins {
+    /// Pins a link this agent just created and records the attachment.
+    /// Only BPF links can be pinned: a TC attachment made through netlink
+    /// (before TCX, Linux 6.6) is an error here rather than a silent loss of
+    /// enforcement when the agent stops.
+    fn keep_link<L>(
+        &mut self,
+        point: &AttachPoint,
+        name: &'static str,
+        id: String,
+        link: L,
+    ) -> Result<(), DatapathError>
+    where
+        FdLink: TryFrom<L>,
+        <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+    {
+        let path = self.pins.link(&id);
+        let pin_err = |e: String| DatapathError::Pins {
             path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other(e),
+        };
+        let link = FdLink::try_from(link).map_err(|e| {
+            pin_err(format!(
+                "not a pinnable BPF link (TC needs TCX, Linux 6.6+): {e}"
+            ))
         })?;
-        self.links.insert(id.to_owned(), pinned);
+        let pinned = link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+        self.links.insert(id.clone(), pinned);
+        self.record(point, name, id, false);
         Ok(())
     }
 
@@ -132,17 +153,7 @@ impl Datapath {
         let link = prog
             .take_link(link_id)
             .map_err(program_err(format!("taking the {name} link")))?;
-        // Only TCX links can be pinned; before kernel 6.6 this is an error
-        // rather than a silent loss of enforcement when the agent stops.
-        let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
-            path: self.pins.link(&id),
-            source: std::io::Error::other(format!(
-                "TC links can be pinned only with TCX (Linux 6.6+): {e}"
-            )),
-        })?;
-        self.pin_link(&id, link)?;
-        self.record(point, name, id, false);
-        Ok(())
+        self.keep_link(point, name, id, link)
     }
 
     fn attach_cgroup(&mut self, point: &AttachPoint, path: &Path) -> Result<(), DatapathError> {
@@ -169,12 +180,7 @@ impl Datapath {
             let link = prog
                 .take_link(link_id)
                 .map_err(program_err(format!("taking the {name} link")))?;
-            let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
-                path: self.pins.link(&id),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            self.pin_link(&id, link)?;
-            self.record(point, name, id, false);
+            self.keep_link(point, name, id, link)?;
         }
         let name = programs::CGROUP_EGRESS;
         let id = pins::link_id("cgroup", &at, Some(name));
@@ -194,13 +200,7 @@ impl Datapath {
         let link = prog
             .take_link(link_id)
             .map_err(program_err(format!("taking the {name} link")))?;
-        let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
-            path: self.pins.link(&id),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        self.pin_link(&id, link)?;
-        self.record(point, name, id, false);
-        Ok(())
+        self.keep_link(point, name, id, link)
     }
 
     /// After every attach point is in place: detaches what an earlier

@@ -171,7 +171,7 @@ fn deny(family: Family, reason: Reason, audit: bool) -> Decision {
 /// and `None` sends it to the full parser (and the table is read twice,
 /// for a packet that is about to be answered with a RST anyway).
 #[inline(always)]
-fn quick_verdict(ctx: &TcContext, source: &Source, flags: u8) -> Option<i32> {
+fn quick_verdict(source: &Source, flags: u8) -> Option<i32> {
     // No config: the full path fails closed.
     let cfg = SMTPGATE_CONFIG.get(0)?;
     let syn = flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
@@ -182,38 +182,10 @@ fn quick_verdict(ctx: &TcContext, source: &Source, flags: u8) -> Option<i32> {
     if allowlisted(source, cfg) {
         count(family, Verdict::Allowed, Reason::Allowlisted, syn);
         Some(TC_ACT_UNSPEC)
-    } else if syn
-        && (cfg.action == Action::Reject as u32 || cfg.action == Action::Redirect as u32)
-        && cfg.mode != Mode::Audit as u32
-    {
-        // A RST or a steer needs the full path's offsets and payload length.
-        None
     } else if syn {
-        // A denied connection attempt, dropped or audited: record who and
-        // where (`smtpgate top`, the log). The quick path only takes
-        // untagged packets without IPv4 options or IPv6 extension headers,
-        // so the headers sit at fixed offsets.
-        let l4 = match source {
-            Source::V4(_) => parse::ETH_HLEN + 20,
-            Source::V6(_) => parse::ETH_HLEN + 40,
-        };
-        let smtp = Smtp {
-            source: *source,
-            l3: parse::ETH_HLEN,
-            l4,
-            payload: 0,
-            flags,
-        };
-        let smtp = reject::stash_offsets(ctx, smtp);
-        if cfg.mode == Mode::Audit as u32 {
-            count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
-            top::denied(ctx, &smtp, Verdict::Audited);
-            Some(TC_ACT_UNSPEC)
-        } else {
-            count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
-            top::denied(ctx, &smtp, Verdict::Dropped);
-            Some(TC_ACT_SHOT as i32)
-        }
+        // A denied connection attempt: the full path records who and where
+        // (`smtpgate top`, the log).
+        None
     } else if cfg.mode == Mode::Audit as u32 {
         count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
         Some(TC_ACT_UNSPEC)
@@ -261,7 +233,7 @@ fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
     match parse::quick(&tc_bytes(ctx), &is_smtp_port) {
         Quick::Other => return TC_ACT_UNSPEC,
         Quick::Smtp(source, flags) => {
-            if let Some(verdict) = quick_verdict(ctx, &source, flags) {
+            if let Some(verdict) = quick_verdict(&source, flags) {
                 return verdict;
             }
         }
