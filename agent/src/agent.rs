@@ -6,17 +6,17 @@
 use std::{
     net::IpAddr,
     path::PathBuf,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
-    config::{Action, AttachPoint, Config, Mode},
+    config::{Action, AttachPoint, Config, MissingInterface, Mode},
     control::protocol::{Request, Response},
-    datapath::{Datapath, DatapathError, PinDir},
+    datapath::{Datapath, DatapathError, Down, PinDir, expected_programs},
     metrics::{AttachmentState, RelaySnapshot, Snapshot},
     policy::{Allowlist, Origin, Prefix, Table},
     state::{CliEntry, State},
@@ -38,6 +38,38 @@ pub struct Agent {
     detached: bool,
     /// The embedded relay, when `[relay] enabled`.
     relay: Option<smtpgate_relay::RelayHandle>,
+    /// Every configured attach point and what the kernel last said of it.
+    points: Vec<PointStatus>,
+}
+
+/// One configured attach point, as last observed (see `check_attachments`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PointStatus {
+    pub point: AttachPoint,
+    /// `None` while it enforces.
+    pub down: Option<DownSince>,
+    /// How often it was attached again after going down.
+    pub reattaches: u64,
+    /// From the kernel's link event (or the check that found the point
+    /// down) to the program being attached again, for the last reattach.
+    pub last_reattach_gap_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DownSince {
+    pub reason: String,
+    pub since_unix: f64,
+}
+
+impl PointStatus {
+    fn new(point: AttachPoint) -> Self {
+        Self {
+            point,
+            down: None,
+            reattaches: 0,
+            last_reattach_gap_ms: None,
+        }
+    }
 }
 
 fn now_unix() -> f64 {
@@ -77,10 +109,9 @@ impl Agent {
         if config.action == Action::Redirect {
             crate::datapath::redirect::install_routing()?;
         }
+        let mut points = Vec::new();
         for point in &config.attach {
-            datapath
-                .attach(point)
-                .with_context(|| format!("attaching to {point}"))?;
+            points.push(attach_or_wait(&mut datapath, point, config.missing_interface)?);
         }
         datapath.reconcile()?;
         let (v4, v6) = allowlist.count_by_family();
@@ -104,6 +135,7 @@ impl Agent {
             last_reload_unix: 0.0,
             detached: false,
             relay: None,
+            points,
         })
     }
 
@@ -142,6 +174,67 @@ impl Agent {
     pub fn refresh_local_addresses(&mut self) -> Result<(), DatapathError> {
         let (v4, v6) = local_verdicts(&self.allowlist);
         self.datapath.set_local_allowed(v4, v6)
+    }
+
+    /// Asks the kernel whether every attach point still enforces, and
+    /// attaches again what went away and is back: an interface deleted and
+    /// created again, a link unpinned by hand, a cgroup recreated. `event`
+    /// is when the link event that prompted the check arrived (None for the
+    /// periodic check), for the reattach gap.
+    pub fn check_attachments(&mut self, event: Option<Instant>) {
+        if self.detached {
+            return;
+        }
+        for i in 0..self.points.len() {
+            let point = self.points[i].point.clone();
+            let mut result = self.datapath.observe(&point);
+            let mut gap = None;
+            if let Err(down) = &result {
+                if down.repairable() {
+                    result = match self.datapath.repair(&point) {
+                        Ok(()) => {
+                            gap = Some(event.map_or(Duration::ZERO, |t| t.elapsed()));
+                            self.datapath.observe(&point)
+                        }
+                        Err(e) => Err(Down::AttachFailed {
+                            error: format!("{:#}", anyhow::Error::new(e)),
+                        }),
+                    };
+                }
+            }
+            let status = &mut self.points[i];
+            match result {
+                Ok(()) => {
+                    if let Some(was) = status.down.take() {
+                        status.reattaches += 1;
+                        status.last_reattach_gap_ms = gap.map(|g| g.as_secs_f64() * 1e3);
+                        let gap_ms = status
+                            .last_reattach_gap_ms
+                            .map_or_else(|| "?".to_owned(), |g| format!("{g:.1}"));
+                        warn!(
+                            %point,
+                            down_for_s = format!("{:.1}", now_unix() - was.since_unix),
+                            gap_ms,
+                            "attach point UP again: attached after it came back"
+                        );
+                    }
+                }
+                Err(down) => {
+                    let reason = down.to_string();
+                    let changed = status.down.as_ref().is_none_or(|d| d.reason != reason);
+                    if changed {
+                        error!(%point, %reason, "attach point DOWN: SMTP egress through it is not filtered");
+                        let since_unix = status.down.as_ref().map_or_else(now_unix, |d| d.since_unix);
+                        status.down = Some(DownSince { reason, since_unix });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether every configured attach point enforces, as last observed.
+    fn all_up(&self) -> bool {
+        !self.points.is_empty() && self.points.iter().all(|p| p.down.is_none())
     }
 
     pub fn handle(&mut self, request: Request) -> Response {
@@ -222,7 +315,7 @@ impl Agent {
         }
         // Everything that can fail is checked before anything changes.
         for point in &config.attach {
-            check_attach_point(point)?;
+            check_attach_point(point, config.missing_interface)?;
         }
         let allowlist = allowlist_of(&config, &self.cli_entries);
         let table = allowlist.compile();
@@ -248,13 +341,13 @@ impl Agent {
             .iter()
             .filter(|p| !self.config.attach.contains(p))
         {
-            self.datapath
-                .attach(point)
-                .with_context(|| format!("attaching to {point}"))?;
+            let status = attach_or_wait(&mut self.datapath, point, config.missing_interface)?;
+            self.points.push(status);
         }
         for point in &removed {
             self.datapath.forget(point);
         }
+        self.points.retain(|p| config.attach.contains(&p.point));
         self.datapath.reconcile()?;
         self.table_nodes = table.len();
         self.allowlist = allowlist;
@@ -348,6 +441,8 @@ impl Agent {
             "action": self.config.action,
             "ports": self.config.ports,
             "attachments": self.datapath.attachments(),
+            "attach_points": self.points,
+            "enforcing": !self.detached && self.all_up(),
             "pin_dir": self.config.pin_dir,
             "allowlist": { "ipv4": v4, "ipv6": v6, "table_nodes": self.table_nodes,
                            "table_capacity": self.datapath.table_capacity() },
@@ -429,11 +524,10 @@ impl Agent {
     pub fn snapshot(&self) -> Snapshot {
         let (v4, v6) = self.allowlist.count_by_family();
         let attachments = self
-            .datapath
-            .attachments()
+            .points
             .iter()
-            .map(|a| {
-                let (hook, target) = match &a.point {
+            .flat_map(|p| {
+                let (hook, target) = match &p.point {
                     AttachPoint::TcIngress { interface } => ("tc-ingress", interface.clone()),
                     AttachPoint::TcEgress { interface } => ("tc-egress", interface.clone()),
                     AttachPoint::Cgroup { path } => (
@@ -442,12 +536,25 @@ impl Agent {
                             .map_or_else(String::new, |p| p.display().to_string()),
                     ),
                 };
-                AttachmentState {
-                    hook: hook.to_owned(),
-                    target,
-                    program: a.program.to_owned(),
-                    attached: true,
+                // The programs really attached there, or, for a point that
+                // never came up, the ones it would run.
+                let mut programs: Vec<&'static str> = self
+                    .datapath
+                    .attachments()
+                    .iter()
+                    .filter(|a| a.point == p.point)
+                    .map(|a| a.program)
+                    .collect();
+                if programs.is_empty() {
+                    programs = expected_programs(&p.point).to_vec();
                 }
+                let up = p.down.is_none();
+                programs.into_iter().map(move |program| AttachmentState {
+                    hook: hook.to_owned(),
+                    target: target.clone(),
+                    program: program.to_owned(),
+                    attached: up,
+                })
             })
             .collect();
         Snapshot {
@@ -459,7 +566,7 @@ impl Agent {
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
             last_reload_unix: self.last_reload_unix,
-            ready: !self.detached && !self.datapath.attachments().is_empty(),
+            ready: !self.detached && self.all_up(),
             relay: self.relay.as_ref().map(|r| {
                 let stats = r.stats();
                 RelaySnapshot {
@@ -500,14 +607,46 @@ fn apply_settings(
     Ok(())
 }
 
+/// Attaches one point at start or reload. An interface that is not there
+/// is fatal, or with `missing_interface = "wait"` a point that starts DOWN
+/// and is attached by `check_attachments` when the interface appears.
+fn attach_or_wait(
+    datapath: &mut Datapath,
+    point: &AttachPoint,
+    missing: MissingInterface,
+) -> anyhow::Result<PointStatus> {
+    let mut status = PointStatus::new(point.clone());
+    match datapath.attach(point) {
+        Ok(()) => {}
+        Err(DatapathError::NoInterface { name }) if missing == MissingInterface::Wait => {
+            let reason = Down::NoInterface { name }.to_string();
+            error!(%point, %reason, "attach point DOWN: waiting for the interface; SMTP egress through it is not filtered until then");
+            status.down = Some(DownSince {
+                reason,
+                since_unix: now_unix(),
+            });
+        }
+        Err(e @ DatapathError::NoInterface { .. }) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "attaching to {point} (with [datapath] missing_interface = \"wait\" the agent starts and attaches it when it appears)"
+            )));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("attaching to {point}"))),
+    }
+    Ok(status)
+}
+
 /// What can be checked about an attach point without attaching.
-fn check_attach_point(point: &AttachPoint) -> anyhow::Result<()> {
+fn check_attach_point(point: &AttachPoint, missing: MissingInterface) -> anyhow::Result<()> {
     match point {
         AttachPoint::TcIngress { interface } | AttachPoint::TcEgress { interface } => {
             let c = std::ffi::CString::new(interface.as_str())?;
             // SAFETY: a valid NUL-terminated string.
-            if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-                bail!("{point}: interface {interface:?} not found");
+            if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 && missing == MissingInterface::Fail
+            {
+                bail!(
+                    "{point}: interface {interface:?} not found (with [datapath] missing_interface = \"wait\" the agent attaches it when it appears)"
+                );
             }
         }
         AttachPoint::Cgroup { path } => {

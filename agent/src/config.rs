@@ -198,6 +198,22 @@ pub struct Datapath {
     /// enforcement outlives the agent.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// What a `tc-*` attach point whose interface does not exist at start
+    /// means: `fail` (default: the agent refuses to start, since a typo
+    /// must not look like protection) or `wait` (the point is reported
+    /// DOWN, and attached as soon as the interface appears: a `ppp0` that
+    /// dials later). Interfaces that disappear while the agent runs are
+    /// always waited for, and reported DOWN until they come back.
+    #[serde(default)]
+    pub missing_interface: MissingInterface,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingInterface {
+    #[default]
+    Fail,
+    Wait,
 }
 
 impl Default for Datapath {
@@ -205,6 +221,7 @@ impl Default for Datapath {
         Self {
             table_nodes: 0,
             pin_dir: default_pin_dir(),
+            missing_interface: MissingInterface::default(),
         }
     }
 }
@@ -231,6 +248,7 @@ pub struct Config {
     pub attach: Vec<AttachPoint>,
     pub table_nodes: u32,
     pub pin_dir: PathBuf,
+    pub missing_interface: MissingInterface,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     /// Where to serve metrics, if at all.
@@ -338,6 +356,7 @@ impl File {
             attach,
             table_nodes: n,
             pin_dir: self.datapath.pin_dir,
+            missing_interface: self.datapath.missing_interface,
             state_dir: self.state_dir,
             control_socket: self.control.socket,
             metrics_listen: self.metrics.enabled.then_some(self.metrics.listen),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod events;
+pub mod heartbeat;
 pub mod metrics;
 pub mod paths;
 pub mod policy;

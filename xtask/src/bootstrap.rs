@@ -6,19 +6,54 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 /// Debian packages: the lab's tools and the real peers the tests talk to.
+///
+/// Installed with `--no-install-recommends`, so every Recommends a test
+/// relies on is named here: swaks has no TLS without libnet-ssleay-perl and
+/// no IPv6 without libio-socket-inet6-perl, and three tests failed on a new
+/// machine because of it. [`check_capabilities`] proves they work.
 const PACKAGES: &[&str] = &[
-    "iproute2",      // ip netns, veth, bridges
+    "iproute2",      // ip netns, veth, bridges, tc
     "nftables",      // the lab's NAT and counters; the benchmark's baseline
     "bpftool",       // inspecting what is attached, by hand
     "python3-scapy", // crafted packets (VLAN stacks, fragments, header chains)
     "tcpdump",
-    "swaks",      // a real SMTP client
-    "postfix",    // smtp-sink / smtp-source: upstream and load
-    "prometheus", // promtool and a real Prometheus server
+    "swaks",                   // a real SMTP client...
+    "libnet-ssleay-perl",      // ...with STARTTLS and implicit TLS (a Recommends)
+    "libio-socket-inet6-perl", // ...and IPv6 (a Recommends)
+    "postfix",                 // smtp-sink / smtp-source: upstream and load
+    "prometheus",              // promtool and a real Prometheus server
     "sasl2-bin",
     "jq",
     "curl",       // the metrics tests scrape with it
     "util-linux", // setpriv, nsenter
+    "kmod",       // modprobe tun
+    // deploy/tests: the package, the sandbox and a systemd boot in a container
+    "dpkg",
+    "adduser",
+    "systemd",
+    "systemd-container", // systemd-nspawn
+    "debootstrap",
+    "python3-seccomp",
+];
+
+/// Commands the tests call, each with the package that brings it.
+const COMMANDS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("nft", "nftables"),
+    ("tcpdump", "tcpdump"),
+    ("swaks", "swaks"),
+    ("smtp-sink", "postfix"),
+    ("smtp-source", "postfix"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    ("jq", "jq"),
+    ("curl", "curl"),
+    ("setpriv", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("systemd-nspawn", "systemd-container"),
+    ("debootstrap", "debootstrap"),
+    ("dpkg-deb", "dpkg"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -44,6 +79,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     bpffs()?;
     cargo_fuzz()?;
+    check_capabilities()?;
     eprintln!("bootstrap: everything is in place");
     Ok(())
 }
@@ -165,4 +201,43 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     }
     eprintln!("bootstrap: installing cargo-fuzz");
     sh(Command::new("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))
+}
+
+/// What the tests rely on, checked before any test starts: a missing piece
+/// is named here, once, instead of surfacing as three unrelated test
+/// failures later.
+fn check_capabilities() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for (cmd, pkg) in COMMANDS {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()));
+        // Debian puts some of these in /usr/sbin, which a plain user's PATH
+        // may lack; the tests run as root.
+        let found = found || ["/usr/sbin", "/sbin"].iter().any(|d| std::path::Path::new(d).join(cmd).is_file());
+        if !found {
+            missing.push(format!("command {cmd} (package {pkg})"));
+        }
+    }
+    let support = output(Command::new("swaks").arg("--support")).unwrap_or_default();
+    for (feature, pkg) in [("TLS", "libnet-ssleay-perl"), ("IPv6", "libio-socket-inet6-perl")] {
+        if !support.lines().any(|l| l == format!("=== {feature} supported")) {
+            missing.push(format!("swaks {feature} support (package {pkg})"));
+        }
+    }
+    // The lab's scripts run Debian's own Python, where python3-scapy lives.
+    if output(Command::new("/usr/bin/python3").args(["-c", "import scapy.all"])).is_none() {
+        missing.push("scapy for /usr/bin/python3 (package python3-scapy)".into());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        // The L3-device tests need tun; it is a module on most kernels.
+        let _ = Command::new("modprobe").arg("tun").status();
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            missing.push("/dev/net/tun (the tun module: modprobe tun)".into());
+        }
+    }
+    if missing.is_empty() {
+        eprintln!("bootstrap: capabilities checked (swaks TLS and IPv6, scapy, tun, {} commands)", COMMANDS.len());
+        return Ok(());
+    }
+    bail!("bootstrap: the tests need what is missing here:\n  {}", missing.join("\n  "))
 }

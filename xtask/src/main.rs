@@ -169,7 +169,11 @@ fn lab_session(nat: bool) -> anyhow::Result<()> {
         "Lab {} is up ({}). In another shell:\n\
          \n  # the gateway: run smtpgate on its client-facing interface\n\
          \n  cat > /tmp/lab.toml <<'EOF'\nallowlist = [\"{}\", \"{}\"]\n[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\nEOF\
-         \n  ip netns exec {} target/release/smtpgate run --config /tmp/lab.toml\n\
+         \n  cargo build --release -p smtpgate\
+         \n  nsenter --net=/run/netns/{} target/release/smtpgate run --config /tmp/lab.toml\n\
+         \n  # (nsenter, not `ip netns exec`: that mounts a /sys of its own, without the\
+         \n  # bpffs the agent pins into.) Then, from any shell on this host:\
+         \n  target/release/smtpgate status\n\
          \n  # an allowlisted and a denied client, to the internet host's port 25\n\
          \n  ip netns exec {} swaks --server {} --from a@client.lab --to b@inet.lab --local-interface {}\
          \n  ip netns exec {} swaks --server {} --from a@client.lab --to b@inet.lab --local-interface {}\n\

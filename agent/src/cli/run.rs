@@ -20,6 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use super::notify;
+use smtpgate::heartbeat::Heartbeat;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -97,11 +98,17 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     info!(mode = ?c.mode, action = ?c.action, ports = ?c.ports, socket = %socket.display(), "enforcing");
     let agent: Shared = Arc::new(Mutex::new(agent));
 
+    let heartbeat = Heartbeat::new();
+    // The first look before anything reports ready: a point that went down
+    // between attach and now is DOWN from the first scrape on.
+    lock(&agent).check_attachments(None);
+    heartbeat.beat();
     if let Some(l) = metrics_listener {
         let agent = agent.clone();
         let source: metrics::SnapshotFn = Arc::new(move || lock(&agent).snapshot());
+        let heartbeat = heartbeat.clone();
         rt.spawn(async move {
-            if let Err(e) = metrics::serve(l, source).await {
+            if let Err(e) = metrics::serve(l, source, heartbeat).await {
                 error!(error = %e, "metrics endpoint failed");
             }
         });
@@ -116,6 +123,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             () = refresh_local_addresses(agent.clone()) => Ok(()),
             r = signals(agent.clone()) => r,
             () = stopped_by_detach(agent.clone()) => Ok(()),
+            () = watch_attachments(agent.clone(), heartbeat.clone()) => Ok(()),
         }
     });
     notify::send("STOPPING=1");
@@ -179,4 +187,82 @@ async fn refresh_local_addresses(agent: Shared) {
             tracing::warn!(error = %e, "refreshing local addresses");
         }
     }
+}
+
+/// How often every attach point is checked against the kernel when no link
+/// event says anything changed: the bound on how long a silent loss of
+/// enforcement (a link removed by hand, a missed event) goes unreported.
+const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The main loop: checks every attach point against the kernel once per
+/// [`CHECK_EVERY`] and at once on every link event (an interface created,
+/// deleted or changed), re-attaching what came back; then beats the
+/// heartbeat that `/healthz` reads.
+async fn watch_attachments(agent: Shared, heartbeat: Heartbeat) {
+    let mut events = match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
+        Ok((conn, _handle, messages)) => {
+            tokio::spawn(conn);
+            Some(messages)
+        }
+        Err(e) => {
+            error!(error = %e, "cannot listen for link events; attach points are checked every second only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            _ = tick.tick() => None,
+            Some(m) = next_event(&mut events) => Some((std::time::Instant::now(), m)),
+        };
+        if let Some((_, what)) = &event {
+            tracing::debug!(event = %what, "link event");
+            // A burst (an interface and its peer, several flags) is one check.
+            if let Some(rx) = events.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        let agent = agent.clone();
+        let at = event.map(|(t, _)| t);
+        let _ = tokio::task::spawn_blocking(move || lock(&agent).check_attachments(at)).await;
+        heartbeat.beat();
+    }
+}
+
+type LinkEvents = futures_channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// The next link event, described; never, without a netlink socket or
+/// after it closed.
+async fn next_event(events: &mut Option<LinkEvents>) -> Option<String> {
+    use futures_util::StreamExt as _;
+    use rtnetlink::{
+        packet_core::NetlinkPayload,
+        packet_route::{RouteNetlinkMessage as M, link::LinkAttribute},
+    };
+    let Some(rx) = events.as_mut() else {
+        return std::future::pending().await;
+    };
+    let Some((message, _)) = rx.next().await else {
+        error!("the link event socket closed; attach points are checked every second only");
+        *events = None;
+        return std::future::pending().await;
+    };
+    let (kind, link) = match &message.payload {
+        NetlinkPayload::InnerMessage(M::NewLink(l)) => ("new", l),
+        NetlinkPayload::InnerMessage(M::DelLink(l)) => ("deleted", l),
+        _ => return Some("other".into()),
+    };
+    let name = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .unwrap_or("?");
+    Some(format!("{kind} link {name} (index {})", link.header.index))
 }

@@ -314,7 +314,7 @@ macro_rules! loadable {
 loadable!(SchedClassifier, CgroupSkb, CgroupSockAddr);
 
 /// The interface's index, or `None` if there is no such interface here.
-fn ifindex(name: &str) -> Option<u32> {
+pub(super) fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -3,6 +3,7 @@
 //! `config`, never the other way round.
 
 mod attach;
+mod health;
 mod nodes;
 pub mod pins;
 pub mod redirect;
@@ -22,6 +23,7 @@ use smtpgate_common::{
 };
 
 pub use attach::Attachment;
+pub use health::{Down, expected_programs};
 use nodes::NodeRegion;
 pub use pins::PinDir;
 

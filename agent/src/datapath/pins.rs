@@ -22,12 +22,24 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// What to say when `pin_dir` is not on bpffs.
+fn not_bpffs(root: &Path) -> String {
+    format!(
+        "{} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` \
+         (or set datapath.pin_dir to a directory on bpffs). Inside a network namespace, \
+         start the agent with `nsenter --net=/run/netns/NAME`, not `ip netns exec`, \
+         which mounts a /sys of its own without bpffs",
+        root.display()
+    )
+}
+
 /// The pin layout this agent reads and writes.
 pub const LAYOUT: &str = "v1";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_QUERY: libc::c_long = 16;
 
 #[derive(Clone, Debug)]
 pub struct PinDir {
@@ -61,12 +73,21 @@ impl PinDir {
 
     /// Creates the layout's directories; the root must be on a bpffs.
     pub fn ensure(&self) -> io::Result<()> {
+        // Look before creating anything: on a plain sysfs (no bpffs mounted,
+        // or `ip netns exec`, which mounts a fresh /sys without it) the
+        // directory cannot even be made, and "No such file or directory"
+        // would tell the admin nothing.
+        let existing = self
+            .root
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !is_bpffs(existing) {
+            return Err(io::Error::other(not_bpffs(&self.root)));
+        }
         std::fs::create_dir_all(&self.root)?;
         if !is_bpffs(&self.root) {
-            return Err(io::Error::other(format!(
-                "{} is not on a BPF filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
-                self.root.display()
-            )));
+            return Err(io::Error::other(not_bpffs(&self.root)));
         }
         for sub in ["maps", "programs", "links"] {
             std::fs::create_dir_all(self.layout().join(sub))?;
@@ -165,6 +186,35 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     // struct { u32 link_fd; u32 new_prog_fd; u32 flags; u32 old_prog_fd; }
     attr[0] = u64::from(link.as_raw_fd() as u32) | (u64::from(program.as_raw_fd() as u32) << 32);
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// What BPF_PROG_QUERY asks about: a cgroup (by fd) or an interface's TCX
+/// hook (by index).
+pub enum QueryTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    Ifindex(u32),
+}
+
+/// The ids of the programs attached at `attach_type` of `target`, as the
+/// kernel sees them now. This, not what the agent remembers doing, is what
+/// health reports: an interface that was deleted and created again keeps
+/// its name and loses its programs.
+pub fn prog_query(target: QueryTarget<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    const MAX: usize = 64;
+    let mut ids = [0u32; MAX];
+    let mut attr = [0u64; 16];
+    // struct { u32 target_fd|target_ifindex; u32 attach_type; u32 query_flags;
+    //          u32 attach_flags; u64 prog_ids; u32 prog_cnt; ... }
+    let target = match target {
+        QueryTarget::Fd(fd) => fd.as_raw_fd() as u32,
+        QueryTarget::Ifindex(i) => i,
+    };
+    attr[0] = u64::from(target) | (u64::from(attach_type) << 32);
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = MAX as u64;
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = (attr[3] as u32 as usize).min(MAX);
+    Ok(ids[..count].to_vec())
 }
 
 /// A file name for a link: hook, target (with '%', '/' and '.' escaped:

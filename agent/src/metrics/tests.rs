@@ -344,7 +344,9 @@ async fn http_endpoint() {
         ready: r2.load(std::sync::atomic::Ordering::Relaxed),
         ..snapshot()
     });
-    tokio::spawn(serve(listener, source));
+    let heartbeat = crate::heartbeat::Heartbeat::new();
+    heartbeat.beat();
+    tokio::spawn(serve(listener, source, heartbeat));
 
     // Keep-alive: three requests on one connection, the last one closes.
     let out = exchange(
@@ -410,7 +412,8 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_capped() {
         request: Duration::from_millis(300),
         idle: Duration::from_millis(600),
     };
-    tokio::spawn(serve_with(listener, Arc::new(snapshot), limits));
+    let heartbeat = crate::heartbeat::Heartbeat::new();
+    tokio::spawn(serve_with(listener, Arc::new(snapshot), heartbeat, limits));
     let closed = |mut c: tokio::net::TcpStream| async move {
         let mut buf = [0u8; 512];
         let t = std::time::Instant::now();
@@ -459,4 +462,39 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_capped() {
         took >= Duration::from_millis(300),
         "idle connection closed after {took:?}"
     );
+}
+
+/// /healthz follows the main loop's heartbeat: a loop that stopped beating
+/// fails the liveness probe, and a beat brings it back.
+#[tokio::test]
+async fn healthz_follows_the_heartbeat() {
+    use crate::heartbeat::{Heartbeat, STALE_AFTER};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heartbeat = Heartbeat::beaten_ago(STALE_AFTER + Duration::from_secs(5));
+    tokio::spawn(serve(listener, Arc::new(snapshot), heartbeat.clone()));
+    let get = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let out = exchange(addr, get).await;
+    assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+    assert!(out.contains("stalled: the main loop has not run for"), "{out}");
+    heartbeat.beat();
+    let out = exchange(addr, get).await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+}
+
+/// /readyz names the attach point that is down.
+#[tokio::test]
+async fn readyz_names_what_is_down() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let source: SnapshotFn = Arc::new(|| {
+        let mut s = snapshot();
+        s.ready = false;
+        s.attachments[0].attached = false;
+        s
+    });
+    tokio::spawn(serve(listener, source, crate::heartbeat::Heartbeat::new()));
+    let out = exchange(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+    assert!(out.contains("is down"), "{out}");
 }

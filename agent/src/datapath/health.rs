@@ -1,0 +1,167 @@
+//! Whether each attach point really enforces, asked of the kernel.
+//!
+//! What the agent did at attach time proves nothing a minute later: an
+//! interface deleted and created again (a VPN restart, a hotplug NIC,
+//! `ifdown/ifup`) keeps its name and loses its TC programs; a cgroup can be
+//! removed; someone can unpin a link. So health is an observation, made
+//! again and again: the target exists, the kernel lists our program on its
+//! hook, and the pinned link that keeps it there after the agent is still in
+//! bpffs. An attach point that fails any of these is DOWN, and `repair`
+//! attaches it again as soon as its target is back.
+
+use std::{fs::File, os::fd::AsFd as _};
+
+use smtpgate_common::programs;
+
+use super::{
+    Datapath, DatapathError,
+    attach::ifindex,
+    pins::{self, QueryTarget},
+};
+use crate::config::AttachPoint;
+
+// enum bpf_attach_type
+const BPF_CGROUP_INET_EGRESS: u32 = 1;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+/// Why an attach point does not enforce.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Down {
+    #[error("interface {name:?} does not exist")]
+    NoInterface { name: String },
+    #[error("cgroup {path} does not exist")]
+    NoCgroup { path: String },
+    #[error("{program} is not attached (the kernel lists {found} other program(s) on this hook)")]
+    NotAttached { program: &'static str, found: usize },
+    #[error("the pinned link {link} is gone: {program} would stop enforcing with the agent")]
+    PinMissing {
+        program: &'static str,
+        link: String,
+    },
+    #[error("asking the kernel what is attached: {error}")]
+    Query { error: String },
+    #[error("attaching failed: {error}")]
+    AttachFailed { error: String },
+}
+
+impl Down {
+    /// Whether attaching again may help: the target is there, our program
+    /// is not (or not held by a pin).
+    #[must_use]
+    pub fn repairable(&self) -> bool {
+        matches!(self, Down::NotAttached { .. } | Down::PinMissing { .. })
+    }
+}
+
+/// The programs an attach point runs when it is up, for the ones the agent
+/// has not been able to attach yet (metrics and status list them DOWN).
+#[must_use]
+pub fn expected_programs(point: &AttachPoint) -> &'static [&'static str] {
+    match point {
+        AttachPoint::TcIngress { .. } => &[programs::TC_INGRESS],
+        AttachPoint::TcEgress { .. } => &[programs::TC_EGRESS],
+        AttachPoint::Cgroup { .. } => &[
+            programs::CGROUP_CONNECT4,
+            programs::CGROUP_CONNECT6,
+            programs::CGROUP_EGRESS,
+        ],
+    }
+}
+
+fn query_err(e: &std::io::Error) -> Down {
+    Down::Query {
+        error: e.to_string(),
+    }
+}
+
+impl Datapath {
+    /// The kernel id of one of this agent's loaded programs.
+    fn loaded_id(&self, name: &str) -> Option<u32> {
+        self.ebpf.program(name)?.info().ok().map(|i| i.id())
+    }
+
+    /// Whether `point` enforces right now, as the kernel reports it.
+    pub fn observe(&self, point: &AttachPoint) -> Result<(), Down> {
+        let records: Vec<_> = self.attached.iter().filter(|a| &a.point == point).collect();
+        let check = |program: &'static str, attached: &[u32], link: &str| {
+            let ours = self.loaded_id(program);
+            if !ours.is_some_and(|id| attached.contains(&id)) {
+                return Err(Down::NotAttached {
+                    program,
+                    found: attached.len(),
+                });
+            }
+            if !self.pins.link(link).exists() {
+                return Err(Down::PinMissing {
+                    program,
+                    link: link.to_owned(),
+                });
+            }
+            Ok(())
+        };
+        match point {
+            AttachPoint::TcIngress { interface } | AttachPoint::TcEgress { interface } => {
+                let index = ifindex(interface).ok_or_else(|| Down::NoInterface {
+                    name: interface.clone(),
+                })?;
+                if records.is_empty() {
+                    return Err(Down::NotAttached {
+                        program: expected_programs(point)[0],
+                        found: 0,
+                    });
+                }
+                let hook = if matches!(point, AttachPoint::TcIngress { .. }) {
+                    BPF_TCX_INGRESS
+                } else {
+                    BPF_TCX_EGRESS
+                };
+                let attached =
+                    pins::prog_query(QueryTarget::Ifindex(index), hook).map_err(|e| query_err(&e))?;
+                for a in records {
+                    check(a.program, &attached, &a.link)?;
+                }
+                Ok(())
+            }
+            AttachPoint::Cgroup { path } => {
+                let path = path.clone().unwrap_or_else(crate::config::cgroup2_root);
+                let dir = File::open(&path).map_err(|_| Down::NoCgroup {
+                    path: path.display().to_string(),
+                })?;
+                if records.is_empty() {
+                    return Err(Down::NotAttached {
+                        program: expected_programs(point)[0],
+                        found: 0,
+                    });
+                }
+                for a in records {
+                    let hook = match a.program {
+                        programs::CGROUP_CONNECT4 => BPF_CGROUP_INET4_CONNECT,
+                        programs::CGROUP_CONNECT6 => BPF_CGROUP_INET6_CONNECT,
+                        _ => BPF_CGROUP_INET_EGRESS,
+                    };
+                    let attached = pins::prog_query(QueryTarget::Fd(dir.as_fd()), hook)
+                        .map_err(|e| query_err(&e))?;
+                    check(a.program, &attached, &a.link)?;
+                }
+                // Every program the point needs, not just the ones recorded.
+                for program in expected_programs(point) {
+                    if !self.attached.iter().any(|a| &a.point == point && a.program == *program) {
+                        return Err(Down::NotAttached { program, found: 0 });
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Attaches `point` again from scratch: what the agent remembered of it
+    /// is forgotten, a pinned link that no longer works is replaced (see
+    /// `adopt_link`), and a new one is pinned.
+    pub fn repair(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
+        self.forget(point);
+        self.attach(point)
+    }
+}
