@@ -53,6 +53,8 @@ pub struct PointStatus {
     /// From the kernel's link event (or the check that found the point
     /// down) to the program being attached again, for the last reattach.
     pub last_reattach_gap_ms: Option<f64>,
+    /// When it was last attached again (Unix time).
+    pub last_reattach_unix: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -68,6 +70,7 @@ impl PointStatus {
             down: None,
             reattaches: 0,
             last_reattach_gap_ms: None,
+            last_reattach_unix: None,
         }
     }
 }
@@ -188,12 +191,13 @@ impl Agent {
         for i in 0..self.points.len() {
             let point = self.points[i].point.clone();
             let mut result = self.datapath.observe(&point);
-            let mut gap = None;
+            let mut repaired = None;
             if let Err(down) = &result {
+                self.mark_down(i, down);
                 if down.repairable() {
-                    result = match self.datapath.repair(&point) {
+                    result = match self.datapath.repair(&point, down) {
                         Ok(()) => {
-                            gap = Some(event.map_or(Duration::ZERO, |t| t.elapsed()));
+                            repaired = Some(event.map_or(Duration::ZERO, |t| t.elapsed()));
                             self.datapath.observe(&point)
                         }
                         Err(e) => Err(Down::AttachFailed {
@@ -202,34 +206,44 @@ impl Agent {
                     };
                 }
             }
-            let status = &mut self.points[i];
             match result {
-                Ok(()) => {
-                    if let Some(was) = status.down.take() {
-                        status.reattaches += 1;
-                        status.last_reattach_gap_ms = gap.map(|g| g.as_secs_f64() * 1e3);
-                        let gap_ms = status
-                            .last_reattach_gap_ms
-                            .map_or_else(|| "?".to_owned(), |g| format!("{g:.1}"));
-                        warn!(
-                            %point,
-                            down_for_s = format!("{:.1}", now_unix() - was.since_unix),
-                            gap_ms,
-                            "attach point UP again: attached after it came back"
-                        );
-                    }
-                }
-                Err(down) => {
-                    let reason = down.to_string();
-                    let changed = status.down.as_ref().is_none_or(|d| d.reason != reason);
-                    if changed {
-                        error!(%point, %reason, "attach point DOWN: SMTP egress through it is not filtered");
-                        let since_unix = status.down.as_ref().map_or_else(now_unix, |d| d.since_unix);
-                        status.down = Some(DownSince { reason, since_unix });
-                    }
-                }
+                Ok(()) => self.mark_up(i, repaired),
+                Err(down) => self.mark_down(i, &down),
             }
         }
+    }
+
+    /// Records (and logs, once per reason) that point `i` does not enforce.
+    fn mark_down(&mut self, i: usize, down: &Down) {
+        let status = &mut self.points[i];
+        let reason = down.to_string();
+        if status.down.as_ref().is_some_and(|d| d.reason == reason) {
+            return;
+        }
+        error!(point = %status.point, %reason, "attach point DOWN: SMTP egress through it is not filtered");
+        let since_unix = status.down.as_ref().map_or_else(now_unix, |d| d.since_unix);
+        status.down = Some(DownSince { reason, since_unix });
+    }
+
+    /// Records that point `i` enforces; `repaired` is the gap from the link
+    /// event when this check attached it again.
+    fn mark_up(&mut self, i: usize, repaired: Option<Duration>) {
+        let status = &mut self.points[i];
+        let Some(was) = status.down.take() else {
+            return;
+        };
+        status.reattaches += 1;
+        status.last_reattach_unix = Some(now_unix());
+        status.last_reattach_gap_ms = repaired.map(|g| g.as_secs_f64() * 1e3);
+        let gap_ms = status
+            .last_reattach_gap_ms
+            .map_or_else(|| "?".to_owned(), |g| format!("{g:.1}"));
+        warn!(
+            point = %status.point,
+            down_for_ms = format!("{:.1}", (now_unix() - was.since_unix) * 1e3),
+            gap_ms,
+            "attach point UP again: attached after it came back"
+        );
     }
 
     /// Whether every configured attach point enforces, as last observed.
@@ -619,6 +633,7 @@ fn attach_or_wait(
     match datapath.attach(point) {
         Ok(()) => {}
         Err(DatapathError::NoInterface { name }) if missing == MissingInterface::Wait => {
+            datapath.preload(point)?;
             let reason = Down::NoInterface { name }.to_string();
             error!(%point, %reason, "attach point DOWN: waiting for the interface; SMTP egress through it is not filtered until then");
             status.down = Some(DownSince {

@@ -5,8 +5,8 @@ Usage: load.py SECONDS OUT PORT SRC:DST [SRC:DST ...]
 
 Round-robins TCP connects from each SRC to DST:PORT (1 s timeout each,
 about 50 attempts a second in all) for SECONDS, and appends one line per
-attempt to OUT: "SRC RESULT MS", RESULT being connected, refused, timeout or
-error:<errno>.
+attempt to OUT: "SRC RESULT MS START", RESULT being connected, refused,
+timeout or error:<errno>, START the attempt's start as Unix time.
 """
 import errno
 import socket
@@ -23,10 +23,13 @@ with open(out, "a") as log:
         i += 1
         fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_STREAM)
-        s.bind((src, 0))
         s.settimeout(1.0)
         start = time.monotonic()
+        wall = time.time()
         try:
+            # Inside the try: while an interface is being recreated, the
+            # source address may not exist for a moment (EADDRNOTAVAIL).
+            s.bind((src, 0))
             s.connect((dst, port))
             result = "connected"
         except socket.timeout:
@@ -37,6 +40,6 @@ with open(out, "a") as log:
             result = "error:" + errno.errorcode.get(e.errno, str(e.errno))
         finally:
             s.close()
-        log.write(f"{src} {result} {(time.monotonic() - start) * 1000:.1f}\n")
+        log.write(f"{src} {result} {(time.monotonic() - start) * 1000:.1f} {wall:.6f}\n")
         log.flush()
         time.sleep(0.02)

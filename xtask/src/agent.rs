@@ -90,11 +90,16 @@ impl Lab {
         let socket = self.dir.join(format!("{name}.sock"));
         // Pins and state belong to the lab, not to one agent: a restarted
         // agent finds what the previous one left, as on a real gateway.
+        // A test's own [datapath] section gets the lab's pin_dir added.
+        let pin_dir = format!("pin_dir = {:?}\n", self.pin_dir().display().to_string());
+        let (config, datapath) = match config.split_once("[datapath]\n") {
+            Some((head, tail)) => (format!("{head}[datapath]\n{pin_dir}{tail}"), String::new()),
+            None => (config.to_owned(), format!("[datapath]\n{pin_dir}")),
+        };
         let text = format!(
-            "state_dir = {:?}\n{config}\n[control]\nsocket = {:?}\n[datapath]\npin_dir = {:?}\n",
+            "state_dir = {:?}\n{config}\n[control]\nsocket = {:?}\n{datapath}",
             self.dir.join("state").display().to_string(),
             socket.display().to_string(),
-            self.pin_dir().display().to_string(),
         );
         let config = self.write(&format!("{name}.toml"), &text)?;
         let mut cmd = self.command(Host::Gw, smtpgate_bin());

@@ -140,20 +140,13 @@ impl Lab {
             self.sh_in(ns, "ip link set lo up; sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0")?;
         }
         ip(&format!(
-            "link add lan0 netns {gw} type veth peer name eth0 netns {client}"
-        ))?;
-        ip(&format!(
             "link add wan0 netns {gw} type veth peer name eth0 netns {inet}"
         ))?;
         ip(&format!(
             "link add lanv netns {gw} type veth peer name eth0 netns {vclient}"
         ))?;
 
-        self.sh_in(&client, &format!(
-            "ip link set eth0 up
-             ip addr add {CLIENT_ALLOWED_V4}/24 dev eth0; ip addr add {CLIENT_DENIED_V4}/24 dev eth0
-             ip addr add {CLIENT_ALLOWED_V6}/64 dev eth0 nodad; ip addr add {CLIENT_DENIED_V6}/64 dev eth0 nodad
-             ip route add default via {GW_LAN_V4}; ip -6 route add default via 2001:db8:1::1"))?;
+        self.link_lan()?;
         // No 802.1Q devices, bridge VLAN filtering or tc vlan action on this
         // kernel: the VLAN client is a bare link on which tests craft their
         // own tagged frames (lab/craft.py).
@@ -162,8 +155,7 @@ impl Lab {
             &gw,
             &format!(
                 "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
-             ip link set lan0 up; ip link set wan0 up
-             ip addr add {GW_LAN_V4}/24 dev lan0; ip addr add 2001:db8:1::1/64 dev lan0 nodad
+             ip link set wan0 up
              ip addr add {GW_WAN_V4}/24 dev wan0; ip addr add {GW_WAN_V6}/64 dev wan0 nodad
              ip link set lanv up"
             ),
@@ -221,6 +213,35 @@ EOF",
         rules.push_str(" }\n}\n");
         self.sh_in(&inet, &format!("nft -f - <<'EOF'\n{rules}EOF"))?;
         Ok(())
+    }
+
+    /// The client's link to the gateway (`lan0` there, `eth0` in the
+    /// client), with its addresses and the client's routes.
+    fn link_lan(&self) -> anyhow::Result<()> {
+        let [client, gw] = [Host::Client, Host::Gw].map(|h| self.ns(h));
+        ip(&format!(
+            "link add lan0 netns {gw} type veth peer name eth0 netns {client}"
+        ))?;
+        self.sh_in(&client, &format!(
+            "ip link set eth0 up
+             ip addr add {CLIENT_ALLOWED_V4}/24 dev eth0; ip addr add {CLIENT_DENIED_V4}/24 dev eth0
+             ip addr add {CLIENT_ALLOWED_V6}/64 dev eth0 nodad; ip addr add {CLIENT_DENIED_V6}/64 dev eth0 nodad
+             ip route add default via {GW_LAN_V4}; ip -6 route add default via 2001:db8:1::1"))?;
+        self.sh_in(&gw, &format!(
+            "ip link set lan0 up
+             ip addr add {GW_LAN_V4}/24 dev lan0; ip addr add 2001:db8:1::1/64 dev lan0 nodad"))?;
+        Ok(())
+    }
+
+    /// Deletes the gateway's `lan0` (and so the client's end of it), as a
+    /// VPN restart, a hotplug NIC or ifdown of a veth-backed port does.
+    pub fn delete_lan(&self) -> anyhow::Result<()> {
+        ip(&format!("-n {} link del lan0", self.ns(Host::Gw)))
+    }
+
+    /// Creates `lan0` again, configured as the lab first made it.
+    pub fn create_lan(&self) -> anyhow::Result<()> {
+        self.link_lan()
     }
 
     fn sh_in(&self, ns: &str, script: &str) -> anyhow::Result<Output> {

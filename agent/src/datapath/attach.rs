@@ -49,6 +49,17 @@ impl Datapath {
         }
     }
 
+    /// Loads the programs a point will need, without attaching them: for a
+    /// point that waits for its interface, so that attaching takes
+    /// milliseconds when it appears instead of a verifier run.
+    pub fn preload(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
+        match point {
+            AttachPoint::TcIngress { .. } => load::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS),
+            AttachPoint::TcEgress { .. } => load::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS),
+            AttachPoint::Cgroup { .. } => Ok(()),
+        }
+    }
+
     /// Gives an earlier agent's pinned link this agent's program, if there
     /// is such a link and it still works. Returns whether it did.
     fn adopt_link(&mut self, id: &str, name: &'static str) -> Result<bool, DatapathError> {

@@ -11,6 +11,7 @@
 
 use std::{fs::File, os::fd::AsFd as _};
 
+use aya::programs::links::FdLink;
 use smtpgate_common::programs;
 
 use super::{
@@ -157,10 +158,26 @@ impl Datapath {
         }
     }
 
-    /// Attaches `point` again from scratch: what the agent remembered of it
-    /// is forgotten, a pinned link that no longer works is replaced (see
-    /// `adopt_link`), and a new one is pinned.
-    pub fn repair(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
+    /// Makes `point` enforce again. A link that lost only its pin is
+    /// pinned again from the fd this agent holds (attaching a second copy
+    /// would be refused: the kernel allows a program once per hook).
+    /// Anything else is attached from scratch: what the agent remembered of
+    /// the point is forgotten, a pinned link that no longer works is
+    /// replaced (see `adopt_link`), and a new one is pinned.
+    pub fn repair(&mut self, point: &AttachPoint, down: &Down) -> Result<(), DatapathError> {
+        if let Down::PinMissing { link, .. } = down {
+            if let Some(held) = self.links.remove(link) {
+                let path = self.pins.link(link);
+                let pinned = FdLink::from(held)
+                    .pin(&path)
+                    .map_err(|e| DatapathError::Pins {
+                        path,
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                self.links.insert(link.clone(), pinned);
+                return Ok(());
+            }
+        }
         self.forget(point);
         self.attach(point)
     }
