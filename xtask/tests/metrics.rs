@@ -256,6 +256,46 @@ fn firing(lab: &Lab, alertname: &str) -> bool {
     alert_state(lab, alertname).as_deref() == Some("firing")
 }
 
+
+/// A real Prometheus in the gateway, scraping the agent every second and
+/// evaluating the shipped rules, as they are; returns once it has scraped
+/// the agent.
+fn start_prometheus(lab: &mut Lab) {
+    let prom_dir = lab.dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let rules = repo().join("deploy/prometheus/rules.yml");
+    let prom_config = lab
+        .write(
+            "prometheus.yml",
+            &format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {:?}\nscrape_configs:\n  - job_name: smtpgate\n    static_configs:\n      - targets: ['127.0.0.1:9725']\n",
+                rules.canonicalize().unwrap().display().to_string()
+            ),
+        )
+        .unwrap();
+    let mut cmd = lab.command(Host::Gw, "/usr/bin/prometheus");
+    cmd.arg(format!("--config.file={}", prom_config.display()))
+        .arg(format!("--storage.tsdb.path={}", prom_dir.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{PROM_PORT}"));
+    lab.spawn(cmd, "prometheus.log").unwrap();
+    wait(
+        "prometheus scraping the agent",
+        Duration::from_secs(60),
+        || {
+            let up = lab
+            .sh(
+                Host::Gw,
+                &format!("curl -sf http://127.0.0.1:{PROM_PORT}/-/ready >/dev/null && echo ok || true"),
+            )
+            .unwrap();
+            (up.trim() == "ok"
+                && value(lab, r#"up{job="smtpgate"}"#) == Some(1.0)
+                && value(lab, DENIED).is_some())
+            .then_some(())
+        },
+    );
+}
+
 const DENIED: &str = r#"smtpgate_egress_connections_total{family="ipv4",verdict="dropped",reason="not_allowlisted"}"#;
 const DENIED_PACKETS: &str =
     r#"smtpgate_egress_packets_total{family="ipv4",verdict="dropped",reason="not_allowlisted"}"#;
@@ -352,41 +392,7 @@ fn a_real_prometheus_scrapes_exact_counts() {
         "relay metrics without a relay"
     );
 
-    // A real Prometheus in the gateway, scraping every second and
-    // evaluating the shipped rules.
-    let prom_dir = lab.dir.join("prometheus");
-    std::fs::create_dir_all(&prom_dir).unwrap();
-    let rules = repo().join("deploy/prometheus/rules.yml");
-    let prom_config = lab
-        .write(
-            "prometheus.yml",
-            &format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {:?}\nscrape_configs:\n  - job_name: smtpgate\n    static_configs:\n      - targets: ['127.0.0.1:9725']\n",
-                rules.canonicalize().unwrap().display().to_string()
-            ),
-        )
-        .unwrap();
-    let mut cmd = lab.command(Host::Gw, "/usr/bin/prometheus");
-    cmd.arg(format!("--config.file={}", prom_config.display()))
-        .arg(format!("--storage.tsdb.path={}", prom_dir.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{PROM_PORT}"));
-    lab.spawn(cmd, "prometheus.log").unwrap();
-    wait(
-        "prometheus scraping the agent",
-        Duration::from_secs(60),
-        || {
-            let up = lab
-            .sh(
-                Host::Gw,
-                &format!("curl -sf http://127.0.0.1:{PROM_PORT}/-/ready >/dev/null && echo ok || true"),
-            )
-            .unwrap();
-            (up.trim() == "ok"
-                && value(&lab, r#"up{job="smtpgate"}"#) == Some(1.0)
-                && value(&lab, DENIED).is_some())
-            .then_some(())
-        },
-    );
+    start_prometheus(&mut lab);
     assert_eq!(value(&lab, "smtpgate_ready"), Some(1.0));
     assert_eq!(
         value(
@@ -492,4 +498,52 @@ fn a_real_prometheus_scrapes_exact_counts() {
     );
     let log = lab.read_log("prometheus.log");
     assert!(!log.contains("level=error"), "prometheus errors:\n{log}");
+}
+
+/// The critical alert for an attach point that lost its program, fed by
+/// what the agent really exports: it fires while the interface is gone
+/// (after the rule's own `for: 2m`) and resolves once the agent has
+/// attached again.
+#[test]
+fn attachment_down_fires_while_an_interface_is_gone_and_resolves() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("alertdown", Options::default()).unwrap();
+    let config = format!(
+        "action = \"reject\"\nallowlist = [\"{}\"]\n[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n[metrics]\nenabled = true\nlisten = \"127.0.0.1:9725\"\n",
+        lab::CLIENT_ALLOWED_V4
+    );
+    lab.start_agent("agent", &config).unwrap();
+    start_prometheus(&mut lab);
+    const UP: &str = r#"smtpgate_attachment_up{hook="tc-ingress",target="lan0",program="smtpgate_tc_ingress"}"#;
+    wait("attachment up", Duration::from_secs(30), || {
+        (value(&lab, UP) == Some(1.0)).then_some(())
+    });
+    assert!(alert_state(&lab, "SmtpgateAttachmentDown").is_none());
+
+    lab.delete_lan().unwrap();
+    let gone = Instant::now();
+    wait("attachment down in Prometheus", Duration::from_secs(30), || {
+        (value(&lab, UP) == Some(0.0)).then_some(())
+    });
+    wait("SmtpgateAttachmentDown pending", Duration::from_secs(30), || {
+        (alert_state(&lab, "SmtpgateAttachmentDown").as_deref() == Some("pending")).then_some(())
+    });
+    wait("SmtpgateAttachmentDown firing", Duration::from_secs(200), || {
+        firing(&lab, "SmtpgateAttachmentDown").then_some(())
+    });
+    eprintln!("SmtpgateAttachmentDown fired {:.0} s after lan0 was deleted", gone.elapsed().as_secs_f64());
+    wait("SmtpgateNotReady firing", Duration::from_secs(30), || {
+        firing(&lab, "SmtpgateNotReady").then_some(())
+    });
+
+    lab.create_lan().unwrap();
+    let back = Instant::now();
+    wait("SmtpgateAttachmentDown resolved", Duration::from_secs(30), || {
+        alert_state(&lab, "SmtpgateAttachmentDown").is_none().then_some(())
+    });
+    eprintln!("resolved {:.1} s after lan0 was back", back.elapsed().as_secs_f64());
+    assert_eq!(value(&lab, UP), Some(1.0));
+    assert_eq!(value(&lab, "smtpgate_ready"), Some(1.0));
 }

@@ -235,6 +235,28 @@ fn denied_clients_land_in_the_relay_and_never_reach_the_internet() {
     )
     .into_owned();
     assert!(status.contains("\"intercept\""), "{status}");
+
+    // The policy routing the agent installed over netlink, as `ip` shows
+    // it, and gone after detach.
+    let routing = |lab: &Lab| {
+        lab.sh(
+            Host::Gw,
+            "ip -4 rule; ip -6 rule; ip -4 route show table 25225; ip -6 route show table 25225 2>/dev/null || true",
+        )
+        .unwrap()
+    };
+    let shown = routing(&lab);
+    assert_eq!(
+        shown.matches("fwmark 0x5347001 lookup 25225").count(),
+        2,
+        "{shown}"
+    );
+    assert!(shown.contains("local default dev lo"), "{shown}");
+    assert_eq!(shown.matches("local default dev lo").count(), 2, "{shown}");
+    let out = lab.cli(&agent, &["detach"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown = routing(&lab);
+    assert!(!shown.contains("25225"), "left after detach:\n{shown}");
 }
 
 #[test]

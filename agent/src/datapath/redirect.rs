@@ -3,9 +3,17 @@
 //! routing that delivers the marked packets locally.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    process::Command,
+};
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    IpVersion, RouteMessageBuilder,
+    packet_route::{
+        route::{RouteAttribute, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
 };
 
 use smtpgate_common::{REDIRECT_MARK, REDIRECT_TABLE};
@@ -93,127 +101,120 @@ fn socket2_addr(addr: SocketAddr) -> ([u8; 28], libc::socklen_t) {
     }
 }
 
-/// The `ip` commands that make marked packets local, per family: a rule
-/// that sends them to our table, and a table that says "everything is
-/// local".
-fn routing_steps() -> [(&'static str, Vec<String>); 4] {
-    let mark = format!("{REDIRECT_MARK:#x}");
-    let table = REDIRECT_TABLE.to_string();
-    [
-        (
-            "-4",
-            vec![
-                "rule".into(),
-                "add".into(),
-                "fwmark".into(),
-                mark.clone(),
-                "lookup".into(),
-                table.clone(),
-            ],
-        ),
-        (
-            "-6",
-            vec![
-                "rule".into(),
-                "add".into(),
-                "fwmark".into(),
-                mark,
-                "lookup".into(),
-                table.clone(),
-            ],
-        ),
-        (
-            "-4",
-            vec![
-                "route".into(),
-                "replace".into(),
-                "local".into(),
-                "0.0.0.0/0".into(),
-                "dev".into(),
-                "lo".into(),
-                "table".into(),
-                table.clone(),
-            ],
-        ),
-        (
-            "-6",
-            vec![
-                "route".into(),
-                "replace".into(),
-                "local".into(),
-                "::/0".into(),
-                "dev".into(),
-                "lo".into(),
-                "table".into(),
-                table,
-            ],
-        ),
-    ]
+/// Runs one rtnetlink conversation on a thread of its own. Routing changes
+/// are rare (start, reload, detach) and come from synchronous code, some of
+/// it on a runtime's blocking pool: a private current-thread runtime on a
+/// scoped thread works from anywhere, without nesting runtimes.
+fn netlink<T, F, Fut>(what: &str, f: F) -> Result<T, DatapathError>
+where
+    T: Send,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T, rtnetlink::Error>>,
+{
+    let err = |e: String| DatapathError::Routing {
+        what: format!("{what}: {e}"),
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(|e| err(e.to_string()))?;
+                rt.block_on(async {
+                    let (conn, handle, _) =
+                        rtnetlink::new_connection().map_err(|e| err(e.to_string()))?;
+                    tokio::spawn(conn);
+                    f(handle).await.map_err(|e| err(e.to_string()))
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(err("the netlink thread panicked".into())))
+    })
 }
 
-fn ip(family: &str, args: &[String]) -> std::io::Result<std::process::Output> {
-    Command::new("ip").arg(family).args(args).output()
+fn is_ours(rule: &RuleMessage) -> bool {
+    rule.attributes.contains(&RuleAttribute::FwMark(REDIRECT_MARK))
+        && rule.attributes.contains(&RuleAttribute::Table(REDIRECT_TABLE))
 }
 
-/// Installs the policy routing, once (the rules are checked first).
+async fn our_rules(handle: &rtnetlink::Handle, v: IpVersion) -> Result<Vec<RuleMessage>, rtnetlink::Error> {
+    let rules: Vec<_> = handle.rule().get(v).execute().try_collect().await?;
+    Ok(rules.into_iter().filter(is_ours).collect())
+}
+
+fn lo_index() -> Result<u32, DatapathError> {
+    super::attach::ifindex("lo").ok_or_else(|| DatapathError::Routing {
+        what: "this network namespace has no loopback interface".into(),
+    })
+}
+
+/// Installs the policy routing that makes marked packets local, per
+/// family: a rule that sends them to our table (once, however often this
+/// runs), and a table that says "everything is local" (`ip rule add fwmark
+/// M lookup T`, `ip route replace local 0.0.0.0/0 dev lo table T`).
 pub fn install_routing() -> Result<(), DatapathError> {
-    let err = |what: String| DatapathError::Routing { what };
-    for (family, args) in routing_steps() {
-        if args[0] == "rule" {
-            let shown = ip(
-                family,
-                &[
-                    "rule".into(),
-                    "show".into(),
-                    "fwmark".into(),
-                    args[3].clone(),
-                ],
-            )
-            .map_err(|e| err(format!("running ip: {e}")))?;
-            if String::from_utf8_lossy(&shown.stdout).contains(&format!("lookup {REDIRECT_TABLE}"))
-            {
-                continue;
+    let lo = lo_index()?;
+    netlink("installing the policy routing for redirect", move |handle| async move {
+        for v in [IpVersion::V4, IpVersion::V6] {
+            if our_rules(&handle, v.clone()).await?.is_empty() {
+                // The action must be set: the kernel treats "unspecified"
+                // as a lookup failure, and marked packets would go nowhere.
+                let add = handle
+                    .rule()
+                    .add()
+                    .fw_mark(REDIRECT_MARK)
+                    .table_id(REDIRECT_TABLE)
+                    .action(RuleAction::ToTable);
+                match v {
+                    IpVersion::V4 => add.v4().execute().await?,
+                    IpVersion::V6 => add.v6().execute().await?,
+                }
             }
         }
-        let out = ip(family, &args).map_err(|e| err(format!("running ip: {e}")))?;
-        if !out.status.success() {
-            return Err(err(format!(
-                "ip {family} {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    Ok(())
+        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .table_id(REDIRECT_TABLE)
+            .output_interface(lo)
+            .build();
+        handle.route().add(v4).replace().execute().await?;
+        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .kind(RouteType::Local)
+            .table_id(REDIRECT_TABLE)
+            .output_interface(lo)
+            .build();
+        handle.route().add(v6).replace().execute().await?;
+        Ok(())
+    })
 }
 
-/// Removes the policy routing (detach). Missing pieces are fine.
+/// Removes the policy routing (detach): every rule of ours (one may have
+/// been added again by hand) and every route in our table. Missing pieces
+/// are fine; what cannot be removed is logged.
 pub fn remove_routing() {
-    for family in ["-4", "-6"] {
-        let mark = format!("{REDIRECT_MARK:#x}");
-        let table = REDIRECT_TABLE.to_string();
-        // A rule may have been added more than once by hand: remove all.
-        for _ in 0..8 {
-            let ok = ip(
-                family,
-                &[
-                    "rule".into(),
-                    "del".into(),
-                    "fwmark".into(),
-                    mark.clone(),
-                    "lookup".into(),
-                    table.clone(),
-                ],
-            )
-            .is_ok_and(|o| o.status.success());
-            if !ok {
-                break;
+    let removed = netlink("removing the policy routing for redirect", |handle| async move {
+        for v in [IpVersion::V4, IpVersion::V6] {
+            for rule in our_rules(&handle, v.clone()).await? {
+                handle.rule().del(rule).execute().await?;
+            }
+            let all = match v {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            };
+            let routes: Vec<_> = handle.route().get(all).execute().try_collect().await?;
+            for route in routes {
+                if route.attributes.contains(&RouteAttribute::Table(REDIRECT_TABLE)) {
+                    handle.route().del(route).execute().await?;
+                }
             }
         }
-        let _ = ip(
-            family,
-            &["route".into(), "flush".into(), "table".into(), table],
-        );
+        Ok(())
+    });
+    if let Err(e) = removed {
+        tracing::warn!(error = %e, "removing the policy routing");
     }
 }
 
