@@ -289,6 +289,14 @@ impl Agent {
     /// SIGHUP and `smtpgate reload`: re-reads the config. A config that
     /// does not load, or does not fit, changes nothing.
     pub fn reload(&mut self) -> anyhow::Result<Value> {
+        // Every reload path comes through here, so systemd hears of each.
+        crate::notify::reloading();
+        let result = self.reload_inner();
+        crate::notify::ready("enforcing");
+        result
+    }
+
+    fn reload_inner(&mut self) -> anyhow::Result<Value> {
         self.last_reload_unix = now_unix();
         if let Some(relay) = &self.relay {
             // New certificate and key; on error the old ones stay.

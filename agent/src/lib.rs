@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod events;
 pub mod heartbeat;
 pub mod metrics;
+pub mod notify;
 pub mod paths;
 pub mod policy;
 pub mod state;

@@ -5,7 +5,6 @@ mod check;
 mod check_config;
 mod client;
 mod detach;
-mod notify;
 mod queue;
 mod reload;
 mod run;
@@ -64,24 +63,108 @@ enum Command {
     Man,
 }
 
-fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt};
+/// Where the agent's log goes, and in what shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// journald when systemd connected stderr to the journal
+    /// ($JOURNAL_STREAM), text otherwise.
+    #[default]
+    Auto,
+    /// `key=value` lines on stderr.
+    Text,
+    /// One JSON object per line on stderr, for log pipelines (Kubernetes).
+    Json,
+    /// Lines for the journal, each with its syslog priority: `journalctl -p
+    /// warning` shows denials and errors.
+    Journald,
+}
+
+/// Whether stderr is the journal stream systemd set up: $JOURNAL_STREAM
+/// is "device:inode" of it (systemd.exec(5)). Inherited by a child whose
+/// stderr was redirected, it no longer matches, and text is right.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Prefixes each line with its syslog priority (`<4>` for a warning), which
+/// journald reads off a service's stderr (sd-daemon(3); SyslogLevelPrefix=
+/// is on by default) and stores as the record's PRIORITY. Chosen over
+/// journald's native protocol (tracing-journald) because that keeps only
+/// the message in MESSAGE: `journalctl -u smtpgate` would show "denied SMTP
+/// egress attempt" without saying who or where. No timestamp: the journal
+/// has its own.
+struct SyslogPrefix<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPrefix<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// Whether log lines carry syslog priorities, so that the last error line
+/// can too.
+static JOURNAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt, prelude::*};
     let filter = EnvFilter::try_from_env("SMTPGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal; journald and log files get
-    // plain `key=value` lines.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    let format = match format {
+        LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    let _ = JOURNAL.set(format == LogFormat::Journald);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Journald => registry
+            .with(
+                fmt::layer()
+                    .event_format(SyslogPrefix(fmt::format().without_time().with_ansi(false)))
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init(),
+        LogFormat::Text | LogFormat::Auto => {
+            // Colours only for a person at a terminal.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            registry
+                .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+                .init();
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
-            init_logging();
+            init_logging(args.log_format);
             run::execute(args)
         }
         Command::CheckConfig(args) => check_config::execute(&args),
@@ -110,7 +193,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("smtpgate: error: {e:#}");
+            // A fatal error is an error in the journal too, not "info".
+            let prefix = if JOURNAL.get() == Some(&true) { "<3>" } else { "" };
+            eprintln!("{prefix}smtpgate: error: {e:#}");
             ExitCode::FAILURE
         }
     }

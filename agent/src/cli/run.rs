@@ -14,12 +14,11 @@ use smtpgate::{
     agent::{Agent, load_config},
     control,
     datapath::redirect,
-    metrics,
+    metrics, notify,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
-use super::notify;
 use smtpgate::heartbeat::Heartbeat;
 
 #[derive(clap::Args)]
@@ -29,6 +28,10 @@ pub struct Args {
     /// loopback.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Log format: auto (journald under systemd, text otherwise), text,
+    /// json or journald.
+    #[arg(long, value_enum, default_value_t, env = "SMTPGATE_LOG_FORMAT")]
+    pub log_format: super::LogFormat,
 }
 
 type Shared = Arc<Mutex<Agent>>;
@@ -60,6 +63,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         .map_or("built-in default".to_owned(), |p| p.display().to_string());
     info!(config = %serde_json::to_string(&config)?, %origin, "effective config");
 
+    raise_memlock_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -116,7 +120,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     if let Some(ring) = lock(&agent).take_events() {
         rt.spawn(smtpgate::events::log_denials(ring));
     }
-    notify::send("READY=1\nSTATUS=enforcing");
+    notify::ready("enforcing");
     let result = rt.block_on(async {
         tokio::select! {
             () = control::serve(listener, agent.clone()) => Ok(()),
@@ -126,7 +130,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             () = watch_attachments(agent.clone(), heartbeat.clone()) => Ok(()),
         }
     });
-    notify::send("STOPPING=1");
+    notify::stopping();
     let relay = lock(&agent).take_relay();
     if let Some(relay) = relay {
         // Sessions get 421 and queued mail stays on disk for the next start.
@@ -149,11 +153,9 @@ async fn signals(agent: Shared) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                notify::send("RELOADING=1");
                 let agent = agent.clone();
                 // A reload may rebuild a large table: off the async threads.
                 let _ = tokio::task::spawn_blocking(move || lock(&agent).reload()).await;
-                notify::send("READY=1");
             }
             _ = term.recv() => { info!("SIGTERM"); return Ok(()); }
             _ = int.recv() => { info!("SIGINT"); return Ok(()); }
@@ -209,6 +211,7 @@ async fn watch_attachments(agent: Shared, heartbeat: Heartbeat) {
             None
         }
     };
+    let watchdog = notify::watchdog_enabled();
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -227,6 +230,9 @@ async fn watch_attachments(agent: Shared, heartbeat: Heartbeat) {
         let at = event.map(|(t, _)| t);
         let _ = tokio::task::spawn_blocking(move || lock(&agent).check_attachments(at)).await;
         heartbeat.beat();
+        if watchdog {
+            notify::watchdog();
+        }
     }
 }
 
@@ -265,4 +271,19 @@ async fn next_event(events: &mut Option<LinkEvents>) -> Option<String> {
         })
         .unwrap_or("?");
     Some(format!("{kind} link {name} (index {})", link.header.index))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default
+/// (8 MiB) is far too small for the allowlist tables. Later kernels charge
+/// the memory cgroup instead, and this changes nothing. Best effort: under
+/// systemd, LimitMEMLOCK= has set it already.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "raising RLIMIT_MEMLOCK");
+    }
 }
