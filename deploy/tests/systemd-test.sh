@@ -240,6 +240,43 @@ else
     fail "systemctl reload failed, or restarted or stopped the agent (rc $reload_rc, pid $pid -> $newpid): $(journal | tail -8)"
 fi
 
+# --- journald priorities, watchdog ------------------------------------------------------
+if [[ $notify == yes ]]; then
+    # The refused reload above is a warning, and journald knows it is.
+    ctr journalctl -u smtpgate -p warning --no-pager -o cat | grep -q "reload refused" ||
+        fail "journalctl -p warning lacks the refused reload: $(ctr journalctl -u smtpgate -p warning --no-pager -o cat | tail -5)"
+    ! ctr journalctl -u smtpgate -p warning --no-pager -o cat | grep -q "effective config" ||
+        fail "info lines are filed at warning priority or above"
+    ok "journald: warnings are warnings (journalctl -p warning), info is not"
+    # A main loop that stops (SIGSTOP freezes the whole agent) stops the
+    # watchdog pings: systemd restarts the agent. A short WatchdogSec for the
+    # test; TimeoutAbortSec because a stopped process cannot act on SIGABRT.
+    printf '[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\n' \
+        > "$work/rootfs/etc/systemd/system/smtpgate.service.d/test-watchdog.conf"
+    ctr systemctl daemon-reload
+    ctr systemctl reset-failed smtpgate 2>/dev/null || true
+    ctr systemctl restart smtpgate || fail "restart with the watchdog drop-in failed: $(journal | tail -5)"
+    sleep 5   # longer than WatchdogSec: a healthy agent keeps pinging
+    pid=$(ctr systemctl show -p MainPID --value smtpgate)
+    [[ $(ctr systemctl show -p NRestarts --value smtpgate) == 0 ]] ||
+        fail "the watchdog restarted a healthy agent: $(journal | tail -5)"
+    ctr kill -STOP "$pid"
+    newpid=$pid
+    for _ in $(seq 60); do
+        newpid=$(ctr systemctl show -p MainPID --value smtpgate)
+        [[ $newpid != "$pid" && $newpid != 0 && $(ctr systemctl is-active smtpgate) == active ]] && break
+        sleep 0.5
+    done
+    [[ $newpid != "$pid" && $newpid != 0 ]] || fail "a frozen agent was not restarted by the watchdog: $(ctr journalctl --no-pager -n 15 -o cat)"
+    ctr journalctl --no-pager -o cat | grep -qi "watchdog timeout" ||
+        fail "systemd did not log a watchdog timeout"
+    [[ $(probe) == EPERM ]] || fail "not enforcing after the watchdog restart"
+    ok "watchdog: a frozen agent is restarted (pid $pid -> $newpid), enforcement never lapsed"
+    rm "$work/rootfs/etc/systemd/system/smtpgate.service.d/test-watchdog.conf"
+    ctr systemctl daemon-reload
+    ctr systemctl reset-failed smtpgate 2>/dev/null || true
+fi
+
 # --- the relay under the sandbox ---------------------------------------------------------
 if ctr smtpgate --help | grep -qE '^ +user' && command -v openssl >/dev/null; then
     # Self-signed certificate, made on the host (the container has no openssl).
