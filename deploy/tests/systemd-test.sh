@@ -260,7 +260,7 @@ if [[ $notify == yes ]]; then
     pid=$(ctr systemctl show -p MainPID --value smtpgate)
     [[ $(ctr systemctl show -p NRestarts --value smtpgate) == 0 ]] ||
         fail "the watchdog restarted a healthy agent: $(journal | tail -5)"
-    ctr kill -STOP "$pid"
+    ctr sh -c "kill -STOP $pid"
     newpid=$pid
     for _ in $(seq 60); do
         newpid=$(ctr systemctl show -p MainPID --value smtpgate)
@@ -268,8 +268,12 @@ if [[ $notify == yes ]]; then
         sleep 0.5
     done
     [[ $newpid != "$pid" && $newpid != 0 ]] || fail "a frozen agent was not restarted by the watchdog: $(ctr journalctl --no-pager -n 15 -o cat)"
+    for _ in $(seq 20); do
+        ctr journalctl --no-pager -o cat | grep -qi "watchdog timeout" && break
+        sleep 0.5
+    done
     ctr journalctl --no-pager -o cat | grep -qi "watchdog timeout" ||
-        fail "systemd did not log a watchdog timeout"
+        fail "systemd did not log a watchdog timeout: $(ctr journalctl --no-pager -o cat | grep -i -B2 -A2 -E 'watchdog|smtpgate.service' | tail -20)"
     [[ $(probe) == EPERM ]] || fail "not enforcing after the watchdog restart"
     ok "watchdog: a frozen agent is restarted (pid $pid -> $newpid), enforcement never lapsed"
     rm "$work/rootfs/etc/systemd/system/smtpgate.service.d/test-watchdog.conf"
