@@ -78,8 +78,11 @@ fn every_subcommand_against_a_running_agent() {
         (lab::CLIENT_ALLOWED_V6, "allowed", "connected", lab::INET_V6), // host, and in a prefix
         (lab::CLIENT_DENIED_V6, "rejected", "refused", lab::INET_V6),
     ] {
-        let out: serde_json::Value =
-            serde_json::from_str(&ok(&cli(&["check", ip, "--output", "json"]))).unwrap();
+        // Exit status 0 for allowed, 5 for denied: usable in scripts.
+        let run = cli(&["check", ip, "--output", "json"]);
+        let want_status = if want_check == "allowed" { 0 } else { 5 };
+        assert_eq!(run.status.code(), Some(want_status), "check {ip}: {run:?}");
+        let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
         assert_eq!(out["verdict"], want_check, "check {ip}: {out}");
         if !want_conn.is_empty() {
             assert_eq!(connect(&lab, ip, dst), want_conn, "packets from {ip}");
@@ -229,6 +232,7 @@ fn every_subcommand_against_a_running_agent() {
         .output()
         .unwrap();
     fails(&out, "permission denied");
+    assert_eq!(out.status.code(), Some(4), "permission denied: exit status 4");
 
     // detach: the agent removes everything and stops; nothing is enforced.
     ok(&lab.cli(&agent, &["detach"]).unwrap());
@@ -262,10 +266,15 @@ fn cli_without_an_agent() {
             .output()
             .unwrap()
     };
-    fails(
-        &run(&["--socket", "/nonexistent/control.sock", "status"]),
-        "no agent is running",
-    );
+    let none = run(&["--socket", "/nonexistent/control.sock", "status"]);
+    fails(&none, "no agent is running");
+    assert_eq!(none.status.code(), Some(3), "no agent: exit status 3");
+    // Under --output json the error is JSON, with a code scripts can test.
+    let none = run(&["--socket", "/nonexistent/control.sock", "--output", "json", "stats"]);
+    assert_eq!(none.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "no_agent", "{v}");
+    assert_eq!(run(&["--no-such-flag"]).status.code(), Some(2), "usage: 2");
     fails(
         &run(&["--socket", "/nonexistent/control.sock", "allow", "list"]),
         "no agent is running",
@@ -423,7 +432,9 @@ fn allowlist_of_100k_replaced_live_under_traffic() {
     });
     let check = ok(&lab.cli(&agent, &["check", "198.18.0.1"]).unwrap());
     assert!(check.contains("allowed"), "the new list is live: {check}");
-    let check = ok(&lab.cli(&agent, &["check", "198.18.0.0"]).unwrap());
+    let check = lab.cli(&agent, &["check", "198.18.0.0"]).unwrap();
+    assert_eq!(check.status.code(), Some(5), "{check:?}");
+    let check = String::from_utf8_lossy(&check.stdout);
     assert!(check.contains("rejected"), "the old list is gone: {check}");
 }
 

@@ -1,4 +1,6 @@
 //! `smtpgate check IP [--port N]`: the verdict a connection would get.
+//! Exit status 0 when it would be allowed (or the port is not SMTP), 5 when
+//! the policy denies it, so scripts can use it as a test.
 
 use std::net::IpAddr;
 
@@ -15,7 +17,8 @@ pub struct Args {
     port: u16,
 }
 
-pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
+/// Returns whether the policy denies the connection (exit status 5).
+pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<bool> {
     let data = client.call(&Request::Check {
         ip: args.ip,
         port: args.port,
@@ -33,5 +36,6 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
             None => println!("{} -> port {}: {verdict} ({reason})", args.ip, args.port),
         }
     });
-    Ok(())
+    let verdict = data["verdict"].as_str().unwrap_or_default();
+    Ok(!matches!(verdict, "allowed" | "untouched"))
 }

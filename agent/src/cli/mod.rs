@@ -21,7 +21,8 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 #[command(
     name = "smtpgate",
     version,
-    about = "Port-25 egress policy agent for gateway hosts"
+    about = "Port-25 egress policy agent for gateway hosts",
+    after_help = EXIT_STATUS_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -160,8 +161,46 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Exit statuses, for scripts (also in the man page).
+pub mod exit {
+    /// Done; for `check`: the connection would be allowed (or the port is
+    /// not an SMTP port).
+    pub const OK: u8 = 0;
+    /// An error: bad input, a refused change, anything else.
+    pub const ERROR: u8 = 1;
+    /// Bad usage (unknown option, missing argument): clap's own status.
+    #[expect(dead_code, reason = "clap exits with it; listed so the table is whole")]
+    pub const USAGE: u8 = 2;
+    /// No agent is running on the control socket.
+    pub const NO_AGENT: u8 = 3;
+    /// The control socket is root only.
+    pub const PERMISSION: u8 = 4;
+    /// `check`: the policy denies the connection (dropped, rejected,
+    /// redirected, or audited: would be denied in enforce mode).
+    pub const DENIED: u8 = 5;
+}
+
+const EXIT_STATUS_HELP: &str = "Exit status: 0 ok (check: allowed), 1 error, 2 usage, \
+3 no agent running, 4 permission denied, 5 check: denied.";
+
+/// The exit status and the machine-readable code for an error.
+fn classify(e: &anyhow::Error) -> (u8, &'static str) {
+    use smtpgate::control::client::ClientError;
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
+            (exit::NO_AGENT, "no_agent")
+        }
+        Some(ClientError::Permission { .. }) => (exit::PERMISSION, "permission_denied"),
+        Some(ClientError::Agent(_)) => (exit::ERROR, "refused"),
+        Some(ClientError::Io { .. } | ClientError::Protocol(_)) => (exit::ERROR, "protocol"),
+        None => (exit::ERROR, "error"),
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.client.output == client::Output::Json;
+    let mut status = exit::OK;
     let result = match cli.command {
         Command::Run(args) => {
             init_logging(args.log_format);
@@ -170,7 +209,11 @@ pub fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::execute(&args),
         Command::Status => status::execute(&cli.client),
         Command::Stats => stats::execute(&cli.client),
-        Command::Check(args) => check::execute(&args, &cli.client),
+        Command::Check(args) => check::execute(&args, &cli.client).map(|denied| {
+            if denied {
+                status = exit::DENIED;
+            }
+        }),
         Command::Allow(cmd) => allow::execute(&cmd, &cli.client),
         Command::Reload => reload::execute(&cli.client),
         Command::Top(args) => top::execute(&args, &cli.client),
@@ -191,12 +234,19 @@ pub fn main() -> ExitCode {
             .map_err(Into::into),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(status),
         Err(e) => {
+            let (status, code) = classify(&e);
+            if json {
+                // Scripts asked for JSON: the error is JSON too (stdout),
+                // besides the line for people on stderr.
+                let v = serde_json::json!({ "error": { "code": code, "message": format!("{e:#}") } });
+                println!("{v}");
+            }
             // A fatal error is an error in the journal too, not "info".
             let prefix = if JOURNAL.get() == Some(&true) { "<3>" } else { "" };
             eprintln!("{prefix}smtpgate: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(status)
         }
     }
 }
