@@ -94,7 +94,17 @@ impl Agent {
     /// attaches and reconciles with what an earlier agent left pinned.
     pub fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Self> {
         let state = State::new(&config.state_dir);
-        let cli_entries = state.load()?;
+        let mut cli_entries = state.load()?;
+        // Entries that expired while no agent ran leave before anything is
+        // enforced, and the file says so too.
+        let now = now_unix() as u64;
+        if cli_entries.iter().any(|e| e.expired(now)) {
+            for e in cli_entries.iter().filter(|e| e.expired(now)) {
+                info!(prefix = %e.prefix, "allowlist entry expired while the agent was down");
+            }
+            cli_entries.retain(|e| !e.expired(now));
+            state.save(&cli_entries)?;
+        }
         let allowlist = allowlist_of(&config, &cli_entries);
         let table = allowlist.compile();
         let mut datapath = Datapath::load(
@@ -246,6 +256,31 @@ impl Agent {
         );
     }
 
+    /// Removes the CLI entries whose time is up (`allow add --expires`).
+    /// Called every second by the main loop, so an entry leaves within a
+    /// second of its expiry.
+    pub fn expire_entries(&mut self) {
+        if self.detached {
+            return;
+        }
+        let now = now_unix() as u64;
+        if !self.cli_entries.iter().any(|e| e.expired(now)) {
+            return;
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            self.cli_entries.iter().cloned().partition(|e| e.expired(now));
+        match self.set_cli_entries(kept) {
+            Ok(()) => {
+                for e in gone {
+                    info!(prefix = %e.prefix, comment = ?e.comment, "allowlist entry expired");
+                }
+            }
+            // Nothing changed: the entry is still allowed, and that must be
+            // loud. The next second tries again.
+            Err(e) => error!(error = %format!("{e:#}"), "removing expired allowlist entries failed"),
+        }
+    }
+
     /// Whether every configured attach point enforces, as last observed.
     fn all_up(&self) -> bool {
         !self.points.is_empty() && self.points.iter().all(|p| p.down.is_none())
@@ -261,7 +296,11 @@ impl Agent {
             Request::Status => Ok(self.status()),
             Request::Stats => self.stats(),
             Request::Check { ip, port } => Ok(self.check(ip, port)),
-            Request::AllowAdd { prefix, comment } => self.allow_add(&prefix, comment),
+            Request::AllowAdd {
+                prefix,
+                comment,
+                expires_unix,
+            } => self.allow_add(&prefix, comment, expires_unix),
             Request::AllowRemove { prefix } => self.allow_remove(&prefix),
             Request::AllowList => {
                 Ok(json!({ "entries": self.allowlist.entries().collect::<Vec<_>>() }))
@@ -409,8 +448,16 @@ impl Agent {
         Ok(())
     }
 
-    fn allow_add(&mut self, prefix: &str, comment: Option<String>) -> anyhow::Result<Value> {
+    fn allow_add(
+        &mut self,
+        prefix: &str,
+        comment: Option<String>,
+        expires: Option<u64>,
+    ) -> anyhow::Result<Value> {
         let prefix: Prefix = prefix.parse().with_context(|| format!("{prefix:?}"))?;
+        if expires.is_some_and(|t| t as f64 <= now_unix()) {
+            bail!("{prefix}: the expiry time is in the past");
+        }
         if let Some(e) = self.allowlist.get(&prefix) {
             bail!(
                 "{prefix} is already allowlisted (from the {})",
@@ -422,10 +469,11 @@ impl Agent {
             prefix,
             comment,
             added: now_unix() as u64,
+            expires,
         });
         self.set_cli_entries(entries)?;
-        info!(%prefix, "allowlist entry added");
-        Ok(json!({ "added": prefix }))
+        info!(%prefix, expires_unix = ?expires, "allowlist entry added");
+        Ok(json!({ "added": prefix, "expires_unix": expires }))
     }
 
     fn allow_remove(&mut self, prefix: &str) -> anyhow::Result<Value> {
@@ -610,7 +658,7 @@ fn origin_name(o: Origin) -> &'static str {
 fn allowlist_of(config: &Config, cli: &[CliEntry]) -> Allowlist {
     Allowlist::new(
         &config.allowlist,
-        cli.iter().map(|e| (&e.prefix, e.comment.as_ref())),
+        cli.iter().map(|e| (&e.prefix, e.comment.as_ref(), e.expires)),
     )
 }
 

@@ -43,6 +43,17 @@ pub struct CliEntry {
     pub comment: Option<String>,
     /// Unix time it was added.
     pub added: u64,
+    /// Unix time it leaves the allowlist (`allow add --expires/--until`).
+    /// Kept in the file, so an entry expires on time across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+impl CliEntry {
+    #[must_use]
+    pub fn expired(&self, now_unix: u64) -> bool {
+        self.expires.is_some_and(|t| t <= now_unix)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -143,6 +154,7 @@ mod tests {
         let state = State::new(&dir);
         assert!(state.load().unwrap().is_empty());
         let e = CliEntry {
+            expires: None,
             prefix: "192.0.2.7".parse().unwrap(),
             comment: Some("mx1".into()),
             added: 7,

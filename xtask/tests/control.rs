@@ -566,3 +566,57 @@ fn pins_of_an_incompatible_layout_are_replaced_without_a_gap() {
     assert!(!pins.join("v0").exists(), "the old layout was not removed");
     assert!(pins.join("v1/links/tc-ingress-lan0").exists());
 }
+
+/// `allow add --expires`: the entry works at once, leaves on time (within
+/// the main loop's second), is listed with the time left, and expires on
+/// time across a restart too, even one that comes after its expiry.
+#[test]
+fn temporary_entries_expire_on_time_even_across_restarts() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("expire", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let denied = lab::CLIENT_DENIED_V4;
+    assert_eq!(connect(&lab, denied, lab::INET_V4), "refused");
+
+    let added = ok(&lab
+        .cli(&agent, &["allow", "add", denied, "--expires", "3s", "--comment", "migration"])
+        .unwrap());
+    assert!(added.contains("until") && added.contains("from now"), "{added}");
+    let list = ok(&lab.cli(&agent, &["allow", "list"]).unwrap());
+    let line = list.lines().find(|l| l.contains("192.0.2.20/32")).unwrap_or_default();
+    assert!(line.contains('s') && line.contains("migration"), "no time left shown: {list}");
+    let json = ok(&lab.cli(&agent, &["allow", "list", "--output", "json"]).unwrap());
+    assert!(json.contains("expires_unix"), "{json}");
+    assert_eq!(connect(&lab, denied, lab::INET_V4), "connected");
+    let t0 = std::time::Instant::now();
+    lab.wait_for("the entry to expire", Duration::from_secs(8), |lab| {
+        connect(lab, denied, lab::INET_V4) == "refused"
+    })
+    .unwrap();
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_secs(1), "expired early: {took:?}");
+    assert!(lab.read_log(&agent.log).contains("allowlist entry expired"));
+    assert!(!ok(&lab.cli(&agent, &["allow", "list"]).unwrap()).contains("192.0.2.20"));
+
+    // Past expiry while no agent runs: gone before the next one enforces.
+    ok(&lab.cli(&agent, &["allow", "add", denied, "--expires", "2s"]).unwrap());
+    assert_eq!(connect(&lab, denied, lab::INET_V4), "connected");
+    lab.stop(agent.pid, true).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let again = lab.start_agent("again", &config(&[])).unwrap();
+    assert_eq!(connect(&lab, denied, lab::INET_V4), "refused");
+    assert!(!ok(&lab.cli(&again, &["allow", "list"]).unwrap()).contains("192.0.2.20"));
+
+    // Bad input is refused with a clear error.
+    fails(
+        &lab.cli(&again, &["allow", "add", denied, "--expires", "soon"]).unwrap(),
+        "invalid value",
+    );
+    fails(
+        &lab.cli(&again, &["allow", "add", denied, "--until", "2001-01-01T00:00:00Z"]).unwrap(),
+        "in the past",
+    );
+}

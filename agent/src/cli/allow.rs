@@ -1,5 +1,7 @@
 //! `smtpgate allow add|remove|list`: the allowlist, changed live.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use smtpgate::{control::protocol::Request, policy::Prefix};
 
 use super::client::ClientArgs;
@@ -13,6 +15,13 @@ pub enum Command {
         /// Why this host may send mail directly.
         #[arg(long)]
         comment: Option<String>,
+        /// Remove the entry again after this long: "2h", "30m", "1d 12h".
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "until")]
+        expires: Option<std::time::Duration>,
+        /// Remove the entry again at this time (RFC 3339, UTC:
+        /// "2026-12-24T18:00:00Z").
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
     },
     /// Remove a prefix added with `allow add`.
     Remove { cidr: String },
@@ -22,14 +31,35 @@ pub enum Command {
 
 pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
     let request = match cmd {
-        Command::Add { cidr, comment } => {
+        Command::Add {
+            cidr,
+            comment,
+            expires,
+            until,
+        } => {
             // Refuse bad input here, with the same parser the agent uses,
             // so the message does not depend on an agent being up.
             cidr.parse::<Prefix>()
                 .map_err(|e| anyhow::anyhow!("{cidr:?}: {e}"))?;
+            let at = match (expires, until) {
+                (Some(d), _) => Some(SystemTime::now() + *d),
+                (None, Some(t)) => Some(*t),
+                (None, None) => None,
+            };
+            let expires_unix = match at {
+                Some(t) => {
+                    let secs = t
+                        .duration_since(UNIX_EPOCH)
+                        .map_err(|_| anyhow::anyhow!("the expiry time is before 1970"))?;
+                    // Rounded up: never earlier than asked.
+                    Some(secs.as_secs() + u64::from(secs.subsec_nanos() > 0))
+                }
+                None => None,
+            };
             Request::AllowAdd {
                 prefix: cidr.clone(),
                 comment: comment.clone(),
+                expires_unix,
             }
         }
         Command::Remove { cidr } => {
@@ -43,7 +73,13 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
     };
     let data = client.call(&request)?;
     client.print(&data, |d| match cmd {
-        Command::Add { cidr, .. } => println!("added {}", d["added"].as_str().unwrap_or(cidr)),
+        Command::Add { cidr, .. } => {
+            print!("added {}", d["added"].as_str().unwrap_or(cidr));
+            match d["expires_unix"].as_u64() {
+                Some(t) => println!(" until {} ({} from now)", rfc3339(t), left(t)),
+                None => println!(),
+            }
+        }
         Command::Remove { cidr } => {
             println!("removed {}", d["removed"].as_str().unwrap_or(cidr));
             if d["still_allowed_by_config"] == true {
@@ -51,16 +87,29 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
             }
         }
         Command::List => {
-            println!("{:<44} {:<7} COMMENT", "PREFIX", "ORIGIN");
+            println!("{:<44} {:<7} {:<12} COMMENT", "PREFIX", "ORIGIN", "EXPIRES IN");
             for e in d["entries"].as_array().into_iter().flatten() {
                 println!(
-                    "{:<44} {:<7} {}",
+                    "{:<44} {:<7} {:<12} {}",
                     e["prefix"].as_str().unwrap_or("?"),
                     e["origin"].as_str().unwrap_or("?"),
+                    e["expires_unix"].as_u64().map_or_else(|| "-".to_owned(), left),
                     e["comment"].as_str().unwrap_or("")
                 );
             }
         }
     });
     Ok(())
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// Time left until `unix`, to the second: "1h 59m 58s".
+fn left(unix: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    humantime::format_duration(Duration::from_secs(unix.saturating_sub(now))).to_string()
 }

@@ -228,7 +228,12 @@ async fn watch_attachments(agent: Shared, heartbeat: Heartbeat) {
         }
         let agent = agent.clone();
         let at = event.map(|(t, _)| t);
-        let _ = tokio::task::spawn_blocking(move || lock(&agent).check_attachments(at)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut agent = lock(&agent);
+            agent.check_attachments(at);
+            agent.expire_entries();
+        })
+        .await;
         heartbeat.beat();
         if watchdog {
             notify::watchdog();

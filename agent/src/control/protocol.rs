@@ -17,6 +17,9 @@ pub enum Request {
     AllowAdd {
         prefix: String,
         comment: Option<String>,
+        /// Unix time the entry leaves the allowlist; None: permanent.
+        #[serde(default)]
+        expires_unix: Option<u64>,
     },
     AllowRemove {
         prefix: String,

@@ -30,7 +30,13 @@ pub struct Entry {
     pub origin: Origin,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// When a temporary entry leaves the allowlist (Unix time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_unix: Option<u64>,
 }
+
+/// One CLI entry as the allowlist sees it: prefix, comment, expiry.
+pub type CliItem<'a> = (&'a Prefix, Option<&'a String>, Option<u64>);
 
 /// The allowlist: a set of prefixes, each with its origin.
 #[derive(Clone, Debug, Default)]
@@ -48,17 +54,18 @@ impl Allowlist {
     /// allowed.
     pub fn new<'a>(
         config: &[Prefix],
-        cli: impl IntoIterator<Item = (&'a Prefix, Option<&'a String>)>,
+        cli: impl IntoIterator<Item = CliItem<'a>>,
     ) -> Self {
         let mut entries: BTreeMap<Prefix, Entry> = cli
             .into_iter()
-            .map(|(p, c)| {
+            .map(|(p, c, expires_unix)| {
                 (
                     *p,
                     Entry {
                         prefix: *p,
                         origin: Origin::Cli,
                         comment: c.cloned(),
+                        expires_unix,
                     },
                 )
             })
@@ -70,6 +77,7 @@ impl Allowlist {
                     prefix: *p,
                     origin: Origin::Config,
                     comment: None,
+                    expires_unix: None,
                 },
             );
         }
