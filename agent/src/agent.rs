@@ -10,12 +10,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{error, info, warn};
 
 use crate::{
     config::{Action, AttachPoint, Config, MissingInterface, Mode},
-    control::protocol::{Request, Response},
+    control::protocol::{
+        self as wire, AllowAddReply, AllowListReply, AllowRemoveReply, CheckReply, DetachReply,
+        ErrorCode, QueueDeleteReply, QueueFlushReply, Request, Response, StatsReply, StatusReply,
+        TopReply, TopRow,
+    },
     datapath::{Datapath, DatapathError, Down, PinDir, expected_programs},
     metrics::{AttachmentState, RelaySnapshot, Snapshot},
     policy::{Allowlist, Origin, Prefix, Table},
@@ -43,7 +47,7 @@ pub struct Agent {
 }
 
 /// One configured attach point, as last observed (see `check_attachments`).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PointStatus {
     pub point: AttachPoint,
     /// `None` while it enforces.
@@ -57,7 +61,7 @@ pub struct PointStatus {
     pub last_reattach_unix: Option<f64>,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DownSince {
     pub reason: String,
     pub since_unix: f64,
@@ -177,9 +181,12 @@ impl Agent {
     }
 
     fn relay(&self) -> anyhow::Result<&smtpgate_relay::RelayHandle> {
-        self.relay
-            .as_ref()
-            .context("the relay is not running (set [relay] enabled = true)")
+        self.relay.as_ref().ok_or_else(|| {
+            coded(
+                ErrorCode::NotFound,
+                anyhow::anyhow!("the relay is not running (set [relay] enabled = true)"),
+            )
+        })
     }
 
     /// Re-reads this host's addresses for the cgroup connect hooks; they
@@ -289,37 +296,47 @@ impl Agent {
     pub fn handle(&mut self, request: Request) -> Response {
         if self.detached && !matches!(request, Request::Status) {
             return Response::Error {
+                code: ErrorCode::Detached,
                 message: "the agent has detached and is stopping".into(),
             };
         }
         let result = match request {
-            Request::Status => Ok(self.status()),
-            Request::Stats => self.stats(),
-            Request::Check { ip, port } => Ok(self.check(ip, port)),
+            Request::Status => reply(self.status()),
+            Request::Stats => self.stats().and_then(reply),
+            Request::Check { ip, port } => reply(self.check(ip, port)),
             Request::AllowAdd {
                 prefix,
                 comment,
                 expires_unix,
-            } => self.allow_add(&prefix, comment, expires_unix),
-            Request::AllowRemove { prefix } => self.allow_remove(&prefix),
-            Request::AllowList => {
-                Ok(json!({ "entries": self.allowlist.entries().collect::<Vec<_>>() }))
-            }
-            Request::Reload => self.reload(),
-            Request::Detach => self.detach(),
-            Request::Top { limit } => Ok(self.top(limit)),
-            Request::QueueFlush => self.relay().map(|r| {
+            } => self
+                .allow_add(&prefix, comment, expires_unix)
+                .and_then(reply),
+            Request::AllowRemove { prefix } => self.allow_remove(&prefix).and_then(reply),
+            Request::AllowList => reply(AllowListReply {
+                entries: self.allowlist.entries().cloned().collect(),
+            }),
+            Request::Reload => self.reload().and_then(reply),
+            Request::Detach => self.detach().and_then(reply),
+            Request::Top { limit } => reply(self.top(limit)),
+            Request::QueueFlush => self.relay().and_then(|r| {
                 r.flush();
-                json!({ "flushed": true })
+                reply(QueueFlushReply { flushed: true })
             }),
             Request::QueueDelete { id } => self
                 .relay()
-                .and_then(|r| r.delete(&id).with_context(|| format!("deleting {id}")))
-                .map(|()| json!({ "deleted": id })),
+                .and_then(|r| {
+                    r.delete(&id)
+                        .with_context(|| format!("deleting {id}"))
+                        .map_err(|e| coded(ErrorCode::NotFound, e))
+                })
+                .and_then(|()| reply(QueueDeleteReply { deleted: id })),
         };
         match result {
             Ok(data) => Response::Ok { data },
             Err(e) => Response::Error {
+                code: e
+                    .downcast_ref::<Coded>()
+                    .map_or(ErrorCode::Internal, |c| c.0),
                 message: format!("{e:#}"),
             },
         }
@@ -327,7 +344,7 @@ impl Agent {
 
     /// SIGHUP and `smtpgate reload`: re-reads the config. A config that
     /// does not load, or does not fit, changes nothing.
-    pub fn reload(&mut self) -> anyhow::Result<Value> {
+    pub fn reload(&mut self) -> anyhow::Result<StatusReply> {
         // Every reload path comes through here, so systemd hears of each.
         crate::notify::reloading();
         let result = self.reload_inner();
@@ -335,7 +352,7 @@ impl Agent {
         result
     }
 
-    fn reload_inner(&mut self) -> anyhow::Result<Value> {
+    fn reload_inner(&mut self) -> anyhow::Result<StatusReply> {
         self.last_reload_unix = now_unix();
         if let Some(relay) = &self.relay {
             // New certificate and key; on error the old ones stay.
@@ -352,12 +369,15 @@ impl Agent {
             Err(e) => {
                 self.reloads_failed += 1;
                 warn!(error = %format!("{e:#}"), "reload refused; the running policy is unchanged");
-                Err(e.context("reload refused; the running policy is unchanged"))
+                Err(coded(
+                    ErrorCode::Refused,
+                    e.context("reload refused; the running policy is unchanged"),
+                ))
             }
         }
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<Value> {
+    fn try_reload(&mut self) -> anyhow::Result<StatusReply> {
         let config = load_config(self.config_path.as_deref())?;
         if config.pin_dir != self.config.pin_dir || config.state_dir != self.config.state_dir {
             bail!("datapath.pin_dir and state_dir cannot change while running; restart the agent");
@@ -453,16 +473,25 @@ impl Agent {
         prefix: &str,
         comment: Option<String>,
         expires: Option<u64>,
-    ) -> anyhow::Result<Value> {
-        let prefix: Prefix = prefix.parse().with_context(|| format!("{prefix:?}"))?;
+    ) -> anyhow::Result<AllowAddReply> {
+        let prefix: Prefix = prefix
+            .parse()
+            .with_context(|| format!("{prefix:?}"))
+            .map_err(|e| coded(ErrorCode::BadRequest, e))?;
         if expires.is_some_and(|t| t as f64 <= now_unix()) {
-            bail!("{prefix}: the expiry time is in the past");
+            return Err(coded(
+                ErrorCode::BadRequest,
+                anyhow::anyhow!("{prefix}: the expiry time is in the past"),
+            ));
         }
         if let Some(e) = self.allowlist.get(&prefix) {
-            bail!(
-                "{prefix} is already allowlisted (from the {})",
-                origin_name(e.origin)
-            );
+            return Err(coded(
+                ErrorCode::Conflict,
+                anyhow::anyhow!(
+                    "{prefix} is already allowlisted (from the {})",
+                    origin_name(e.origin)
+                ),
+            ));
         }
         let mut entries = self.cli_entries.clone();
         entries.push(CliEntry {
@@ -471,78 +500,123 @@ impl Agent {
             added: now_unix() as u64,
             expires,
         });
-        self.set_cli_entries(entries)?;
+        self.set_cli_entries(entries)
+            .map_err(|e| coded(ErrorCode::Refused, e))?;
         info!(%prefix, expires_unix = ?expires, "allowlist entry added");
-        Ok(json!({ "added": prefix, "expires_unix": expires }))
+        Ok(AllowAddReply {
+            added: prefix,
+            expires_unix: expires,
+        })
     }
 
-    fn allow_remove(&mut self, prefix: &str) -> anyhow::Result<Value> {
-        let prefix: Prefix = prefix.parse().with_context(|| format!("{prefix:?}"))?;
+    fn allow_remove(&mut self, prefix: &str) -> anyhow::Result<AllowRemoveReply> {
+        let prefix: Prefix = prefix
+            .parse()
+            .with_context(|| format!("{prefix:?}"))
+            .map_err(|e| coded(ErrorCode::BadRequest, e))?;
         let in_config = self.config.allowlist.contains(&prefix);
         let mut entries = self.cli_entries.clone();
         let before = entries.len();
         entries.retain(|e| e.prefix != prefix);
         if entries.len() == before {
             if in_config {
-                bail!(
-                    "{prefix} comes from the config file: remove it there, then `smtpgate reload`"
-                );
+                return Err(coded(
+                    ErrorCode::Refused,
+                    anyhow::anyhow!(
+                        "{prefix} comes from the config file: remove it there, then `smtpgate reload`"
+                    ),
+                ));
             }
-            bail!("{prefix} is not in the allowlist");
+            return Err(coded(
+                ErrorCode::NotFound,
+                anyhow::anyhow!("{prefix} is not in the allowlist"),
+            ));
         }
-        self.set_cli_entries(entries)?;
+        self.set_cli_entries(entries)
+            .map_err(|e| coded(ErrorCode::Refused, e))?;
         info!(%prefix, "allowlist entry removed");
-        Ok(json!({ "removed": prefix, "still_allowed_by_config": in_config }))
-    }
-
-    fn detach(&mut self) -> anyhow::Result<Value> {
-        self.datapath.detach_all()?;
-        self.detached = true;
-        warn!(pin_dir = %self.config.pin_dir.display(), "detached: smtpgate no longer enforces anything");
-        Ok(json!({ "detached": self.config.pin_dir }))
-    }
-
-    fn status(&self) -> Value {
-        let (v4, v6) = self.allowlist.count_by_family();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "config": self.config_path.as_ref().map_or("built-in default".to_owned(), |p| p.display().to_string()),
-            "mode": self.config.mode,
-            "action": self.config.action,
-            "ports": self.config.ports,
-            "attachments": self.datapath.attachments(),
-            "attach_points": self.points,
-            "enforcing": !self.detached && self.all_up(),
-            "pin_dir": self.config.pin_dir,
-            "allowlist": { "ipv4": v4, "ipv6": v6, "table_nodes": self.table_nodes,
-                           "table_capacity": self.datapath.table_capacity() },
-            "reloads": { "ok": self.reloads_ok, "failed": self.reloads_failed },
-            "detached": self.detached,
-            "relay": self.relay.as_ref().map(|r| {
-                let a = r.addrs();
-                let s = r.stats().snapshot();
-                json!({
-                    "submission": a.submission, "submissions": a.submissions, "intercept": a.intercept,
-                    "queue_length": s.queue_length, "sessions_active": s.sessions_active,
-                    "messages_accepted": s.messages_accepted, "messages_delivered": s.messages_delivered,
-                })
-            }),
+        Ok(AllowRemoveReply {
+            removed: prefix,
+            still_allowed_by_config: in_config,
         })
     }
 
-    fn top(&self, limit: usize) -> Value {
+    fn detach(&mut self) -> anyhow::Result<DetachReply> {
+        self.datapath.detach_all()?;
+        self.detached = true;
+        warn!(pin_dir = %self.config.pin_dir.display(), "detached: smtpgate no longer enforces anything");
+        Ok(DetachReply {
+            detached: self.config.pin_dir.clone(),
+        })
+    }
+
+    fn status(&self) -> StatusReply {
+        let (ipv4, ipv6) = self.allowlist.count_by_family();
+        StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config: self
+                .config_path
+                .as_ref()
+                .map_or("built-in default".to_owned(), |p| p.display().to_string()),
+            mode: self.config.mode,
+            action: self.config.action,
+            ports: self.config.ports.iter().copied().collect(),
+            attachments: self
+                .datapath
+                .attachments()
+                .iter()
+                .map(|a| wire::AttachmentReply {
+                    point: a.point.clone(),
+                    program: a.program.to_owned(),
+                    link: a.link.clone(),
+                    adopted: a.adopted,
+                })
+                .collect(),
+            attach_points: self.points.clone(),
+            enforcing: !self.detached && self.all_up(),
+            pin_dir: self.config.pin_dir.clone(),
+            allowlist: wire::AllowlistSize {
+                ipv4,
+                ipv6,
+                table_nodes: self.table_nodes,
+                table_capacity: self.datapath.table_capacity(),
+            },
+            reloads: wire::Reloads {
+                ok: self.reloads_ok,
+                failed: self.reloads_failed,
+            },
+            detached: self.detached,
+            relay: self.relay.as_ref().map(|r| {
+                let a = r.addrs();
+                let s = r.stats().snapshot();
+                wire::RelayStatus {
+                    submission: a.submission,
+                    submissions: a.submissions,
+                    intercept: a.intercept,
+                    queue_length: s.queue_length,
+                    sessions_active: s.sessions_active,
+                    messages_accepted: s.messages_accepted,
+                    messages_delivered: s.messages_delivered,
+                }
+            }),
+        }
+    }
+
+    fn top(&self, limit: usize) -> TopReply {
         let now_mono = monotonic_ns();
         let now = now_unix();
-        let rows: Vec<Value> = self
+        let sources = self
             .datapath
             .top(limit)
             .into_iter()
-            .map(|(ip, attempts, last_ns, verdict)| {
-                let last = now - (now_mono.saturating_sub(last_ns)) as f64 / 1e9;
-                json!({ "source": ip, "attempts": attempts, "last_seen_unix": last, "verdict": verdict })
+            .map(|(source, attempts, last_ns, verdict)| TopRow {
+                source,
+                attempts,
+                last_seen_unix: now - (now_mono.saturating_sub(last_ns)) as f64 / 1e9,
+                verdict: verdict.to_owned(),
             })
             .collect();
-        json!({ "sources": rows })
+        TopReply { sources }
     }
 
     /// The datapath's ring buffer of denied attempts (see `events`).
@@ -550,20 +624,44 @@ impl Agent {
         self.datapath.take_events()
     }
 
-    fn stats(&self) -> anyhow::Result<Value> {
-        Ok(json!({ "counters": self.datapath.counters()? }))
+    fn stats(&self) -> anyhow::Result<StatsReply> {
+        let counters = self
+            .datapath
+            .counters()?
+            .into_iter()
+            .map(|r| wire::CounterReply {
+                family: r.family.to_owned(),
+                verdict: r.verdict.to_owned(),
+                reason: r.reason.to_owned(),
+                packets: r.packets,
+                connections: r.connections,
+            })
+            .collect();
+        Ok(StatsReply { counters })
     }
 
     /// What a connection from `ip` to `port` would get, and why.
-    fn check(&self, ip: IpAddr, port: u16) -> Value {
+    fn check(&self, ip: IpAddr, port: u16) -> CheckReply {
         let denied = match (self.config.mode, self.config.action) {
             (Mode::Audit, _) => "audited",
-            (Mode::Enforce, Action::Drop | Action::Redirect) => "dropped",
+            (Mode::Enforce, Action::Drop) => "dropped",
             (Mode::Enforce, Action::Reject) => "rejected",
+            // As the kernel counts it: the SYN is steered into the relay.
+            (Mode::Enforce, Action::Redirect) => "redirected",
+        };
+        let answer = |verdict: &str, reason: String| CheckReply {
+            ip,
+            port,
+            verdict: verdict.to_owned(),
+            reason,
+            entry: None,
+            origin: None,
         };
         if !self.config.ports.contains(&port) {
-            return json!({ "ip": ip, "port": port, "verdict": "untouched",
-                           "reason": format!("port {port} is not an SMTP port here") });
+            return answer(
+                "untouched",
+                format!("port {port} is not an SMTP port here"),
+            );
         }
         if let IpAddr::V6(v6) = ip {
             let s = v6.segments();
@@ -576,17 +674,16 @@ impl Agent {
                 } else {
                     "dropped"
                 };
-                return json!({ "ip": ip, "port": port, "verdict": verdict, "reason": "mapped_address" });
+                return answer(verdict, "mapped_address".into());
             }
         }
         match self.allowlist.matching(ip) {
-            Some(entry) => {
-                json!({ "ip": ip, "port": port, "verdict": "allowed", "reason": "allowlisted",
-                                   "entry": entry.prefix, "origin": entry.origin })
-            }
-            None => {
-                json!({ "ip": ip, "port": port, "verdict": denied, "reason": "not_allowlisted" })
-            }
+            Some(entry) => CheckReply {
+                entry: Some(entry.prefix),
+                origin: Some(entry.origin),
+                ..answer("allowed", "allowlisted".into())
+            },
+            None => answer(denied, "not_allowlisted".into()),
         }
     }
 
@@ -646,6 +743,27 @@ impl Agent {
             }),
         }
     }
+}
+
+/// An error with the code the control socket sends with it.
+#[derive(Debug)]
+struct Coded(ErrorCode, anyhow::Error);
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.1)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+fn coded(code: ErrorCode, e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Coded(code, e))
+}
+
+/// A typed reply, as the JSON the wire carries.
+fn reply<T: serde::Serialize>(t: T) -> anyhow::Result<Value> {
+    serde_json::to_value(t).context("encoding the reply")
 }
 
 fn origin_name(o: Origin) -> &'static str {

@@ -125,6 +125,14 @@ fn every_subcommand_against_a_running_agent() {
         "already allowlisted",
     );
     fails(&cli(&["allow", "add", "192.0.2.21/24"]), "host bits set");
+    // Errors are typed: a code scripts can test under --output json.
+    let out = cli(&["allow", "remove", "198.51.100.99", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    let out = cli(&["allow", "add", lab::CLIENT_DENIED_V4, "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "conflict", "{v}");
     fails(
         &cli(&["allow", "add", "mail.example"]),
         "not an IPv4 or IPv6",

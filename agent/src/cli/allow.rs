@@ -2,7 +2,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use smtpgate::{control::protocol::Request, policy::Prefix};
+use smtpgate::{
+    control::protocol::{AllowAddReply, AllowListReply, AllowRemoveReply, Request},
+    policy::Prefix,
+};
 
 use super::client::ClientArgs;
 
@@ -71,34 +74,42 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
         }
         Command::List => Request::AllowList,
     };
-    let data = client.call(&request)?;
-    client.print(&data, |d| match cmd {
-        Command::Add { cidr, .. } => {
-            print!("added {}", d["added"].as_str().unwrap_or(cidr));
-            match d["expires_unix"].as_u64() {
-                Some(t) => println!(" until {} ({} from now)", rfc3339(t), left(t)),
-                None => println!(),
-            }
+    match cmd {
+        Command::Add { .. } => {
+            let d: AllowAddReply = client.call(&request)?;
+            client.print(&d, |d| {
+                print!("added {}", d.added);
+                match d.expires_unix {
+                    Some(t) => println!(" until {} ({} from now)", rfc3339(t), left(t)),
+                    None => println!(),
+                }
+            });
         }
-        Command::Remove { cidr } => {
-            println!("removed {}", d["removed"].as_str().unwrap_or(cidr));
-            if d["still_allowed_by_config"] == true {
-                println!("note: the config file allowlists it too, so it stays allowed");
-            }
+        Command::Remove { .. } => {
+            let d: AllowRemoveReply = client.call(&request)?;
+            client.print(&d, |d| {
+                println!("removed {}", d.removed);
+                if d.still_allowed_by_config {
+                    println!("note: the config file allowlists it too, so it stays allowed");
+                }
+            });
         }
         Command::List => {
-            println!("{:<44} {:<7} {:<12} COMMENT", "PREFIX", "ORIGIN", "EXPIRES IN");
-            for e in d["entries"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<44} {:<7} {:<12} {}",
-                    e["prefix"].as_str().unwrap_or("?"),
-                    e["origin"].as_str().unwrap_or("?"),
-                    e["expires_unix"].as_u64().map_or_else(|| "-".to_owned(), left),
-                    e["comment"].as_str().unwrap_or("")
-                );
-            }
+            let d: AllowListReply = client.call(&request)?;
+            client.print(&d, |d| {
+                println!("{:<44} {:<7} {:<12} COMMENT", "PREFIX", "ORIGIN", "EXPIRES IN");
+                for e in &d.entries {
+                    println!(
+                        "{:<44} {:<7} {:<12} {}",
+                        e.prefix.to_string(),
+                        super::as_written(&e.origin),
+                        e.expires_unix.map_or_else(|| "-".to_owned(), left),
+                        e.comment.as_deref().unwrap_or("")
+                    );
+                }
+            });
         }
-    });
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use smtpgate::control::protocol::Request;
+use smtpgate::control::protocol::{CheckReply, Request};
 
 use super::client::ClientArgs;
 
@@ -19,23 +19,19 @@ pub struct Args {
 
 /// Returns whether the policy denies the connection (exit status 5).
 pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<bool> {
-    let data = client.call(&Request::Check {
+    let data: CheckReply = client.call(&Request::Check {
         ip: args.ip,
         port: args.port,
     })?;
-    client.print(&data, |d| {
-        let verdict = d["verdict"].as_str().unwrap_or("?");
-        let reason = d["reason"].as_str().unwrap_or("?");
-        match d["entry"].as_str() {
-            Some(entry) => println!(
-                "{} -> port {}: {verdict} (matched {entry}, from {})",
-                args.ip,
-                args.port,
-                d["origin"].as_str().unwrap_or("?")
-            ),
-            None => println!("{} -> port {}: {verdict} ({reason})", args.ip, args.port),
-        }
+    client.print(&data, |d| match (&d.entry, &d.origin) {
+        (Some(entry), Some(origin)) => println!(
+            "{} -> port {}: {} (matched {entry}, from {})",
+            args.ip,
+            args.port,
+            d.verdict,
+            super::as_written(origin)
+        ),
+        _ => println!("{} -> port {}: {} ({})", args.ip, args.port, d.verdict, d.reason),
     });
-    let verdict = data["verdict"].as_str().unwrap_or_default();
-    Ok(!matches!(verdict, "allowed" | "untouched"))
+    Ok(!data.allowed())
 }

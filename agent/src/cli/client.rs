@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use serde::{Serialize, de::DeserializeOwned};
+
 use smtpgate::{
     control::{client, protocol::Request},
     paths,
@@ -24,16 +26,17 @@ pub enum Output {
 }
 
 impl ClientArgs {
-    pub fn call(&self, request: &Request) -> anyhow::Result<serde_json::Value> {
+    /// Sends `request`; the reply comes back as its type `R`.
+    pub fn call<R: DeserializeOwned>(&self, request: &Request) -> anyhow::Result<R> {
         Ok(client::call(&self.socket, request)?)
     }
 
-    pub fn try_call(&self, request: &Request) -> Result<serde_json::Value, client::ClientError> {
+    pub fn try_call<R: DeserializeOwned>(&self, request: &Request) -> Result<R, client::ClientError> {
         client::call(&self.socket, request)
     }
 
     /// Prints `data` as JSON, or through `human` for people.
-    pub fn print(&self, data: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
+    pub fn print<T: Serialize>(&self, data: &T, human: impl FnOnce(&T)) {
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(data).unwrap_or_default()),
             Output::Human => human(data),

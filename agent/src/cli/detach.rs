@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use smtpgate::{
-    control::{client::ClientError, protocol::Request},
+    control::{
+        client::ClientError,
+        protocol::{DetachReply, Request},
+    },
     datapath::pins,
     paths,
 };
@@ -20,12 +23,12 @@ pub struct Args {
 }
 
 pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
-    match client.try_call(&Request::Detach) {
+    match client.try_call::<DetachReply>(&Request::Detach) {
         Ok(data) => {
             client.print(&data, |d| {
                 println!(
                     "detached: the agent removed {} and is stopping",
-                    d["detached"].as_str().unwrap_or("its pins")
+                    d.detached.display()
                 );
             });
             Ok(())
@@ -40,7 +43,10 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
             pins::remove_tree(&args.pin_dir)
                 .map_err(|e| anyhow::anyhow!("removing {}: {e}", args.pin_dir.display()))?;
             smtpgate::datapath::redirect::remove_routing();
-            client.print(&serde_json::json!({ "detached": args.pin_dir }), |_| {
+            let reply = DetachReply {
+                detached: args.pin_dir.clone(),
+            };
+            client.print(&reply, |_| {
                 println!(
                     "detached: no agent was running; removed {}",
                     args.pin_dir.display()

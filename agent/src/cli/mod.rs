@@ -161,6 +161,14 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// A value as the config file and JSON spell it ("reject", "cli").
+pub(crate) fn as_written<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// Exit statuses, for scripts (also in the man page).
 pub mod exit {
     /// Done; for `check`: the connection would be allowed (or the port is
@@ -184,16 +192,17 @@ const EXIT_STATUS_HELP: &str = "Exit status: 0 ok (check: allowed), 1 error, 2 u
 3 no agent running, 4 permission denied, 5 check: denied.";
 
 /// The exit status and the machine-readable code for an error.
-fn classify(e: &anyhow::Error) -> (u8, &'static str) {
+fn classify(e: &anyhow::Error) -> (u8, String) {
     use smtpgate::control::client::ClientError;
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
-            (exit::NO_AGENT, "no_agent")
+            (exit::NO_AGENT, "no_agent".into())
         }
-        Some(ClientError::Permission { .. }) => (exit::PERMISSION, "permission_denied"),
-        Some(ClientError::Agent(_)) => (exit::ERROR, "refused"),
-        Some(ClientError::Io { .. } | ClientError::Protocol(_)) => (exit::ERROR, "protocol"),
-        None => (exit::ERROR, "error"),
+        Some(ClientError::Permission { .. }) => (exit::PERMISSION, "permission_denied".into()),
+        // The agent's own code: bad_request, not_found, conflict, refused...
+        Some(ClientError::Agent { code, .. }) => (exit::ERROR, as_written(code)),
+        Some(ClientError::Io { .. } | ClientError::Protocol(_)) => (exit::ERROR, "protocol".into()),
+        None => (exit::ERROR, "error".into()),
     }
 }
 

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 
 use smtpgate::{
     agent::load_config,
-    control::{client::ClientError, protocol::Request},
+    control::{
+        client::ClientError,
+        protocol::{QueueDeleteReply, QueueFlushReply, Request},
+    },
     paths,
 };
 use smtpgate_relay::queue;
@@ -76,17 +79,22 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
             });
         }
         Command::Flush => {
-            client.call(&Request::QueueFlush)?;
-            println!("flushing: every queued message is being retried");
+            let d: QueueFlushReply = client.call(&Request::QueueFlush)?;
+            client.print(&d, |_| {
+                println!("flushing: every queued message is being retried");
+            });
         }
-        Command::Delete { id } => match client.try_call(&Request::QueueDelete { id: id.clone() }) {
-            Ok(_) => println!("deleted {id}"),
-            Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
-                queue::delete(spool, id)?;
-                println!("deleted {id} (no agent running)");
+        Command::Delete { id } => {
+            match client.try_call::<QueueDeleteReply>(&Request::QueueDelete { id: id.clone() }) {
+                Ok(d) => client.print(&d, |d| println!("deleted {}", d.deleted)),
+                Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
+                    queue::delete(spool, id)?;
+                    let d = QueueDeleteReply { deleted: id.clone() };
+                    client.print(&d, |d| println!("deleted {} (no agent running)", d.deleted));
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        },
+        }
     }
     Ok(())
 }

@@ -1,19 +1,18 @@
 //! `smtpgate reload`: re-read the config file (as SIGHUP does).
 
-use smtpgate::control::protocol::Request;
+use smtpgate::control::protocol::{Request, StatusReply};
 
 use super::client::ClientArgs;
 
 pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
-    let data = client.call(&Request::Reload)?;
+    let data: StatusReply = client.call(&Request::Reload)?;
     client.print(&data, |d| {
-        let a = &d["allowlist"];
         println!(
             "reloaded: mode {}, action {}, {} IPv4 and {} IPv6 allowlist entries",
-            d["mode"].as_str().unwrap_or("?"),
-            d["action"].as_str().unwrap_or("?"),
-            a["ipv4"],
-            a["ipv6"]
+            super::as_written(&d.mode),
+            super::as_written(&d.action),
+            d.allowlist.ipv4,
+            d.allowlist.ipv6
         );
     });
     Ok(())

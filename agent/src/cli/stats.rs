@@ -1,28 +1,21 @@
 //! `smtpgate stats`: the datapath's counters.
 
-use smtpgate::control::protocol::Request;
+use smtpgate::control::protocol::{Request, StatsReply};
 
 use super::client::ClientArgs;
 
 pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
-    let data = client.call(&Request::Stats)?;
+    let data: StatsReply = client.call(&Request::Stats)?;
     client.print(&data, |d| {
         println!(
             "{:<6} {:<10} {:<22} {:>12} {:>12}",
             "FAMILY", "VERDICT", "REASON", "CONNECTIONS", "PACKETS"
         );
-        let rows = d["counters"].as_array().cloned().unwrap_or_default();
         let mut shown = 0;
-        for r in rows.iter().filter(|r| {
-            r["packets"].as_u64().unwrap_or(0) + r["connections"].as_u64().unwrap_or(0) > 0
-        }) {
+        for r in d.counters.iter().filter(|r| r.packets + r.connections > 0) {
             println!(
                 "{:<6} {:<10} {:<22} {:>12} {:>12}",
-                r["family"].as_str().unwrap_or("?"),
-                r["verdict"].as_str().unwrap_or("?"),
-                r["reason"].as_str().unwrap_or("?"),
-                r["connections"].as_u64().unwrap_or(0),
-                r["packets"].as_u64().unwrap_or(0)
+                r.family, r.verdict, r.reason, r.connections, r.packets
             );
             shown += 1;
         }

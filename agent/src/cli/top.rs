@@ -1,7 +1,7 @@
 //! `smtpgate top`: the sources denied most, from the kernel's bounded LRU
 //! table: the first place to look when a host starts trying to spam.
 
-use smtpgate::control::protocol::Request;
+use smtpgate::control::protocol::{Request, TopReply};
 
 use super::client::ClientArgs;
 
@@ -13,10 +13,9 @@ pub struct Args {
 }
 
 pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
-    let data = client.call(&Request::Top { limit: args.limit })?;
+    let data: TopReply = client.call(&Request::Top { limit: args.limit })?;
     client.print(&data, |d| {
-        let rows = d["sources"].as_array().cloned().unwrap_or_default();
-        if rows.is_empty() {
+        if d.sources.is_empty() {
             println!("(no denied SMTP egress seen)");
             return;
         }
@@ -27,14 +26,13 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        for r in rows {
-            let ago = (now - r["last_seen_unix"].as_f64().unwrap_or(now)).max(0.0);
+        for r in &d.sources {
+            let ago = (now - r.last_seen_unix).max(0.0);
             println!(
-                "{:<40} {:>10} {:<11} {:.0} s ago",
-                r["source"].as_str().unwrap_or("?"),
-                r["attempts"].as_u64().unwrap_or(0),
-                r["verdict"].as_str().unwrap_or("?"),
-                ago
+                "{:<40} {:>10} {:<11} {ago:.0} s ago",
+                r.source.to_string(),
+                r.attempts,
+                r.verdict
             );
         }
     });

@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use super::protocol::{Request, Response};
+use serde::de::DeserializeOwned;
+
+use super::protocol::{Envelope, ErrorCode, Request, Response, VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -25,12 +27,12 @@ pub enum ClientError {
     },
     #[error("the agent sent an unreadable answer: {0}")]
     Protocol(String),
-    #[error("{0}")]
-    Agent(String),
+    #[error("{message}")]
+    Agent { code: ErrorCode, message: String },
 }
 
-/// Sends one request and returns the agent's data.
-pub fn call(path: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
+/// Sends one request and returns the agent's typed reply.
+pub fn call<R: DeserializeOwned>(path: &Path, request: &Request) -> Result<R, ClientError> {
     let io = |source: std::io::Error| ClientError::Io {
         path: path.to_owned(),
         source,
@@ -51,14 +53,32 @@ pub fn call(path: &Path, request: &Request) -> Result<serde_json::Value, ClientE
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(io)?;
-    let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let envelope = Envelope {
+        version: VERSION,
+        request: request.clone(),
+    };
+    let mut line =
+        serde_json::to_vec(&envelope).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
     match serde_json::from_str::<Response>(&answer) {
-        Ok(Response::Ok { data }) => Ok(data),
-        Ok(Response::Error { message }) => Err(ClientError::Agent(message)),
+        Ok(Response::Ok { data }) => serde_json::from_value(data).map_err(|e| {
+            ClientError::Protocol(format!(
+                "{e} (is the agent another version than this CLI? `smtpgate --version`)"
+            ))
+        }),
+        Ok(Response::Error { code, message }) => Err(ClientError::Agent { code, message }),
+        // An agent older than the versioned protocol answers without a code.
+        Err(_) if answer.contains("\"result\":\"error\"") && !answer.contains("\"code\"") => {
+            Err(ClientError::Agent {
+                code: ErrorCode::Version,
+                message: format!(
+                    "the agent speaks an older control protocol than this CLI ({VERSION}): use the smtpgate binary of the running agent's version"
+                ),
+            })
+        }
         Err(e) => Err(ClientError::Protocol(format!("{e}: {answer:?}"))),
     }
 }

@@ -16,7 +16,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use protocol::{Request, Response};
+use protocol::{Envelope, ErrorCode, Request, Response, VERSION};
 
 use crate::agent::Agent;
 
@@ -96,7 +96,7 @@ async fn session(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Resul
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16)).lines();
     while let Some(line) = lines.next_line().await? {
-        let response = match serde_json::from_str::<Request>(&line) {
+        let response = match decode(&line) {
             Ok(request) => {
                 let agent = agent.clone();
                 // Datapath work is a few syscalls, or a table rebuild that
@@ -109,12 +109,11 @@ async fn session(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Resul
                 })
                 .await
                 .unwrap_or_else(|e| Response::Error {
+                    code: ErrorCode::Internal,
                     message: format!("internal error: {e}"),
                 })
             }
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
+            Err(response) => response,
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
@@ -123,4 +122,73 @@ async fn session(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Resul
     Ok(())
 }
 
+/// A request line, or the error to answer it with: a CLI of another
+/// version is told so, rather than "bad request".
+fn decode(line: &str) -> Result<Request, Response> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| Response::Error {
+        code: ErrorCode::BadRequest,
+        message: format!("bad request: {e}"),
+    })?;
+    let version = value.get("version").and_then(serde_json::Value::as_u64);
+    if version != Some(u64::from(VERSION)) {
+        let theirs = version.map_or_else(|| "1".to_owned(), |v| v.to_string());
+        return Err(Response::Error {
+            code: ErrorCode::Version,
+            message: format!(
+                "the CLI speaks control protocol {theirs}, this agent {VERSION}: use the smtpgate binary of the running agent's version"
+            ),
+        });
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| Response::Error {
+            code: ErrorCode::BadRequest,
+            message: format!("bad request: {e}"),
+        })
+}
+
 use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(line: &str) -> Option<ErrorCode> {
+        match decode(line) {
+            Ok(_) => None,
+            Err(Response::Error { code, .. }) => Some(code),
+            Err(Response::Ok { .. }) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn requests_carry_the_protocol_version() {
+        let line = serde_json::to_string(&Envelope {
+            version: VERSION,
+            request: Request::Check {
+                ip: "192.0.2.1".parse().unwrap(),
+                port: 25,
+            },
+        })
+        .unwrap();
+        assert!(matches!(decode(&line), Ok(Request::Check { port: 25, .. })));
+        // A CLI from before versioning, and one from the future.
+        assert_eq!(code(r#"{"cmd":"status"}"#), Some(ErrorCode::Version));
+        assert_eq!(
+            code(&format!(r#"{{"version":{},"request":{{"cmd":"status"}}}}"#, VERSION + 1)),
+            Some(ErrorCode::Version)
+        );
+        assert_eq!(code("not json"), Some(ErrorCode::BadRequest));
+        assert_eq!(
+            code(&format!(r#"{{"version":{VERSION},"request":{{"cmd":"bogus"}}}}"#)),
+            Some(ErrorCode::BadRequest)
+        );
+    }
+
+    #[test]
+    fn the_old_unversioned_error_is_told_apart() {
+        // What an agent before versioning answers to anything it cannot read.
+        let old = r#"{"result":"error","message":"bad request: unknown field `version`"}"#;
+        assert!(serde_json::from_str::<Response>(old).is_err());
+    }
+}

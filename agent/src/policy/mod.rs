@@ -15,7 +15,7 @@ pub use prefix::{Prefix, PrefixError};
 pub use table::{Table, TableFull};
 
 /// Where an allowlist entry came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Origin {
     /// The config file's `allowlist`.
@@ -24,7 +24,7 @@ pub enum Origin {
     Cli,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Entry {
     pub prefix: Prefix,
     pub origin: Origin,
