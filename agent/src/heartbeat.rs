@@ -61,10 +61,9 @@ impl Heartbeat {
     /// A heartbeat whose last beat was `ago` before now, for tests.
     #[must_use]
     pub fn beaten_ago(ago: Duration) -> Self {
-        let hb = Self {
+        Self {
             origin: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
             last_ms: Arc::new(AtomicU64::new(0)),
-        };
-        hb
+        }
     }
 }

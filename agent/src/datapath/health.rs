@@ -165,18 +165,18 @@ impl Datapath {
     /// the point is forgotten, a pinned link that no longer works is
     /// replaced (see `adopt_link`), and a new one is pinned.
     pub fn repair(&mut self, point: &AttachPoint, down: &Down) -> Result<(), DatapathError> {
-        if let Down::PinMissing { link, .. } = down {
-            if let Some(held) = self.links.remove(link) {
-                let path = self.pins.link(link);
-                let pinned = FdLink::from(held)
-                    .pin(&path)
-                    .map_err(|e| DatapathError::Pins {
-                        path,
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                self.links.insert(link.clone(), pinned);
-                return Ok(());
-            }
+        if let Down::PinMissing { link, .. } = down
+            && let Some(held) = self.links.remove(link)
+        {
+            let path = self.pins.link(link);
+            let pinned = FdLink::from(held)
+                .pin(&path)
+                .map_err(|e| DatapathError::Pins {
+                    path,
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            self.links.insert(link.clone(), pinned);
+            return Ok(());
         }
         self.forget(point);
         self.attach(point)
