@@ -11,6 +11,7 @@ pub mod events;
 pub mod heartbeat;
 pub mod metrics;
 pub mod notify;
+pub mod owner;
 pub mod paths;
 pub mod policy;
 pub mod state;

@@ -4,14 +4,12 @@
 //! enforcement: the programs stay attached through their pinned links.
 //! Only `smtpgate detach` stops it.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use smtpgate::{
     agent::{Agent, load_config},
+    owner::AgentHandle,
     control,
     datapath::redirect,
     metrics, notify,
@@ -34,7 +32,6 @@ pub struct Args {
     pub log_format: super::LogFormat,
 }
 
-type Shared = Arc<Mutex<Agent>>;
 
 /// Where redirected port-25 connections land when `[relay]
 /// intercept_listen` is not set: dual-stack, any address (the listener is
@@ -42,11 +39,6 @@ type Shared = Arc<Mutex<Agent>>;
 const DEFAULT_INTERCEPT: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 10025);
 
-fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, Agent> {
-    agent
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let config = load_config(args.config.as_deref()).with_context(|| {
@@ -100,16 +92,16 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     }
     let c = agent.config();
     info!(mode = ?c.mode, action = ?c.action, ports = ?c.ports, socket = %socket.display(), "enforcing");
-    let agent: Shared = Arc::new(Mutex::new(agent));
-
-    let heartbeat = Heartbeat::new();
     // The first look before anything reports ready: a point that went down
     // between attach and now is DOWN from the first scrape on.
-    lock(&agent).check_attachments(None);
+    agent.check_attachments(None);
+    let events = agent.take_events();
+    let agent = AgentHandle::spawn(agent).context("starting the agent's thread")?;
+    let heartbeat = Heartbeat::new();
     heartbeat.beat();
     if let Some(l) = metrics_listener {
         let agent = agent.clone();
-        let source: metrics::SnapshotFn = Arc::new(move || lock(&agent).snapshot());
+        let source: metrics::SnapshotFn = Arc::new(move || agent.snapshot_blocking());
         let heartbeat = heartbeat.clone();
         rt.spawn(async move {
             if let Err(e) = metrics::serve(l, source, heartbeat).await {
@@ -117,7 +109,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    if let Some(ring) = lock(&agent).take_events() {
+    if let Some(ring) = events {
         rt.spawn(smtpgate::events::log_denials(ring));
     }
     notify::ready("enforcing");
@@ -131,13 +123,13 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         }
     });
     notify::stopping();
-    let relay = lock(&agent).take_relay();
+    let relay = rt.block_on(agent.stop());
     if let Some(relay) = relay {
         // Sessions get 421 and queued mail stays on disk for the next start.
         rt.block_on(relay.shutdown());
     }
     let _ = std::fs::remove_file(&socket);
-    if lock(&agent).detached() {
+    if agent.is_detached() {
         info!("stopped after detach");
     } else {
         info!("stopping; the programs stay attached (pinned): `smtpgate detach` removes them");
@@ -146,17 +138,13 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 }
 
 /// SIGHUP reloads; SIGTERM and SIGINT stop the agent (not enforcement).
-async fn signals(agent: Shared) -> anyhow::Result<()> {
+async fn signals(agent: AgentHandle) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => {
-                let agent = agent.clone();
-                // A reload may rebuild a large table: off the async threads.
-                let _ = tokio::task::spawn_blocking(move || lock(&agent).reload()).await;
-            }
+            _ = hup.recv() => agent.reload().await,
             _ = term.recv() => { info!("SIGTERM"); return Ok(()); }
             _ = int.recv() => { info!("SIGINT"); return Ok(()); }
         }
@@ -164,30 +152,18 @@ async fn signals(agent: Shared) -> anyhow::Result<()> {
 }
 
 /// Once `detach` has run, there is nothing left to enforce: stop.
-async fn stopped_by_detach(agent: Shared) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-    loop {
-        tick.tick().await;
-        if lock(&agent).detached() {
-            // Let the control session write its answer first.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            return;
-        }
-    }
+async fn stopped_by_detach(agent: AgentHandle) {
+    agent.detached().await;
+    // Let the control session write its answer first.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 }
 
 /// Keeps the cgroup connect hooks' view of this host's addresses current.
-async fn refresh_local_addresses(agent: Shared) {
+async fn refresh_local_addresses(agent: AgentHandle) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let mut a = lock(&agent);
-        if a.detached() {
-            continue;
-        }
-        if let Err(e) = a.refresh_local_addresses() {
-            tracing::warn!(error = %e, "refreshing local addresses");
-        }
+        agent.refresh_addresses().await;
     }
 }
 
@@ -200,7 +176,7 @@ const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// [`CHECK_EVERY`] and at once on every link event (an interface created,
 /// deleted or changed), re-attaching what came back; then beats the
 /// heartbeat that `/healthz` reads.
-async fn watch_attachments(agent: Shared, heartbeat: Heartbeat) {
+async fn watch_attachments(agent: AgentHandle, heartbeat: Heartbeat) {
     let mut events = match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
         Ok((conn, _handle, messages)) => {
             tokio::spawn(conn);
@@ -226,14 +202,7 @@ async fn watch_attachments(agent: Shared, heartbeat: Heartbeat) {
                 while rx.try_recv().is_ok() {}
             }
         }
-        let agent = agent.clone();
-        let at = event.map(|(t, _)| t);
-        let _ = tokio::task::spawn_blocking(move || {
-            let mut agent = lock(&agent);
-            agent.check_attachments(at);
-            agent.expire_entries();
-        })
-        .await;
+        agent.tick(event.map(|(t, _)| t)).await;
         heartbeat.beat();
         if watchdog {
             notify::watchdog();

@@ -7,7 +7,6 @@ pub mod protocol;
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
 };
 
 use tokio::{
@@ -18,7 +17,7 @@ use tracing::{debug, warn};
 
 use protocol::{Envelope, ErrorCode, Request, Response, VERSION};
 
-use crate::agent::Agent;
+use crate::owner::AgentHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -73,7 +72,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves requests until the listener fails.
-pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+pub async fn serve(listener: UnixListener, agent: AgentHandle) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -92,27 +91,14 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
     }
 }
 
-async fn session(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+async fn session(stream: UnixStream, agent: AgentHandle) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16)).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match decode(&line) {
-            Ok(request) => {
-                let agent = agent.clone();
-                // Datapath work is a few syscalls, or a table rebuild that
-                // must not stall the runtime's other tasks.
-                tokio::task::spawn_blocking(move || {
-                    let mut agent = agent
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    agent.handle(request)
-                })
-                .await
-                .unwrap_or_else(|e| Response::Error {
-                    code: ErrorCode::Internal,
-                    message: format!("internal error: {e}"),
-                })
-            }
+            // The agent's owner thread does the work (a few syscalls, or
+            // a table rebuild), off the runtime's workers.
+            Ok(request) => agent.request(request).await,
             Err(response) => response,
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
