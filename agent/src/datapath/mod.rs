@@ -140,15 +140,7 @@ fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathErro
     move |source| DatapathError::Map { op, source }
 }
 
-const MAP_NAMES: [&str; 7] = [
-    common::maps::CONFIG,
-    common::maps::PORTS,
-    common::maps::ALLOW_NODES,
-    common::maps::COUNTERS,
-    common::maps::RELAY,
-    common::maps::TOP,
-    common::maps::EVENTS,
-];
+const MAP_NAMES: &[&str] = common::maps::ALL;
 
 /// Nodes per table of the pinned maps, if a complete set of this layout's
 /// maps is pinned.
@@ -471,5 +463,32 @@ impl Datapath {
     /// What is attached, in attach order.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attached
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A name is written twice: in `#[map(name = ...)]` / the program's
+    /// symbol, and in `smtpgate_common`. This holds the built object to the
+    /// constants, both ways, without root.
+    #[test]
+    fn the_built_object_has_exactly_the_named_maps_and_programs() {
+        assert!(!OBJECT.is_empty(), "built with AYA_BUILD_SKIP: no object to check");
+        let obj = aya_obj::Object::parse(OBJECT).expect("parsing the eBPF object");
+        let maps: BTreeSet<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|m| !m.starts_with('.'))
+            .collect();
+        let want: BTreeSet<&str> = common::maps::ALL.iter().copied().collect();
+        assert_eq!(maps, want, "maps in the object vs smtpgate_common::maps");
+        let progs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        let want: BTreeSet<&str> = common::programs::ALL.iter().copied().collect();
+        assert_eq!(progs, want, "programs in the object vs smtpgate_common::programs");
     }
 }

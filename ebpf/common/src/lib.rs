@@ -29,6 +29,15 @@ pub mod programs {
     /// A classifier that returns "pass" and does nothing else: the baseline
     /// the datapath benchmark compares against. The agent never attaches it.
     pub const TC_BASELINE: &str = "smtpgate_baseline";
+    /// Every program in the object; a test holds the built object to it.
+    pub const ALL: &[&str] = &[
+        TC_INGRESS,
+        TC_EGRESS,
+        CGROUP_EGRESS,
+        CGROUP_CONNECT4,
+        CGROUP_CONNECT6,
+        TC_BASELINE,
+    ];
 }
 
 /// Map names, as the ELF symbols the agent looks up (and the pin file names).
@@ -43,6 +52,8 @@ pub mod maps {
     pub const TOP: &str = "SMTPGATE_TOP";
     /// Ring buffer of denied connection attempts, for the log.
     pub const EVENTS: &str = "SMTPGATE_EVENTS";
+    /// Every map in the object; a test holds the built object to it.
+    pub const ALL: &[&str] = &[CONFIG, PORTS, ALLOW_NODES, COUNTERS, RELAY, TOP, EVENTS];
 }
 
 /// What happens to SMTP egress from a source that is not allowlisted.

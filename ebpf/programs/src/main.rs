@@ -15,7 +15,7 @@ mod reject;
 mod top;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_MMAPABLE, BPF_F_RDONLY_PROG, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::bpf_map_lookup_elem,
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{Array, PerCpuArray},
@@ -29,17 +29,24 @@ use smtpgate_common::{
     table::{self, Node},
 };
 
+// The settings maps are read-only for the programs (BPF_F_RDONLY_PROG): only
+// the agent writes them, and the verifier refuses a program that would.
+
 /// Runtime settings, written by the agent. Entry 0 only.
 #[map(name = "SMTPGATE_CONFIG")]
-static SMTPGATE_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+static SMTPGATE_CONFIG: Array<Config> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
 /// Bitmap of the TCP destination ports that count as SMTP.
 #[map(name = "SMTPGATE_PORTS")]
-static SMTPGATE_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+static SMTPGATE_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, BPF_F_RDONLY_PROG);
 
 /// Two allowlist tables (see `smtpgate_common::table`). Mmapable so that the
 /// agent writes a whole table with memcpy instead of one syscall per node.
 /// The agent sets the real size at load time.
+///
+/// Not BPF_F_RDONLY_PROG like the other policy maps: this kernel refuses a
+/// writable mmap of such a map (EACCES), and the agent writes the table
+/// through one.
 #[map(name = "SMTPGATE_ALLOW_NODES")]
 static SMTPGATE_ALLOW_NODES: Array<Node> = Array::with_max_entries(2 * 1024, BPF_F_MMAPABLE);
 
