@@ -829,9 +829,8 @@ fn attach_or_wait(
 fn check_attach_point(point: &AttachPoint, missing: MissingInterface) -> anyhow::Result<()> {
     match point {
         AttachPoint::TcIngress { interface } | AttachPoint::TcEgress { interface } => {
-            let c = std::ffi::CString::new(interface.as_str())?;
-            // SAFETY: a valid NUL-terminated string.
-            if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 && missing == MissingInterface::Fail
+            if nix::net::if_::if_nametoindex(interface.as_str()).is_err()
+                && missing == MissingInterface::Fail
             {
                 bail!(
                     "{point}: interface {interface:?} not found (with [datapath] missing_interface = \"wait\" the agent attaches it when it appears)"
@@ -863,49 +862,29 @@ fn local_verdicts(allowlist: &Allowlist) -> (bool, bool) {
 /// to a non-loopback destination: all of this network namespace's, except
 /// loopback and IPv6 link-local ones.
 fn local_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we walk read-only and then free.
-    unsafe {
-        if libc::getifaddrs(&mut head) != 0 {
-            return out;
-        }
-        let mut cur = head;
-        while !cur.is_null() {
-            let sa = (*cur).ifa_addr;
-            if !sa.is_null() {
-                match i32::from((*sa).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*sa.cast::<libc::sockaddr_in>();
-                        out.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*sa.cast::<libc::sockaddr_in6>();
-                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
             }
-            cur = (*cur).ifa_next;
-        }
-        libc::freeifaddrs(head);
-    }
-    out.retain(|a| match a {
-        IpAddr::V4(v4) => !v4.is_loopback(),
-        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
-    });
-    out
+        })
+        .filter(|a| match a {
+            IpAddr::V4(v4) => !v4.is_loopback(),
+            IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect()
 }
 
 /// CLOCK_MONOTONIC_COARSE, which bpf_ktime_get_coarse_ns reads.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }

@@ -326,8 +326,5 @@ loadable!(SchedClassifier, CgroupSkb, CgroupSockAddr);
 
 /// The interface's index, or `None` if there is no such interface here.
 pub(super) fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
+    nix::net::if_::if_nametoindex(name).ok()
 }

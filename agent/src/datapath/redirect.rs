@@ -2,10 +2,7 @@
 //! intercept listener, in the SOCKMAP the program reads, and the policy
 //! routing that delivers the marked packets locally.
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
@@ -24,81 +21,17 @@ use super::{Datapath, DatapathError, map_err};
 /// IPV6_TRANSPARENT, without which the stack refuses steered IPv4
 /// connections (their destination is not a local address).
 pub fn intercept_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket calls on a descriptor we own from here on.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        let zero: libc::c_int = 0;
-        let set = |level, name, v: &libc::c_int| {
-            if libc::setsockopt(fd, level, name, (v as *const libc::c_int).cast(), 4) != 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        set(libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)?;
-        set(libc::SOL_IP, libc::IP_TRANSPARENT, &one)?;
-        if family == libc::AF_INET6 {
-            set(libc::SOL_IPV6, libc::IPV6_V6ONLY, &zero)?;
-            set(libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &one)?;
-        }
-        let listener = TcpListener::from(owned);
-        let sock = socket2_addr(addr);
-        if libc::bind(listener.as_raw_fd(), sock.0.as_ptr().cast(), sock.1) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::listen(listener.as_raw_fd(), 1024) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(listener)
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_ip_transparent_v4(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+        socket.set_ip_transparent_v6(true)?;
     }
-}
-
-/// A sockaddr for `addr`, as bytes and length.
-fn socket2_addr(addr: SocketAddr) -> ([u8; 28], libc::socklen_t) {
-    let mut buf = [0u8; 28];
-    match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: copying a plain C struct into a large enough buffer.
-            unsafe {
-                std::ptr::copy_nonoverlapping((&raw const sin).cast::<u8>(), buf.as_mut_ptr(), 16)
-            };
-            (buf, 16)
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: as above.
-            unsafe {
-                std::ptr::copy_nonoverlapping((&raw const sin6).cast::<u8>(), buf.as_mut_ptr(), 28)
-            };
-            (buf, 28)
-        }
-    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Runs one rtnetlink conversation on a thread of its own. Routing changes
