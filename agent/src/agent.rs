@@ -401,6 +401,11 @@ impl Agent {
         let allowlist = allowlist_of(&config, &self.cli_entries);
         let table = allowlist.compile();
         self.fits(&table)?;
+        if (config.action == Action::Redirect) != (self.config.action == Action::Redirect) {
+            bail!(
+                "action = \"redirect\" is switched on or off only when the agent restarts (the relay's intercept listener is bound at start)"
+            );
+        }
         if config.action == Action::Redirect && self.relay.is_none() {
             bail!(
                 "action = \"redirect\" needs the relay, which starts only with the agent: restart it"

@@ -16,6 +16,15 @@ const LAN_INGRESS: &str = "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0
 /// loopback), a self-signed certificate, a user, and the agent running
 /// `action = "redirect"` at the attach points `attach` writes.
 fn setup(name: &str, options: Options, attach: impl FnOnce(&mut Lab) -> String) -> (Lab, Agent) {
+    setup_with(name, options, "redirect", attach)
+}
+
+fn setup_with(
+    name: &str,
+    options: Options,
+    action: &str,
+    attach: impl FnOnce(&mut Lab) -> String,
+) -> (Lab, Agent) {
     let mut lab = Lab::up(name, options).unwrap();
     lab.start_listeners().unwrap();
     let attach = attach(&mut lab);
@@ -52,7 +61,7 @@ fn setup(name: &str, options: Options, attach: impl FnOnce(&mut Lab) -> String) 
     ]);
     lab.spawn(sink, "sink.log").unwrap();
     let config = format!(
-        "action = \"redirect\"\nallowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
+        "action = \"{action}\"\nallowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
          tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\n\
          [relay.upstream]\nhost = \"127.0.0.1\"\nport = {SINK_PORT}\ntls = \"none\"\n[relay.retry]\ninitial_backoff_secs = 0.2\n",
         lab::CLIENT_ALLOWED_V4,
@@ -373,4 +382,29 @@ fn local_processes_are_redirected_through_the_cgroup_hook() {
         1,
         "{c:?}"
     );
+}
+
+/// The intercept listener exists only with action = "redirect": with the
+/// relay on and another action, nothing listens on its port, and switching
+/// to redirect at reload is refused (the listener is bound at start).
+#[test]
+fn without_redirect_there_is_no_intercept_listener() {
+    if !privileged() {
+        return;
+    }
+    let (lab, agent) = setup_with("nointercept", Options::default(), "reject", |_| {
+        "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n".to_owned()
+    });
+    let status = lab.cli(&agent, &["status", "--output", "json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["relay"]["submission"].is_string(), "{status}");
+    assert!(status["relay"]["intercept"].is_null(), "{status}");
+    let listening = lab.sh(Host::Gw, "ss -Hltn").unwrap();
+    assert!(!listening.contains(":10025"), "{listening}");
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, text.replace("action = \"reject\"", "action = \"redirect\"")).unwrap();
+    let out = lab.cli(&agent, &["reload"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restart"), "{err}");
 }

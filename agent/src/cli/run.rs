@@ -9,6 +9,7 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use smtpgate::{
     agent::{Agent, load_config},
+    config::Action,
     owner::AgentHandle,
     control,
     datapath::redirect,
@@ -74,15 +75,24 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     let relay_config = config.relay.clone();
     let mut agent = Agent::start(config, args.config.clone())?;
     if relay_config.enabled {
-        // The intercept listener is bound here, not by the relay: the
-        // datapath needs it too (redirect steers connections into it), and
-        // the relay needs nothing of eBPF.
-        let addr = relay_config.intercept_listen.unwrap_or(DEFAULT_INTERCEPT);
-        let intercept = redirect::intercept_listener(addr)
-            .with_context(|| format!("binding the relay's intercept listener on {addr}"))?;
-        agent.set_relay_listener(&intercept)?;
+        // The intercept listener exists only for redirect: with any other
+        // action it would be one more port open to the world for nothing.
+        // It is bound here, not by the relay: the datapath needs it too
+        // (redirect steers connections into it), and the relay needs
+        // nothing of eBPF.
+        let mut relay_config = relay_config;
+        let intercept = if agent.config().action == Action::Redirect {
+            let addr = relay_config.intercept_listen.unwrap_or(DEFAULT_INTERCEPT);
+            let intercept = redirect::intercept_listener(addr)
+                .with_context(|| format!("binding the relay's intercept listener on {addr}"))?;
+            agent.set_relay_listener(&intercept)?;
+            Some(intercept)
+        } else {
+            relay_config.intercept_listen = None;
+            None
+        };
         let listeners = smtpgate_relay::Listeners {
-            intercept: Some(intercept),
+            intercept,
             ..Default::default()
         };
         let relay = rt
