@@ -886,10 +886,10 @@ fn local_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// CLOCK_MONOTONIC_COARSE, which bpf_ktime_get_coarse_ns reads.
+/// CLOCK_MONOTONIC, which bpf_ktime_get_ns reads.
 fn monotonic_ns() -> u64 {
     use nix::time::{ClockId, clock_gettime};
-    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |ts| {
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
         ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
     })
 }

@@ -17,7 +17,7 @@ pub struct SourceKey {
 pub struct SourceStats {
     /// Denied connection attempts (SYNs).
     pub attempts: u64,
-    /// bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC_COARSE) of the last one.
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last one.
     pub last_seen_ns: u64,
     /// When the last event for this source went out.
     pub last_event_ns: u64,

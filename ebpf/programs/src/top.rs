@@ -2,7 +2,7 @@
 //! most once a second per source (for the log).
 
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::bpf_ktime_get_ns,
     macros::map,
     maps::{LruHashMap, RingBuf},
     programs::TcContext,
@@ -33,10 +33,11 @@ pub fn denied(ctx: &TcContext, smtp: &Smtp, verdict: Verdict) {
         Source::V4(a) => key.addr[..4].copy_from_slice(&a),
         Source::V6(a) => key.addr = a,
     }
-    // The coarse clock (jiffies) is plenty for "last seen" and a one-second
-    // rate limit, and far cheaper than a precise one in a VM.
+    // CLOCK_MONOTONIC. The coarse clock would do for "last seen" and a
+    // one-second rate limit and is a little cheaper, but its helper needs
+    // Linux 5.11, and this program runs on 5.10 too.
     // SAFETY: a plain helper.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_ktime_get_ns() };
     let mut emit = false;
     let mut suppressed = 0;
     match SMTPGATE_TOP.get_ptr_mut(&key) {
