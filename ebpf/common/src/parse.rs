@@ -143,14 +143,14 @@ pub fn ethernet(pkt: &Bytes, tag_in_meta: bool, ports: &impl Fn(u16) -> bool) ->
     }
 }
 
-/// What [`quick`] saw.
+/// What [`quick`] and [`quick_l3`] saw.
 pub enum Quick {
-    /// Not SMTP egress: [`ethernet`] says [`Parsed::Other`] too.
+    /// Not SMTP egress: the full parser says [`Parsed::Other`] too.
     Other,
-    /// SMTP egress that [`ethernet`] returns as [`Parsed::Smtp`] with this
-    /// source and these TCP flags.
+    /// SMTP egress that the full parser returns as [`Parsed::Smtp`] with
+    /// this source and these TCP flags.
     Smtp(Source, u8),
-    /// Anything else: ask [`ethernet`].
+    /// Anything else: ask the full parser.
     Unsure,
 }
 
@@ -160,17 +160,52 @@ pub enum Quick {
 /// It pays because the full parser does its VLAN, fragment, extension
 /// header and offset bookkeeping for every packet, which costs about 20 ns
 /// for non-SMTP traffic and more for SMTP (see BENCHMARKS.md); this reads
-/// only what decides the answer. Every condition below mirrors one in the
-/// full parser, and the `quick_never_contradicts_the_parser` test holds it
-/// to that.
+/// only what decides the answer. Every condition mirrors one in the full
+/// parser ([`ethernet`] here, [`l3`] for [`quick_l3`]), and the
+/// `quick_never_contradicts_the_parser` tests hold both to that.
 #[inline(always)]
 pub fn quick(pkt: &Bytes, ports: &impl Fn(u16) -> bool) -> Quick {
     let Some(proto) = pkt.be16(12) else {
         return Quick::Unsure;
     };
+    if proto == ETH_P_IP || proto == ETH_P_IPV6 {
+        quick_network(pkt, ETH_HLEN, proto, ports)
+    } else if proto == ETH_P_8021Q || proto == ETH_P_8021AD || proto == ETH_P_QINQ1 {
+        Quick::Unsure
+    } else {
+        Quick::Other
+    }
+}
+
+/// [`quick`] for a device without a link-layer header: `ethertype` is
+/// skb->protocol. A version nibble that disagrees with it is left to [`l3`],
+/// which refuses what could be SMTP under either reading.
+#[inline(always)]
+pub fn quick_l3(pkt: &Bytes, ethertype: u16, ports: &impl Fn(u16) -> bool) -> Quick {
+    // Two bytes, not one: a compiler turns `start + 1 > end` into
+    // `start >= end`, from which the verifier learns no packet range.
+    let Some(first) = pkt.at::<2>(0) else {
+        return Quick::Unsure;
+    };
+    let version = first[0] >> 4;
+    if (version == 4 && ethertype == ETH_P_IP) || (version == 6 && ethertype == ETH_P_IPV6) {
+        quick_network(pkt, 0, ethertype, ports)
+    } else if version == 4 || version == 6 {
+        Quick::Unsure
+    } else {
+        // Neither IPv4 nor IPv6 by its own header: not IP to any reader.
+        Quick::Other
+    }
+}
+
+/// The quick look from the network header at `l3`, of an IPv4 or IPv6
+/// packet as `proto` says.
+#[inline(always)]
+fn quick_network(pkt: &Bytes, l3: usize, proto: u16, ports: &impl Fn(u16) -> bool) -> Quick {
     // (TCP header offset, the IP length field, what of it is not TCP)
-    let (l4, len, ip_hlen) = if proto == ETH_P_IP {
-        let Some(h) = pkt.at::<20>(ETH_HLEN) else {
+    let v4 = proto == ETH_P_IP;
+    let (l4, len, ip_hlen) = if v4 {
+        let Some(h) = pkt.at::<20>(l3) else {
             return Quick::Unsure;
         };
         if h[9] != IPPROTO_TCP {
@@ -180,9 +215,9 @@ pub fn quick(pkt: &Bytes, ports: &impl Fn(u16) -> bool) -> Quick {
         if h[0] != 0x45 || h[6] & 0x3f != 0 || h[7] != 0 {
             return Quick::Unsure;
         }
-        (ETH_HLEN + 20, u16::from_be_bytes([h[2], h[3]]), 20)
-    } else if proto == ETH_P_IPV6 {
-        let Some(h) = pkt.at::<IPV6_HLEN>(ETH_HLEN) else {
+        (l3 + 20, u16::from_be_bytes([h[2], h[3]]), 20)
+    } else {
+        let Some(h) = pkt.at::<IPV6_HLEN>(l3) else {
             return Quick::Unsure;
         };
         if h[0] >> 4 != 6 {
@@ -201,11 +236,7 @@ pub fn quick(pkt: &Bytes, ports: &impl Fn(u16) -> bool) -> Quick {
         if h[8] == 0 {
             return Quick::Unsure;
         }
-        (ETH_HLEN + IPV6_HLEN, u16::from_be_bytes([h[4], h[5]]), 0)
-    } else if proto == ETH_P_8021Q || proto == ETH_P_8021AD || proto == ETH_P_QINQ1 {
-        return Quick::Unsure;
-    } else {
-        return Quick::Other;
+        (l3 + IPV6_HLEN, u16::from_be_bytes([h[4], h[5]]), 0)
     };
     // The whole TCP header must be there, or the full parser says
     // "truncated" even for other ports.
@@ -226,13 +257,13 @@ pub fn quick(pkt: &Bytes, ports: &impl Fn(u16) -> bool) -> Quick {
         return Quick::Unsure;
     }
     // Read the source only now: non-SMTP traffic never pays for it.
-    let source = if l4 == ETH_HLEN + 20 {
-        match pkt.at::<4>(ETH_HLEN + 12) {
+    let source = if v4 {
+        match pkt.at::<4>(l3 + 12) {
             Some(a) => Source::V4(*a),
             None => return Quick::Unsure,
         }
     } else {
-        match pkt.at::<16>(ETH_HLEN + 8) {
+        match pkt.at::<16>(l3 + 8) {
             Some(a) => Source::V6(*a),
             None => return Quick::Unsure,
         }
@@ -247,6 +278,48 @@ pub fn network(pkt: &Bytes, ethertype: u16, ports: &impl Fn(u16) -> bool) -> Par
         ETH_P_IP => ipv4(pkt, 0, ports),
         ETH_P_IPV6 => ipv6(pkt, 0, ports),
         _ => Parsed::Other,
+    }
+}
+
+/// Parses a packet from a device without a link-layer header (tun,
+/// WireGuard, PPP, ipip, ip6tnl, sit): the network header is at offset 0,
+/// and `ethertype` is skb->protocol.
+///
+/// There the protocol travels beside the packet, not in it, and the two can
+/// disagree (a packet socket may send IPv4 bytes as protocol IPv6). Whoever
+/// reads the packet next goes by one or the other: PPP frames it by
+/// skb->protocol, a tun reader without packet information (most VPNs) by the
+/// version nibble. So the packet is parsed as its version nibble says, and
+/// whatever under that reading could be TCP to an SMTP port is dropped as
+/// malformed when skb->protocol says otherwise. Under skb->protocol's
+/// reading such a packet carries nothing: IPv4 and IPv6 receivers drop a
+/// header of the wrong version.
+#[inline(always)]
+pub fn l3(pkt: &Bytes, ethertype: u16, ports: &impl Fn(u16) -> bool) -> Parsed {
+    // Two bytes, not one (see `quick_l3`). No IP packet is shorter.
+    let Some(first) = pkt.at::<2>(0) else {
+        // The caller pulls more into the linear area and asks again; a
+        // packet that really is this short is dropped as malformed.
+        return Parsed::Truncated(match ethertype {
+            ETH_P_IP => Family::Ipv4,
+            ETH_P_IPV6 => Family::Ipv6,
+            _ => Family::Other,
+        });
+    };
+    let by_version = match first[0] >> 4 {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        // Not IP to any reader: every IP receiver checks the version.
+        _ => return Parsed::Other,
+    };
+    let parsed = network(pkt, by_version, ports);
+    if by_version == ethertype {
+        return parsed;
+    }
+    match parsed {
+        Parsed::Smtp(s) => Parsed::Deny(s.family(), Reason::Malformed),
+        Parsed::Pass(family, _) => Parsed::Deny(family, Reason::Malformed),
+        other => other,
     }
 }
 
@@ -841,11 +914,9 @@ mod tests {
         }
     }
 
-    /// The quick look may only answer where the full parser answers the
-    /// same: packets near the interesting cases, with random bytes changed
-    /// and random tails cut off.
-    #[test]
-    fn quick_never_contradicts_the_parser() {
+    /// Feeds `each` packets near the interesting cases: the seeds with
+    /// random bytes changed and random tails cut off.
+    fn mutations(seeds: &[Vec<u8>], rounds: usize, mut each: impl FnMut(&[u8], u64)) {
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = move || {
             x ^= x << 13;
@@ -853,28 +924,7 @@ mod tests {
             x ^= x << 17;
             x
         };
-        let mut mapped = [0u8; 16];
-        mapped[10..].copy_from_slice(&[0xff, 0xff, 192, 0, 2, 10]);
-        let seeds = [
-            frame(&[], ipv4([192, 0, 2, 20], 0, &tcp(443, TCP_SYN)), ETH_P_IP),
-            frame(&[], ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP),
-            frame(
-                &[],
-                ipv4([192, 0, 2, 20], 0x2000, &tcp(25, 0)[..8]),
-                ETH_P_IP,
-            ),
-            frame(&[7], ipv4([192, 0, 2, 20], 0, &tcp(25, 0)), ETH_P_IP),
-            frame(&[], ipv6(V6_SRC, &[], &tcp(443, TCP_SYN)), ETH_P_IPV6),
-            frame(&[], ipv6(V6_SRC, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6),
-            frame(&[], ipv6(mapped, &[], &tcp(25, 0)), ETH_P_IPV6),
-            frame(
-                &[],
-                ipv6(V6_SRC, &[frag_hdr(0, true)], &tcp(25, 0)),
-                ETH_P_IPV6,
-            ),
-        ];
-        let (mut other, mut smtp) = (0, 0);
-        for round in 0..200_000 {
+        for round in 0..rounds {
             let mut f = seeds[round % seeds.len()].clone();
             for _ in 0..1 + next() % 3 {
                 let i = (next() % f.len() as u64) as usize;
@@ -889,22 +939,277 @@ mod tests {
             if next() % 8 == 0 {
                 f.truncate((next() % f.len() as u64) as usize);
             }
-            for tag in [false, true] {
-                match (quick_look(&f), parse(&f, tag)) {
-                    (Quick::Unsure, _) => {}
-                    (Quick::Other, Parsed::Other) => other += 1,
-                    (Quick::Smtp(src, flags), Parsed::Smtp(s))
-                        if same_source(&src, &s.source) && flags == s.flags =>
-                    {
-                        smtp += 1;
-                    }
-                    _ => panic!("the quick look contradicts the parser on {f:02x?}"),
-                }
-            }
+            each(&f, next());
         }
+    }
+
+    /// Whether a quick answer agrees with the parser's: (other, smtp) tallies.
+    fn tally(quick: &Quick, parsed: &Parsed, f: &[u8], other: &mut u32, smtp: &mut u32) {
+        match (quick, parsed) {
+            (Quick::Unsure, _) => {}
+            (Quick::Other, Parsed::Other) => *other += 1,
+            (Quick::Smtp(src, flags), Parsed::Smtp(s))
+                if same_source(src, &s.source) && *flags == s.flags =>
+            {
+                *smtp += 1;
+            }
+            _ => panic!("the quick look contradicts the parser on {f:02x?}"),
+        }
+    }
+
+    fn mapped_source() -> [u8; 16] {
+        let mut mapped = [0u8; 16];
+        mapped[10..].copy_from_slice(&[0xff, 0xff, 192, 0, 2, 10]);
+        mapped
+    }
+
+    /// IP packets near the interesting cases, without a link-layer header.
+    fn l3_seeds() -> Vec<(Vec<u8>, u16)> {
+        vec![
+            (ipv4([192, 0, 2, 20], 0, &tcp(443, TCP_SYN)), ETH_P_IP),
+            (ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP),
+            (ipv4([192, 0, 2, 20], 0x2000, &tcp(25, 0)[..8]), ETH_P_IP),
+            (ipv6(V6_SRC, &[], &tcp(443, TCP_SYN)), ETH_P_IPV6),
+            (ipv6(V6_SRC, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6),
+            (ipv6(mapped_source(), &[], &tcp(25, 0)), ETH_P_IPV6),
+            (ipv6(V6_SRC, &[frag_hdr(0, true)], &tcp(25, 0)), ETH_P_IPV6),
+        ]
+    }
+
+    /// The quick look may only answer where the full parser answers the
+    /// same.
+    #[test]
+    fn quick_never_contradicts_the_parser() {
+        let mut seeds: Vec<Vec<u8>> = l3_seeds()
+            .into_iter()
+            .map(|(p, ethertype)| frame(&[], p, ethertype))
+            .collect();
+        seeds.push(frame(&[7], ipv4([192, 0, 2, 20], 0, &tcp(25, 0)), ETH_P_IP));
+        let (mut other, mut smtp) = (0, 0);
+        mutations(&seeds, 200_000, |f, _| {
+            for tag in [false, true] {
+                tally(&quick_look(f), &parse(f, tag), f, &mut other, &mut smtp);
+            }
+        });
         assert!(
             other > 10_000 && smtp > 10_000,
             "hardly used: {other} {smtp}"
         );
+    }
+
+    /// The same on an L3 device, where skb->protocol comes from outside the
+    /// packet: each mutated packet is judged under every protocol, the
+    /// matching one, the other IP one and a non-IP one.
+    #[test]
+    fn quick_l3_never_contradicts_the_parser() {
+        let seeds: Vec<Vec<u8>> = l3_seeds().into_iter().map(|(p, _)| p).collect();
+        let (mut other, mut smtp) = (0, 0);
+        mutations(&seeds, 200_000, |f, _| {
+            for ethertype in [ETH_P_IP, ETH_P_IPV6, 0x8847] {
+                tally(
+                    &quick_l3_look(f, ethertype),
+                    &parse_l3(f, ethertype),
+                    f,
+                    &mut other,
+                    &mut smtp,
+                );
+            }
+        });
+        assert!(
+            other > 10_000 && smtp > 10_000,
+            "hardly used: {other} {smtp}"
+        );
+    }
+
+    fn parse_l3(packet: &[u8], ethertype: u16) -> Parsed {
+        let pkt = Bytes {
+            start: packet.as_ptr() as usize,
+            end: packet.as_ptr() as usize + packet.len(),
+        };
+        l3(&pkt, ethertype, &smtp_ports)
+    }
+
+    fn quick_l3_look(packet: &[u8], ethertype: u16) -> Quick {
+        let pkt = Bytes {
+            start: packet.as_ptr() as usize,
+            end: packet.as_ptr() as usize + packet.len(),
+        };
+        quick_l3(&pkt, ethertype, &smtp_ports)
+    }
+
+    /// What a parse came to, comparable across header offsets.
+    fn outcome(p: &Parsed) -> std::string::String {
+        use std::format;
+        match p {
+            Parsed::Other => "other".into(),
+            Parsed::Smtp(s) => {
+                let src = match s.source {
+                    Source::V4(a) => format!("{a:?}"),
+                    Source::V6(a) => format!("{a:?}"),
+                };
+                format!("smtp {src} {} {}", s.payload, s.flags)
+            }
+            Parsed::Pass(f, r) => format!("pass {f:?} {r:?}"),
+            Parsed::Deny(f, r) => format!("deny {f:?} {r:?}"),
+            Parsed::Truncated(f) => format!("truncated {f:?}"),
+        }
+    }
+
+    #[test]
+    fn l3_packets_parse_from_offset_zero() {
+        let Parsed::Smtp(s) = parse_l3(&ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP)
+        else {
+            panic!("IPv4 SMTP SYN not recognised");
+        };
+        assert!(matches!(s.source, Source::V4([192, 0, 2, 20])));
+        assert_eq!((s.l3, s.l4), (0, 20));
+        let Parsed::Smtp(s) = parse_l3(&ipv6(V6_SRC, &[], &tcp(25, TCP_SYN)), ETH_P_IPV6) else {
+            panic!("IPv6 SMTP SYN not recognised");
+        };
+        assert_eq!((s.l3, s.l4), (0, 40));
+        assert!(matches!(
+            parse_l3(&ipv4([192, 0, 2, 20], 0, &tcp(80, TCP_SYN)), ETH_P_IP),
+            Parsed::Other
+        ));
+        let Quick::Smtp(Source::V4(a), TCP_SYN) =
+            quick_l3_look(&ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP)
+        else {
+            panic!("the quick look missed an IPv4 SMTP SYN");
+        };
+        assert_eq!(a, [192, 0, 2, 20]);
+        let Quick::Smtp(Source::V6(a), TCP_SYN) =
+            quick_l3_look(&ipv6(V6_SRC, &[], &tcp(587, TCP_SYN)), ETH_P_IPV6)
+        else {
+            panic!("the quick look missed an IPv6 SMTP SYN");
+        };
+        assert_eq!(a, V6_SRC);
+        assert!(matches!(
+            quick_l3_look(&ipv6(V6_SRC, &[], &tcp(443, TCP_SYN)), ETH_P_IPV6),
+            Quick::Other
+        ));
+    }
+
+    /// Every evasion class, and everything else, comes to the same verdict
+    /// with or without an Ethernet header in front.
+    #[test]
+    fn l3_agrees_with_ethernet_on_the_same_packet() {
+        let seg = tcp(25, TCP_SYN);
+        let mut compat = [0u8; 16];
+        compat[12..].copy_from_slice(&[192, 0, 2, 10]);
+        let long: Vec<_> = (0..9).map(|_| dest_opts()).collect();
+        let classes = [
+            (
+                ipv4([192, 0, 2, 20], 0x2000, &seg[..8]),
+                ETH_P_IP,
+                "deny Ipv4 TinyFragment",
+            ),
+            (
+                ipv4([192, 0, 2, 20], 0x2001, &seg[8..16]),
+                ETH_P_IP,
+                "deny Ipv4 FragmentOverlap",
+            ),
+            (
+                ipv4([192, 0, 2, 20], 0x0010, &[0; 16]),
+                ETH_P_IP,
+                "pass Ipv4 NonFirstFragment",
+            ),
+            (
+                ipv6(V6_SRC, &[frag_hdr(0, true), dest_opts()], &seg[..4]),
+                ETH_P_IPV6,
+                "deny Ipv6 IncompleteChain",
+            ),
+            (
+                ipv6(V6_SRC, &[frag_hdr(1, true)], &seg[8..16]),
+                ETH_P_IPV6,
+                "deny Ipv6 FragmentOverlap",
+            ),
+            (
+                ipv6(V6_SRC, &long, &seg),
+                ETH_P_IPV6,
+                "deny Ipv6 HeaderChainTooLong",
+            ),
+            (
+                ipv6(mapped_source(), &[], &seg),
+                ETH_P_IPV6,
+                "deny Ipv6 MappedAddress",
+            ),
+            (
+                ipv6(compat, &[], &seg),
+                ETH_P_IPV6,
+                "deny Ipv6 MappedAddress",
+            ),
+        ];
+        for (packet, ethertype, want) in &classes {
+            let l3 = outcome(&parse_l3(packet, *ethertype));
+            assert_eq!(&l3, want, "{packet:02x?}");
+            assert_eq!(
+                l3,
+                outcome(&parse(&frame(&[], packet.clone(), *ethertype), false))
+            );
+        }
+        // And on mutated packets whose version agrees with the protocol.
+        let seeds: Vec<Vec<u8>> = l3_seeds().into_iter().map(|(p, _)| p).collect();
+        let mut compared = 0;
+        mutations(&seeds, 100_000, |p, _| {
+            let ethertype = match p.first().map(|b| b >> 4) {
+                Some(4) => ETH_P_IP,
+                Some(6) => ETH_P_IPV6,
+                _ => return,
+            };
+            let eth = frame(&[], p.to_vec(), ethertype);
+            assert_eq!(
+                outcome(&parse_l3(p, ethertype)),
+                outcome(&parse(&eth, false)),
+                "{p:02x?}"
+            );
+            compared += 1;
+        });
+        assert!(compared > 50_000, "{compared}");
+    }
+
+    #[test]
+    fn l3_version_must_agree_with_skb_protocol() {
+        let v4 = ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN));
+        let v6 = ipv6(V6_SRC, &[], &tcp(25, TCP_SYN));
+        // IPv4 bytes sent as IPv6 (or as anything else), and the reverse: a
+        // tun reader would see SMTP, so they are refused.
+        for ethertype in [ETH_P_IPV6, 0x8847, 0] {
+            assert_eq!(
+                deny_reason(parse_l3(&v4, ethertype)),
+                (Family::Ipv4, Reason::Malformed),
+                "{ethertype:#x}"
+            );
+            assert!(matches!(quick_l3_look(&v4, ethertype), Quick::Unsure));
+        }
+        for ethertype in [ETH_P_IP, 0x8847] {
+            assert_eq!(
+                deny_reason(parse_l3(&v6, ethertype)),
+                (Family::Ipv6, Reason::Malformed),
+                "{ethertype:#x}"
+            );
+        }
+        // A later fragment under the wrong protocol is refused too; one
+        // whose port is not SMTP under either reading is none of ours.
+        let later = ipv4([192, 0, 2, 20], 0x0010, &[0; 16]);
+        assert_eq!(
+            deny_reason(parse_l3(&later, ETH_P_IPV6)),
+            (Family::Ipv4, Reason::Malformed)
+        );
+        let web = ipv4([192, 0, 2, 20], 0, &tcp(80, TCP_SYN));
+        assert!(matches!(parse_l3(&web, ETH_P_IPV6), Parsed::Other));
+        // Not IP by its own header: nobody reads it as IP.
+        let mut garbage = v4.clone();
+        garbage[0] = 0x55;
+        assert!(matches!(parse_l3(&garbage, ETH_P_IP), Parsed::Other));
+        assert!(matches!(quick_l3_look(&garbage, ETH_P_IP), Quick::Other));
+        // No data at all: pulled in and parsed again, or malformed.
+        assert!(matches!(
+            parse_l3(&[], ETH_P_IP),
+            Parsed::Truncated(Family::Ipv4)
+        ));
+        assert!(matches!(
+            parse_l3(&[0x45], 0x8847),
+            Parsed::Truncated(Family::Other)
+        ));
     }
 }
