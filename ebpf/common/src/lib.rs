@@ -20,6 +20,11 @@ pub mod programs {
     pub const TC_INGRESS: &str = "smtpgate_tc_ingress";
     /// TC classifier for an interface's egress (routed gateways).
     pub const TC_EGRESS: &str = "smtpgate_tc_egress";
+    /// [`TC_INGRESS`] and [`TC_EGRESS`] for devices without a link-layer
+    /// header (tun, WireGuard, PPP, ipip, ip6tnl, sit): their packets start
+    /// with the IP header, and skb->protocol says which.
+    pub const TC_INGRESS_L3: &str = "smtpgate_tc_ingress_l3";
+    pub const TC_EGRESS_L3: &str = "smtpgate_tc_egress_l3";
     /// cgroup/skb egress program for processes on the gateway host itself.
     pub const CGROUP_EGRESS: &str = "smtpgate_cgroup";
     /// cgroup/connect4 and connect6: with `action = "reject"`, refuse a
@@ -33,6 +38,8 @@ pub mod programs {
     pub const ALL: &[&str] = &[
         TC_INGRESS,
         TC_EGRESS,
+        TC_INGRESS_L3,
+        TC_EGRESS_L3,
         CGROUP_EGRESS,
         CGROUP_CONNECT4,
         CGROUP_CONNECT6,

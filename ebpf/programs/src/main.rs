@@ -1,7 +1,11 @@
 //! smtpgate's eBPF programs.
 //!
 //! - `smtpgate_tc_ingress` / `smtpgate_tc_egress`: TC classifiers for an
-//!   interface's ingress (the client-facing side, before NAT) or egress.
+//!   Ethernet interface's ingress (the client-facing side, before NAT) or
+//!   egress.
+//! - `smtpgate_tc_ingress_l3` / `smtpgate_tc_egress_l3`: the same for devices
+//!   without a link-layer header (tun, WireGuard, PPP, ipip, sit), whose
+//!   packets start with the IP header.
 //! - `smtpgate_cgroup`: cgroup/skb egress, for processes on the gateway host.
 //! - `smtpgate_baseline`: passes everything; the benchmark's yardstick.
 //!
@@ -212,13 +216,32 @@ fn tc_bytes(ctx: &TcContext) -> Bytes {
     }
 }
 
+/// skb->protocol, in host order: on a device without a link-layer header,
+/// the only word on what the packet is besides the packet itself.
+#[inline(always)]
+fn skb_protocol(ctx: &TcContext) -> u16 {
+    // SAFETY: the context pointer is valid for the program's duration.
+    u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16)
+}
+
+/// The full parser, from an Ethernet header or (`ETHERNET = false`) from the
+/// IP header at offset 0.
+#[inline(always)]
+fn parse_headers<const ETHERNET: bool>(ctx: &TcContext) -> Parsed {
+    if ETHERNET {
+        // SAFETY: the context pointer is valid for the program's duration.
+        let tag_in_meta = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+        parse::ethernet(&tc_bytes(ctx), tag_in_meta, &is_smtp_port)
+    } else {
+        parse::l3(&tc_bytes(ctx), skb_protocol(ctx), &is_smtp_port)
+    }
+}
+
 /// Parses a TC packet, pulling non-linear data in once if the headers are
 /// not all in the linear area.
 #[inline(always)]
-fn tc_parse(ctx: &TcContext) -> Parsed {
-    // SAFETY: the context pointer is valid for the program's duration.
-    let tag_in_meta = unsafe { (*ctx.skb.skb).vlan_present } != 0;
-    let parsed = parse::ethernet(&tc_bytes(ctx), tag_in_meta, &is_smtp_port);
+fn tc_parse<const ETHERNET: bool>(ctx: &TcContext) -> Parsed {
+    let parsed = parse_headers::<ETHERNET>(ctx);
     if let Parsed::Truncated(_) = parsed {
         let linear = (ctx.data_end() - ctx.data()) as u32;
         if ctx.len() > linear {
@@ -226,18 +249,26 @@ fn tc_parse(ctx: &TcContext) -> Parsed {
             let max = parse::MAX_HEADER_BYTES as u32;
             let want = if ctx.len() < max { ctx.len() } else { max };
             if ctx.pull_data(want).is_ok() {
-                return parse::ethernet(&tc_bytes(ctx), tag_in_meta, &is_smtp_port);
+                return parse_headers::<ETHERNET>(ctx);
             }
         }
     }
     parsed
 }
 
+/// The verdict for one packet at a TC hook: `INGRESS` for the direction
+/// (where a RST goes, whether steering is possible), `ETHERNET` for whether
+/// the packet starts with an Ethernet header or with the IP header.
 #[inline(always)]
-fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
+fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32 {
     // Nearly all traffic is plain: judge it without the full parser (see
     // `parse::quick`).
-    match parse::quick(&tc_bytes(ctx), &is_smtp_port) {
+    let quick = if ETHERNET {
+        parse::quick(&tc_bytes(ctx), &is_smtp_port)
+    } else {
+        parse::quick_l3(&tc_bytes(ctx), skb_protocol(ctx), &is_smtp_port)
+    };
+    match quick {
         Quick::Other => return TC_ACT_UNSPEC,
         Quick::Smtp(source, flags) => {
             if let Some(verdict) = quick_verdict(&source, flags) {
@@ -246,7 +277,7 @@ fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
         }
         Quick::Unsure => {}
     }
-    let parsed = match tc_parse(ctx) {
+    let parsed = match tc_parse::<ETHERNET>(ctx) {
         Parsed::Smtp(smtp) => Parsed::Smtp(reject::stash_offsets(ctx, smtp)),
         other => other,
     };
@@ -271,7 +302,7 @@ fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
     match decision {
         Decision::Untouched | Decision::Pass | Decision::Audited => TC_ACT_UNSPEC,
         Decision::Drop => TC_ACT_SHOT as i32,
-        Decision::Reject(smtp) => reject::answer::<INGRESS>(ctx, &smtp),
+        Decision::Reject(smtp) => reject::answer::<INGRESS, ETHERNET>(ctx, &smtp),
         // Steering works only where the packet is received: at egress the
         // config refuses redirect, and a packet that gets here anyway is
         // dropped, never let out.
@@ -292,13 +323,25 @@ fn tc_verdict<const INGRESS: bool>(ctx: &TcContext) -> i32 {
 /// addresses, before any NAT.
 #[classifier]
 pub fn smtpgate_tc_ingress(ctx: TcContext) -> i32 {
-    tc_verdict::<true>(&ctx)
+    tc_verdict::<true, true>(&ctx)
 }
 
 /// Attach to an interface's egress, on routed gateways without NAT.
 #[classifier]
 pub fn smtpgate_tc_egress(ctx: TcContext) -> i32 {
-    tc_verdict::<false>(&ctx)
+    tc_verdict::<false, true>(&ctx)
+}
+
+/// `smtpgate_tc_ingress` for a device without a link-layer header.
+#[classifier]
+pub fn smtpgate_tc_ingress_l3(ctx: TcContext) -> i32 {
+    tc_verdict::<true, false>(&ctx)
+}
+
+/// `smtpgate_tc_egress` for a device without a link-layer header.
+#[classifier]
+pub fn smtpgate_tc_egress_l3(ctx: TcContext) -> i32 {
+    tc_verdict::<false, false>(&ctx)
 }
 
 /// cgroup/skb egress return codes: bit 0 allows; bit 1 asks for congestion

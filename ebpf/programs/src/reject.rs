@@ -1,13 +1,20 @@
 //! `action = "reject"` at TC: turn the offending packet into a TCP RST and
 //! send it back the way it came, so the client's connect fails at once.
 //!
-//! The packet is rewritten in place: Ethernet addresses swapped (VLAN tags in
-//! the data and in skb metadata are kept, so the RST goes back on the same
-//! VLAN), network and TCP headers rebuilt by `smtpgate_common::rst`, the tail
-//! cut off. Then it is redirected:
+//! The packet is rewritten in place: on Ethernet, the addresses swapped
+//! (VLAN tags in the data and in skb metadata are kept, so the RST goes back
+//! on the same VLAN); network and TCP headers rebuilt by
+//! `smtpgate_common::rst`; the tail cut off. A device without a link-layer
+//! header (tun, WireGuard, PPP, ipip) has no addresses to swap: its packet
+//! starts with the IP header, and skb->protocol, which names the family,
+//! is right for the RST as it was for the packet it answers. Then it is
+//! redirected:
 //! - at ingress, out of the same interface, towards the client;
 //! - at egress, into the same interface's ingress, from where the gateway
 //!   routes it back to the client like any received packet.
+//!
+//! The kernel's redirect knows which devices carry no link-layer header
+//! (`dev_is_mac_header_xmit`) and neither expects nor adds one there.
 //!
 //! Whatever goes wrong on the way, the packet is dropped: a failed reject is
 //! still a denial.
@@ -60,15 +67,18 @@ pub(crate) fn unstash_offsets(ctx: &TcContext) -> (usize, usize, u32) {
     }
 }
 
-pub fn answer<const INGRESS: bool>(ctx: &TcContext, smtp: &Smtp) -> i32 {
-    match try_answer::<INGRESS>(ctx, smtp) {
+pub fn answer<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext, smtp: &Smtp) -> i32 {
+    match try_answer::<INGRESS, ETHERNET>(ctx, smtp) {
         Some(()) => TC_ACT_REDIRECT as i32,
         None => TC_ACT_SHOT as i32,
     }
 }
 
 #[inline(always)]
-fn try_answer<const INGRESS: bool>(ctx: &TcContext, smtp: &Smtp) -> Option<()> {
+fn try_answer<const INGRESS: bool, const ETHERNET: bool>(
+    ctx: &TcContext,
+    smtp: &Smtp,
+) -> Option<()> {
     if !rst::answerable(smtp.flags) {
         return None;
     }
@@ -81,21 +91,26 @@ fn try_answer<const INGRESS: bool>(ctx: &TcContext, smtp: &Smtp) -> Option<()> {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let macs = *pkt.at::<12>(0)?;
+    let macs = if ETHERNET {
+        let macs = *pkt.at::<12>(0)?;
+        let mut swapped = [0u8; 12];
+        swapped[..6].copy_from_slice(&macs[6..]);
+        swapped[6..].copy_from_slice(&macs[..6]);
+        Some(swapped)
+    } else {
+        None
+    };
     let tcp = *pkt.at::<20>(l4)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
     match smtp.source {
         Source::V4(_) => {
             let ip = *pkt.at::<20>(l3)?;
             let reply = rst::v4(&ip, &tcp, payload);
-            rewrite(ctx, l3, &swapped, &reply)?;
+            rewrite(ctx, l3, macs.as_ref(), &reply)?;
         }
         Source::V6(_) => {
             let ip = *pkt.at::<40>(l3)?;
             let reply = rst::v6(&ip, &tcp, payload);
-            rewrite(ctx, l3, &swapped, &reply)?;
+            rewrite(ctx, l3, macs.as_ref(), &reply)?;
         }
     }
     // SAFETY: the context pointer is valid for the program's duration.
@@ -106,11 +121,14 @@ fn try_answer<const INGRESS: bool>(ctx: &TcContext, smtp: &Smtp) -> Option<()> {
     (ret == i64::from(TC_ACT_REDIRECT)).then_some(())
 }
 
+/// Cuts the packet to the link-layer header (if any) and the reply, and
+/// writes both: `macs` are the swapped Ethernet addresses, or `None` on a
+/// device without a link-layer header, where the reply starts at `l3` = 0.
 #[inline(always)]
 fn rewrite<const N: usize>(
     ctx: &TcContext,
     l3: usize,
-    macs: &[u8; 12],
+    macs: Option<&[u8; 12]>,
     reply: &[u8; N],
 ) -> Option<()> {
     // SAFETY: the context pointer is valid; the helper checks the length.
@@ -118,7 +136,9 @@ fn rewrite<const N: usize>(
     if ret != 0 {
         return None;
     }
-    ctx.store(0, macs, 0).ok()?;
+    if let Some(macs) = macs {
+        ctx.store(0, macs, 0).ok()?;
+    }
     ctx.store(l3, reply, 0).ok()?;
     Some(())
 }
