@@ -23,6 +23,10 @@ use crate::config::AttachPoint;
 pub struct Attachment {
     pub point: AttachPoint,
     pub program: &'static str,
+    /// For TC: what the device puts in front of the IP header, which
+    /// chose `program`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_layer: Option<LinkLayer>,
     /// The pinned link's file name.
     pub link: String,
     /// Whether an earlier agent's link was kept (given the new program).
@@ -33,14 +37,11 @@ impl Datapath {
     /// Attaches (or adopts) the programs for one attach point.
     pub fn attach(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
         match point {
-            AttachPoint::TcIngress { interface } => self.attach_tc(
-                point,
-                programs::TC_INGRESS,
-                interface,
-                TcAttachType::Ingress,
-            ),
+            AttachPoint::TcIngress { interface } => {
+                self.attach_tc(point, interface, TcAttachType::Ingress)
+            }
             AttachPoint::TcEgress { interface } => {
-                self.attach_tc(point, programs::TC_EGRESS, interface, TcAttachType::Egress)
+                self.attach_tc(point, interface, TcAttachType::Egress)
             }
             AttachPoint::Cgroup { path } => {
                 let path = path.clone().unwrap_or_else(crate::config::cgroup2_root);
@@ -51,13 +52,19 @@ impl Datapath {
 
     /// Loads the programs a point will need, without attaching them: for a
     /// point that waits for its interface, so that attaching takes
-    /// milliseconds when it appears instead of a verifier run.
+    /// milliseconds when it appears instead of a verifier run. Which kind of
+    /// device it will be is not known yet (the interfaces that come late
+    /// are often VPN tunnels), so both variants are loaded.
     pub fn preload(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
-        match point {
-            AttachPoint::TcIngress { .. } => load::<SchedClassifier>(&mut self.ebpf, programs::TC_INGRESS),
-            AttachPoint::TcEgress { .. } => load::<SchedClassifier>(&mut self.ebpf, programs::TC_EGRESS),
-            AttachPoint::Cgroup { .. } => Ok(()),
+        let kind = match point {
+            AttachPoint::TcIngress { .. } => TcAttachType::Ingress,
+            AttachPoint::TcEgress { .. } => TcAttachType::Egress,
+            AttachPoint::Cgroup { .. } => return Ok(()),
+        };
+        for layer in [LinkLayer::Ethernet, LinkLayer::None] {
+            load::<SchedClassifier>(&mut self.ebpf, tc_program(kind, layer))?;
         }
+        Ok(())
     }
 
     /// Gives an earlier agent's pinned link this agent's program, if there
@@ -125,19 +132,29 @@ impl Datapath {
     }
 
     fn record(&mut self, point: &AttachPoint, program: &'static str, link: String, adopted: bool) {
-        info!(%point, program, link, adopted, "attached");
+        let link_layer = match program {
+            programs::TC_INGRESS | programs::TC_EGRESS => Some(LinkLayer::Ethernet),
+            programs::TC_INGRESS_L3 | programs::TC_EGRESS_L3 => Some(LinkLayer::None),
+            _ => None,
+        };
+        info!(%point, program, ?link_layer, link, adopted, "attached");
         self.attached.push(Attachment {
             point: point.clone(),
             program,
+            link_layer,
             link,
             adopted,
         });
     }
 
+    /// Attaches the program for the device's link layer, asked anew each
+    /// time: an interface deleted and created again may be another kind of
+    /// device under the same name. The link's id (and pin) is the hook and
+    /// interface only, so an adopted link is given the right program by
+    /// BPF_LINK_UPDATE, whichever one it held.
     fn attach_tc(
         &mut self,
         point: &AttachPoint,
-        name: &'static str,
         interface: &str,
         kind: TcAttachType,
     ) -> Result<(), DatapathError> {
@@ -146,6 +163,7 @@ impl Datapath {
                 name: interface.to_owned(),
             });
         }
+        let name = tc_program(kind, link_layer(interface)?);
         let hook = if kind == TcAttachType::Ingress {
             "tc-ingress"
         } else {
@@ -323,6 +341,232 @@ macro_rules! loadable {
 }
 
 loadable!(SchedClassifier, CgroupSkb, CgroupSockAddr);
+
+/// What a device puts in front of the IP header: what the TC programs must
+/// skip to find it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkLayer {
+    /// An Ethernet header (veth, bridges, macvlan, most NICs).
+    Ethernet,
+    /// Nothing: the packet starts with the IP header, and skb->protocol
+    /// says which (tun, WireGuard, PPP, raw IP, ipip, ip6tnl, sit).
+    None,
+}
+
+/// The TC program for a direction and a link layer.
+fn tc_program(kind: TcAttachType, layer: LinkLayer) -> &'static str {
+    match (kind == TcAttachType::Ingress, layer) {
+        (true, LinkLayer::Ethernet) => programs::TC_INGRESS,
+        (false, LinkLayer::Ethernet) => programs::TC_EGRESS,
+        (true, LinkLayer::None) => programs::TC_INGRESS_L3,
+        (false, LinkLayer::None) => programs::TC_EGRESS_L3,
+    }
+}
+
+/// The link layer of `interface`, from its device type (ARPHRD_*).
+///
+/// Asked with SIOCGIFHWADDR on a socket, which answers for this process's
+/// network namespace. /sys/class/net/<if>/type answers for the namespace
+/// sysfs was mounted in, which is not this one in an agent started with
+/// `nsenter --net` (or `ip netns exec` without its remount).
+pub(super) fn link_layer(interface: &str) -> Result<LinkLayer, DatapathError> {
+    let arphrd = device_type(interface)?;
+    classify_device(interface, arphrd)
+}
+
+fn device_type(interface: &str) -> Result<u16, DatapathError> {
+    let err = |source| DatapathError::DeviceType {
+        interface: interface.to_owned(),
+        source,
+    };
+    // SAFETY: an all-zero ifreq is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = interface.as_bytes();
+    if name.is_empty() || name.len() >= req.ifr_name.len() || name.contains(&0) {
+        return Err(DatapathError::NoInterface {
+            name: interface.to_owned(),
+        });
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr, both
+    // inside `req`.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCGIFHWADDR,
+            &raw mut req,
+        )
+    };
+    if ret != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            return Err(DatapathError::NoInterface {
+                name: interface.to_owned(),
+            });
+        }
+        return Err(err(e));
+    }
+    // SAFETY: the kernel filled in ifr_hwaddr; its family is the ARPHRD type.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Which programs can read a device of type `arphrd`. Anything not known to
+/// start its packets with Ethernet or with the IP header is refused by name:
+/// guessing wrong would let its SMTP traffic pass unseen.
+fn classify_device(interface: &str, arphrd: u16) -> Result<LinkLayer, DatapathError> {
+    match arphrd {
+        ARPHRD_ETHER => Ok(LinkLayer::Ethernet),
+        ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT | ARPHRD_NONE => {
+            Ok(LinkLayer::None)
+        }
+        _ => Err(DatapathError::UnsupportedDevice {
+            interface: interface.to_owned(),
+            arphrd,
+            kind: device_kind(arphrd),
+        }),
+    }
+}
+
+// linux/if_arp.h
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_PPP: u16 = 512;
+const ARPHRD_RAWIP: u16 = 519;
+const ARPHRD_TUNNEL: u16 = 768;
+const ARPHRD_TUNNEL6: u16 = 769;
+const ARPHRD_LOOPBACK: u16 = 772;
+const ARPHRD_SIT: u16 = 776;
+const ARPHRD_IPGRE: u16 = 778;
+const ARPHRD_IP6GRE: u16 = 823;
+const ARPHRD_NONE: u16 = 0xfffe;
+
+/// A device type's name, for messages.
+fn device_kind(arphrd: u16) -> &'static str {
+    match arphrd {
+        ARPHRD_ETHER => "Ethernet",
+        ARPHRD_PPP => "PPP",
+        ARPHRD_RAWIP => "raw IP",
+        ARPHRD_TUNNEL => "ipip",
+        ARPHRD_TUNNEL6 => "ip6tnl",
+        ARPHRD_LOOPBACK => "loopback",
+        ARPHRD_SIT => "sit",
+        ARPHRD_IPGRE => "gre",
+        ARPHRD_IP6GRE => "ip6gre",
+        ARPHRD_NONE => "header-less (tun, WireGuard)",
+        24 => "IEEE 1394",
+        32 => "InfiniBand",
+        256..=259 => "SLIP",
+        280 => "CAN",
+        513 => "Cisco HDLC",
+        518 => "raw HDLC",
+        779 => "PIM register",
+        801 => "802.11",
+        803 => "802.11 radiotap",
+        804 => "802.15.4",
+        824 => "netlink monitor",
+        825 => "6LoWPAN",
+        826 => "vsock monitor",
+        0xffff => "void",
+        _ => "unknown",
+    }
+}
+
+/// Why a device type is refused, and what to do instead.
+pub(super) fn unsupported_hint(arphrd: u16) -> &'static str {
+    match arphrd {
+        ARPHRD_LOOPBACK => {
+            "loopback traffic never leaves this host; for the host's own processes, attach hook = \"cgroup\""
+        }
+        ARPHRD_IPGRE | ARPHRD_IP6GRE => {
+            "a GRE device's link-layer header depends on how the tunnel was made; attach to the client-facing interface instead"
+        }
+        _ => {
+            "smtpgate reads Ethernet devices and devices without a link-layer header (tun, WireGuard, PPP, raw IP, ipip, ip6tnl, sit); attach to one of those on the path instead"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_types_choose_a_program_or_are_refused_by_name() {
+        assert_eq!(classify_device("eth0", 1).unwrap(), LinkLayer::Ethernet);
+        for arphrd in [65534, 512, 519, 768, 769, 776] {
+            assert_eq!(
+                classify_device("tun0", arphrd).unwrap(),
+                LinkLayer::None,
+                "ARPHRD {arphrd}"
+            );
+        }
+        for (arphrd, kind) in [
+            (772, "loopback"),
+            (778, "gre"),
+            (823, "ip6gre"),
+            (32, "InfiniBand"),
+            (4242, "unknown"),
+        ] {
+            let e = classify_device("x1", arphrd).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                matches!(&e, DatapathError::UnsupportedDevice { arphrd: a, kind: k, .. } if *a == arphrd && *k == kind),
+                "{text}"
+            );
+            assert!(
+                text.starts_with(&format!(
+                    "interface \"x1\" is a {kind} device (ARPHRD {arphrd}), which smtpgate cannot classify: "
+                )),
+                "{text}"
+            );
+        }
+        let lo = classify_device("lo", 772).unwrap_err().to_string();
+        assert!(lo.contains("hook = \"cgroup\""), "{lo}");
+    }
+
+    #[test]
+    fn programs_follow_direction_and_link_layer() {
+        let p = |kind, layer| tc_program(kind, layer);
+        assert_eq!(
+            p(TcAttachType::Ingress, LinkLayer::Ethernet),
+            programs::TC_INGRESS
+        );
+        assert_eq!(
+            p(TcAttachType::Egress, LinkLayer::Ethernet),
+            programs::TC_EGRESS
+        );
+        assert_eq!(
+            p(TcAttachType::Ingress, LinkLayer::None),
+            programs::TC_INGRESS_L3
+        );
+        assert_eq!(
+            p(TcAttachType::Egress, LinkLayer::None),
+            programs::TC_EGRESS_L3
+        );
+    }
+
+    /// The real ioctl, on this namespace's loopback device.
+    #[test]
+    fn loopback_is_refused_from_the_kernel_answer() {
+        match link_layer("lo") {
+            Err(DatapathError::UnsupportedDevice { arphrd: 772, .. }) => {}
+            other => panic!("lo: {other:?}"),
+        }
+        assert!(matches!(
+            link_layer("sg-no-such-if0"),
+            Err(DatapathError::NoInterface { .. })
+        ));
+    }
+}
 
 /// The interface's index, or `None` if there is no such interface here.
 pub(super) fn ifindex(name: &str) -> Option<u32> {

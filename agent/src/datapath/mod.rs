@@ -22,7 +22,7 @@ use smtpgate_common::{
     events::{SourceKey, SourceStats},
 };
 
-pub use attach::Attachment;
+pub use attach::{Attachment, LinkLayer};
 pub use health::{Down, expected_programs};
 use nodes::NodeRegion;
 pub use pins::PinDir;
@@ -77,6 +77,21 @@ pub enum DatapathError {
     Routing { what: String },
     #[error("interface {name:?} not found")]
     NoInterface { name: String },
+    #[error(
+        "interface {interface:?} is a {kind} device (ARPHRD {arphrd}), which smtpgate cannot classify: {}",
+        attach::unsupported_hint(*.arphrd)
+    )]
+    UnsupportedDevice {
+        interface: String,
+        arphrd: u16,
+        kind: &'static str,
+    },
+    #[error("asking the kernel what kind of device {interface:?} is")]
+    DeviceType {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path}")]
     Cgroup {
         path: std::path::PathBuf,
