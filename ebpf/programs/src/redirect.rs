@@ -32,6 +32,10 @@ use crate::{count, reject::unstash_offsets};
 #[map(name = "SMTPGATE_RELAY")]
 static SMTPGATE_RELAY: SockMap = SockMap::with_max_entries(1, 0);
 
+/// Inlined into each caller: called from two programs (the Ethernet and
+/// the L3 ingress), LLVM would otherwise make it a BPF subprogram, whose
+/// stack frame the verifier adds to the caller's, past its 512-byte limit.
+#[inline(always)]
 pub fn steer(ctx: &TcContext, smtp: &Smtp) -> i32 {
     let family = smtp.family();
     let syn = smtp.is_syn();

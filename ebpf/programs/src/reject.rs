@@ -67,6 +67,8 @@ pub(crate) fn unstash_offsets(ctx: &TcContext) -> (usize, usize, u32) {
     }
 }
 
+/// Inlined for the reason `redirect::steer` is.
+#[inline(always)]
 pub fn answer<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext, smtp: &Smtp) -> i32 {
     match try_answer::<INGRESS, ETHERNET>(ctx, smtp) {
         Some(()) => TC_ACT_REDIRECT as i32,
