@@ -29,56 +29,47 @@ from scapy.all import (
 )
 
 conf.verb = 0
-kind, iface, gw_mac, src, dst, count = sys.argv[1:7]
-vlans = [int(v) for v in sys.argv[7].split(",")] if len(sys.argv) > 7 and sys.argv[7] else []
-count = int(count)
-
-
-def l2():
-    frame = Ether(src=get_if_hwaddr(iface), dst=gw_mac)
-    for vid in vlans:
-        frame = frame / Dot1Q(vlan=vid)
-    return frame
 
 
 def tcp(dport=25):
     return TCP(sport=random.randint(20000, 60000), dport=dport, flags="S", seq=random.randint(0, 2**31))
 
 
-def build():
+def packets(kind, src, dst):
+    """The IP packets of one KIND (see above), from SRC to DST, without a
+    link-layer header: lab/tun.py writes them to a tun device as they are."""
     ident = random.randint(1, 65535)
     if kind in ("syn", "syn80"):
         ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
-        return [l2() / ip / tcp(80 if kind == "syn80" else 25)]
+        return [ip / tcp(80 if kind == "syn80" else 25)]
     if kind == "tiny":
         seg = bytes(tcp())
-        return [l2() / IP(src=src, dst=dst, id=ident, flags="MF", frag=0, proto=6) / Raw(seg[:8])]
+        return [IP(src=src, dst=dst, id=ident, flags="MF", frag=0, proto=6) / Raw(seg[:8])]
     if kind == "overlap":
         seg = bytes(tcp())
-        return [l2() / IP(src=src, dst=dst, id=ident, flags="MF", frag=1, proto=6) / Raw(seg[8:16])]
+        return [IP(src=src, dst=dst, id=ident, flags="MF", frag=1, proto=6) / Raw(seg[8:16])]
     if kind == "v6-tiny":
         seg = bytes(tcp())
         # Fragment header, then a destination-options header, then only the
         # first 4 bytes of TCP: the ports are visible, the chain is not whole.
-        first = (
+        return [
             IPv6(src=src, dst=dst)
             / IPv6ExtHdrFragment(nh=60, offset=0, m=1, id=ident)
             / IPv6ExtHdrDestOpt(nh=6)
             / Raw(seg[:4])
-        )
-        return [l2() / first]
+        ]
     if kind == "v6-overlap":
         seg = bytes(tcp())
-        return [l2() / IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(nh=6, offset=1, m=1, id=ident) / Raw(seg[8:16])]
+        return [IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(nh=6, offset=1, m=1, id=ident) / Raw(seg[8:16])]
     if kind == "v6-long":
         chain = IPv6(src=src, dst=dst)
         for _ in range(8):
             chain = chain / IPv6ExtHdrDestOpt(nh=60)
         chain = chain / IPv6ExtHdrDestOpt(nh=6)
-        return [l2() / chain / tcp()]
+        return [chain / tcp()]
     if kind in ("mapped", "compat"):
         prefix = "::ffff:" if kind == "mapped" else "::"
-        return [l2() / IPv6(src=prefix + src, dst=dst) / tcp()]
+        return [IPv6(src=prefix + src, dst=dst) / tcp()]
     sys.exit(f"unknown kind {kind}")
 
 
@@ -105,19 +96,34 @@ def describe(sent, reply):
     }
 
 
-if len(sys.argv) > 8 and sys.argv[8] == "reply":
-    # scapy can miss a reply that beats its sniffer to the wire (a reject
-    # answers in microseconds): a few fresh SYNs make that race harmless.
-    for _ in range(3):
-        frame = build()[0]
-        reply = srp1(frame, iface=iface, timeout=2)
-        if reply is not None:
-            break
-    print(json.dumps(describe(frame, reply)))
-    sys.exit(0)
+def main():
+    kind, iface, gw_mac, src, dst, count = sys.argv[1:7]
+    vlans = [int(v) for v in sys.argv[7].split(",")] if len(sys.argv) > 7 and sys.argv[7] else []
+    count = int(count)
 
-frames = []
-for _ in range(count):
-    frames.extend(build())
-sendp(frames, iface=iface)
-print(len(frames))
+    def build():
+        frame = Ether(src=get_if_hwaddr(iface), dst=gw_mac)
+        for vid in vlans:
+            frame = frame / Dot1Q(vlan=vid)
+        return [frame / p for p in packets(kind, src, dst)]
+
+    if len(sys.argv) > 8 and sys.argv[8] == "reply":
+        # scapy can miss a reply that beats its sniffer to the wire (a reject
+        # answers in microseconds): a few fresh SYNs make that race harmless.
+        for _ in range(3):
+            frame = build()[0]
+            reply = srp1(frame, iface=iface, timeout=2)
+            if reply is not None:
+                break
+        print(json.dumps(describe(frame, reply)))
+        return
+
+    frames = []
+    for _ in range(count):
+        frames.extend(build())
+    sendp(frames, iface=iface)
+    print(len(frames))
+
+
+if __name__ == "__main__":
+    main()

@@ -68,6 +68,16 @@ impl Counters {
         self.get(family, verdict, reason).0
     }
 
+    /// The combinations seen at all, as "family/verdict/reason" ->
+    /// (connections, packets): what a failure message should show.
+    pub fn nonzero(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        self.0
+            .iter()
+            .filter(|(_, v)| **v != (0, 0))
+            .map(|((f, v, r), n)| (format!("{f}/{v}/{r}"), *n))
+            .collect()
+    }
+
     /// The difference from an earlier reading.
     pub fn since(&self, before: &Counters) -> Counters {
         Counters(
@@ -83,10 +93,10 @@ impl Counters {
 }
 
 impl Lab {
-    /// Starts `smtpgate run` in the gateway with `config` (the control
-    /// socket is set to one in the lab directory), and waits until it
-    /// answers on its control socket.
-    pub fn start_agent(&mut self, name: &str, config: &str) -> anyhow::Result<Agent> {
+    /// Writes an agent's config: `config` plus the lab's state directory,
+    /// pin directory and a control socket in the lab directory. Returns the
+    /// config's path and the socket's.
+    fn agent_config(&self, name: &str, config: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         let socket = self.dir.join(format!("{name}.sock"));
         // Pins and state belong to the lab, not to one agent: a restarted
         // agent finds what the previous one left, as on a real gateway.
@@ -101,7 +111,54 @@ impl Lab {
             self.dir.join("state").display().to_string(),
             socket.display().to_string(),
         );
-        let config = self.write(&format!("{name}.toml"), &text)?;
+        Ok((self.write(&format!("{name}.toml"), &text)?, socket))
+    }
+
+    /// Runs `smtpgate run` in the gateway with `config` and expects it to
+    /// exit by itself within `timeout` (a config it must refuse): its exit
+    /// status and everything it printed. An agent still running after the
+    /// timeout is killed and reported as an error.
+    pub fn run_agent_to_exit(
+        &mut self,
+        name: &str,
+        config: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let (config, _) = self.agent_config(name, config)?;
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut child = self
+            .command(Host::Gw, smtpgate_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("SMTPGATE_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting smtpgate")?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, std::fs::read_to_string(&log)?));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "smtpgate kept running for {timeout:?}:\n{}",
+                    std::fs::read_to_string(&log)?
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts `smtpgate run` in the gateway with `config` (the control
+    /// socket is set to one in the lab directory), and waits until it
+    /// answers on its control socket.
+    pub fn start_agent(&mut self, name: &str, config: &str) -> anyhow::Result<Agent> {
+        let (config, socket) = self.agent_config(name, config)?;
         let mut cmd = self.command(Host::Gw, smtpgate_bin());
         cmd.args(["run", "--config"])
             .arg(&config)

@@ -8,6 +8,9 @@
 //!
 //!  vclient ──eth0──────lanv── gw   (tagged frames crafted with scapy)
 //!  198.51.100.10 / .20, 2001:db8:100::10 / ::20
+//!
+//!  gw ──tun0── lab/tun.py   (on demand, see `tun.rs`: an L3 device)
+//!  198.51.100.128/25, 2001:db8:200::/64 routed into it
 //! ```
 //!
 //! Every namespace name carries a unique prefix, so tests run in parallel and
@@ -41,6 +44,17 @@ pub const GW_WAN_V6: &str = "2001:db8:ff::1";
 pub const INET_V4: &str = "203.0.113.25";
 pub const INET_V6: &str = "2001:db8:ff::25";
 pub const VLAN_ID: u16 = 100;
+/// Routed into the gateway's tun device when a test makes one (`Lab::tun`):
+/// hosts "beyond the tunnel", as clients (allowlisted, denied) and as a
+/// remote server.
+pub const TUN_NET_V4: &str = "198.51.100.128/25";
+pub const TUN_NET_V6: &str = "2001:db8:200::/64";
+pub const TUN_ALLOWED_V4: &str = "198.51.100.130";
+pub const TUN_DENIED_V4: &str = "198.51.100.140";
+pub const TUN_REMOTE_V4: &str = "198.51.100.200";
+pub const TUN_ALLOWED_V6: &str = "2001:db8:200::10";
+pub const TUN_DENIED_V6: &str = "2001:db8:200::20";
+pub const TUN_REMOTE_V6: &str = "2001:db8:200::25";
 
 /// The lab's hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -179,7 +193,8 @@ EOF",
         } else {
             self.sh_in(&inet, &format!(
                 "ip route add 192.0.2.0/24 via {GW_WAN_V4}; ip route add 198.51.100.0/24 via {GW_WAN_V4}
-                 ip -6 route add 2001:db8:1::/64 via {GW_WAN_V6}; ip -6 route add 2001:db8:100::/64 via {GW_WAN_V6}"))?;
+                 ip -6 route add 2001:db8:1::/64 via {GW_WAN_V6}; ip -6 route add 2001:db8:100::/64 via {GW_WAN_V6}
+                 ip -6 route add {TUN_NET_V6} via {GW_WAN_V6}"))?;
         }
         // Count, on the internet host, every packet from each lab client
         // before reassembly (priority -450 runs ahead of defragmentation):
@@ -192,6 +207,8 @@ EOF",
             CLIENT_DENIED_V4,
             VLAN_ALLOWED_V4,
             VLAN_DENIED_V4,
+            TUN_ALLOWED_V4,
+            TUN_DENIED_V4,
             GW_WAN_V4,
         ] {
             rules.push_str(&format!("  ip saddr {src} counter\n"));
@@ -201,11 +218,13 @@ EOF",
             CLIENT_DENIED_V6,
             VLAN_ALLOWED_V6,
             VLAN_DENIED_V6,
+            TUN_ALLOWED_V6,
+            TUN_DENIED_V6,
             GW_WAN_V6,
         ] {
             rules.push_str(&format!("  ip6 saddr {src} counter\n"));
         }
-        for src in [CLIENT_ALLOWED_V4, CLIENT_DENIED_V4] {
+        for src in [CLIENT_ALLOWED_V4, CLIENT_DENIED_V4, TUN_ALLOWED_V4] {
             rules.push_str(&format!(
                 "  ip6 saddr ::ffff:{src} counter\n  ip6 saddr ::{src} counter\n"
             ));

@@ -1,4 +1,6 @@
 //! smtpgate's developer tasks, as a library for the integration tests.
 
 pub mod agent;
+pub mod evasion;
 pub mod lab;
+pub mod tun;

@@ -7,88 +7,19 @@ use std::{collections::HashMap, time::Duration};
 
 use xtask::{
     agent::privileged,
+    evasion::{Class, Ends, FORWARDED_BY_LINUX},
     lab::{self, Host, Lab, Options},
 };
 
-struct Class {
-    kind: &'static str,
-    src: &'static str,
-    dst: &'static str,
-    /// The address the internet host's counters know the packets by.
-    seen_as: String,
-    family: &'static str,
-    reason: &'static str,
-}
-
+/// From the lab's client, through the gateway's lan0, to the internet host.
 fn classes() -> Vec<Class> {
-    let c = |kind, src, dst, seen_as: &str, family, reason| Class {
-        kind,
-        src,
-        dst,
-        seen_as: seen_as.to_owned(),
-        family,
-        reason,
-    };
-    vec![
-        c(
-            "tiny",
-            lab::CLIENT_DENIED_V4,
-            lab::INET_V4,
-            lab::CLIENT_DENIED_V4,
-            "ipv4",
-            "tiny_fragment",
-        ),
-        c(
-            "overlap",
-            lab::CLIENT_DENIED_V4,
-            lab::INET_V4,
-            lab::CLIENT_DENIED_V4,
-            "ipv4",
-            "fragment_overlap",
-        ),
-        c(
-            "v6-tiny",
-            lab::CLIENT_DENIED_V6,
-            lab::INET_V6,
-            lab::CLIENT_DENIED_V6,
-            "ipv6",
-            "incomplete_chain",
-        ),
-        c(
-            "v6-overlap",
-            lab::CLIENT_DENIED_V6,
-            lab::INET_V6,
-            lab::CLIENT_DENIED_V6,
-            "ipv6",
-            "fragment_overlap",
-        ),
-        c(
-            "v6-long",
-            lab::CLIENT_DENIED_V6,
-            lab::INET_V6,
-            lab::CLIENT_DENIED_V6,
-            "ipv6",
-            "header_chain_too_long",
-        ),
-        // From the IPv6 forms of an allowlisted IPv4 host: a way to dodge the
-        // IPv4 verdict, never legitimate on the wire.
-        c(
-            "mapped",
-            lab::CLIENT_ALLOWED_V4,
-            lab::INET_V6,
-            &format!("::ffff:{}", lab::CLIENT_ALLOWED_V4),
-            "ipv6",
-            "mapped_address",
-        ),
-        c(
-            "compat",
-            lab::CLIENT_ALLOWED_V4,
-            lab::INET_V6,
-            &format!("::{}", lab::CLIENT_ALLOWED_V4),
-            "ipv6",
-            "mapped_address",
-        ),
-    ]
+    xtask::evasion::classes(&Ends {
+        denied_v4: lab::CLIENT_DENIED_V4,
+        denied_v6: lab::CLIENT_DENIED_V6,
+        allowed_v4: lab::CLIENT_ALLOWED_V4,
+        dst_v4: lab::INET_V4,
+        dst_v6: lab::INET_V6,
+    })
 }
 
 const COUNT: u32 = 5;
@@ -110,7 +41,7 @@ fn evasion_classes_never_get_through_and_are_counted() {
     for class in classes() {
         let before = seen(&lab);
         let sent = lab
-            .craft(Host::Client, class.kind, class.src, class.dst, COUNT, &[])
+            .craft(Host::Client, class.kind, &class.src, &class.dst, COUNT, &[])
             .unwrap();
         let after = seen(&lab);
         let got = after[&class.seen_as] - before[&class.seen_as];
@@ -121,14 +52,7 @@ fn evasion_classes_never_get_through_and_are_counted() {
     // test would see if enforcement failed. (Linux itself drops IPv6 packets
     // from IPv4-mapped sources, so those classes prove themselves through
     // the counters only.)
-    for kind in [
-        "tiny",
-        "overlap",
-        "v6-tiny",
-        "v6-overlap",
-        "v6-long",
-        "compat",
-    ] {
+    for kind in FORWARDED_BY_LINUX {
         assert_eq!(
             forwarded_without[kind],
             u64::from(COUNT),
@@ -146,7 +70,7 @@ fn evasion_classes_never_get_through_and_are_counted() {
         let before_seen = seen(&lab);
         let before = lab.stats(&agent).unwrap();
         let sent = lab
-            .craft(Host::Client, class.kind, class.src, class.dst, COUNT, &[])
+            .craft(Host::Client, class.kind, &class.src, &class.dst, COUNT, &[])
             .unwrap();
         let after_seen = seen(&lab);
         let c = lab.stats(&agent).unwrap().since(&before);
