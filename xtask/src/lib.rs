@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod evasion;
 pub mod lab;
+pub mod relay;
 pub mod tun;

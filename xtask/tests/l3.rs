@@ -738,3 +738,48 @@ fn every_tc_program_passes_the_verifier_before_its_interface_exists() {
     })
     .unwrap_or_else(|e| panic!("{e}: {}", status(&lab, &agent)));
 }
+
+/// `action = "redirect"` at tc-ingress of a tun: a denied SYN out of the
+/// tunnel is assigned to the relay's intercept listener, which answers for
+/// the internet host's address; the internet host never sees it.
+#[test]
+fn redirect_out_of_a_tunnel_lands_in_the_relay() {
+    if !privileged() {
+        return;
+    }
+    let mut tun = None;
+    let (lab, agent) = xtask::relay::setup("l3redir", Options::default(), |lab| {
+        tun = Some(lab.tun("tun0", false).unwrap());
+        "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"tun0\"\n".to_owned()
+    });
+    let tun = tun.unwrap();
+    assert_eq!(attached(&lab, &agent).0, "smtpgate_tc_ingress_l3");
+    let seen_before = lab.inet_packets_seen().unwrap();
+    for (denied, inet) in [
+        (lab::TUN_DENIED_V4, lab::INET_V4),
+        (lab::TUN_DENIED_V6, lab::INET_V6),
+    ] {
+        let r = tun.reply("syn", denied, inet).unwrap();
+        assert_eq!(r["flags"], "SA", "{denied}: the relay answers: {r}");
+        for check in ["ack_ok", "ports_ok", "csum_ok"] {
+            assert_eq!(r[check], true, "{check}: {r}");
+        }
+    }
+    settle();
+    let seen = lab.inet_packets_seen().unwrap();
+    for denied in [lab::TUN_DENIED_V4, lab::TUN_DENIED_V6] {
+        assert_eq!(
+            seen[denied], seen_before[denied],
+            "{denied} reached the internet"
+        );
+    }
+    let c = lab.stats(&agent).unwrap();
+    for family in ["ipv4", "ipv6"] {
+        assert_eq!(
+            c.connections(family, "redirected", "not_allowlisted"),
+            1,
+            "{family}: {:?}",
+            c.nonzero()
+        );
+    }
+}
