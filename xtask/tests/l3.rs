@@ -783,3 +783,77 @@ fn redirect_out_of_a_tunnel_lands_in_the_relay() {
         );
     }
 }
+
+/// A pinned link on a tun that holds the Ethernet program, as an agent
+/// from before L3 support left it (it saw no SMTP there at all), is given
+/// the L3 program when the next agent adopts it: BPF_LINK_UPDATE on the
+/// same link, never a moment without a program.
+#[test]
+fn an_adopted_link_holding_the_wrong_program_gets_the_right_one() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("l3adopt", Options::default()).unwrap();
+    let _tun = lab.tun("tun0", true).unwrap();
+    // wan0 makes the first agent load (and pin) the Ethernet egress program.
+    let config = format!(
+        "{}[[attach]]\nhook = \"tc-egress\"\ninterface = \"wan0\"\n",
+        config("reject", "tc-egress", "tun0", &[lab::CLIENT_ALLOWED_V4])
+    );
+    let first = lab.start_agent("first", &config).unwrap();
+    let s = status(&lab, &first);
+    let link = s["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["program"] == "smtpgate_tc_egress_l3")
+        .and_then(|a| a["link"].as_str())
+        .unwrap_or_else(|| panic!("{s}"))
+        .to_owned();
+    lab.stop(first.pid, false).unwrap();
+    let find = |kind: &str, name: &str| {
+        std::fs::read_dir(lab.pin_dir())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|layout| layout.path().join(kind).join(name))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no pinned {kind}/{name}"))
+    };
+    lab::run(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(lab::scripts_dir().join("link_update.py"))
+            .arg(find("links", &link))
+            .arg(find("programs", "smtpgate_tc_egress")),
+    )
+    .unwrap();
+    // What that meant: the denied client's SYN went into the tunnel.
+    expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V4,
+        lab::TUN_REMOTE_V4,
+        25,
+        "connected",
+    );
+
+    let second = lab.start_agent("second", &config).unwrap();
+    let s = status(&lab, &second);
+    let tun0 = s["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["link"] == link.as_str())
+        .unwrap_or_else(|| panic!("{s}"))
+        .clone();
+    assert_eq!(tun0["program"], "smtpgate_tc_egress_l3", "{s}");
+    assert_eq!(tun0["adopted"], true, "{s}");
+    let refused = expect(
+        &lab,
+        Host::Client,
+        lab::CLIENT_DENIED_V4,
+        lab::TUN_REMOTE_V4,
+        25,
+        "refused",
+    );
+    assert!(refused.ms < 500.0, "took {} ms", refused.ms);
+}
