@@ -61,6 +61,11 @@ cleanup() {
 trap cleanup EXIT
 
 ip link set lo up
+# A TC attach point (loopback is refused: it never carries traffic off the
+# host): a veth pair in this test's own network namespace.
+ip link add sg-lan type veth peer name sg-peer
+ip link set sg-lan up
+ip link set sg-peer up
 # A local, non-loopback address to connect to: the connect hook lets loopback
 # destinations through by design (a local MTA talking to itself).
 ip addr add 192.0.2.1/32 dev lo
@@ -90,7 +95,7 @@ allowlist = []
 
 [[attach]]
 hook = "tc-ingress"
-interface = "lo"
+interface = "sg-lan"
 
 [[attach]]
 hook = "cgroup"

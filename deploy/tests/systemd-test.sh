@@ -137,6 +137,11 @@ ctr dpkg -i /root/smtpgate.deb >/dev/null
 ok "installed disabled and stopped, with systemd running"
 ctr ip link set lo up
 ctr ip addr add 192.0.2.1/32 dev lo
+# A TC attach point too (loopback is refused: it never carries traffic off
+# the host): a veth pair inside the container's own network namespace.
+ctr ip link add sg-lan type veth peer name sg-peer
+ctr ip link set sg-lan up
+ctr ip link set sg-peer up
 # Port 2525, not 25: cgroup programs apply to every descendant cgroup, so a
 # port-25 policy already enforced on this host's root cgroup (a developer's
 # agent, say) would decide the probe's fate instead of the agent under test.
@@ -148,7 +153,7 @@ allowlist = []
 
 [[attach]]
 hook = "tc-ingress"
-interface = "lo"
+interface = "sg-lan"
 
 [[attach]]
 hook = "cgroup"
