@@ -118,7 +118,8 @@ done
 [[ -n $init ]] || fail "container did not start: $(cat "$work/nspawn.log")"
 ctr() { nsenter -t "$init" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=dumb "$@"; }
 state=
-for _ in $(seq 120); do
+# Up to 2 minutes: on a loaded 2-core machine the boot alone took over one.
+for _ in $(seq 240); do
     state=$(ctr systemctl is-system-running 2>/dev/null || true)
     [[ $state == running || $state == degraded ]] && break
     sleep 0.5
