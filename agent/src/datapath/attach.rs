@@ -11,8 +11,8 @@
 use std::{collections::BTreeSet, fs::File, os::fd::AsFd as _, path::Path};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
-    TcAttachType, links::FdLink,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
+    SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions,
 };
 use smtpgate_common::programs;
 use tracing::{info, warn};
@@ -268,8 +268,15 @@ impl Datapath {
             return Ok(());
         }
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        // TCX explicitly: aya's attach() picks TCX or netlink by kernel
+        // version, and a distribution kernel with TCX backported (or a
+        // version string that lies) must get what the probe found.
         let link_id = prog
-            .attach(interface, kind)
+            .attach_with_options(
+                interface,
+                kind,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(program_err(format!("attaching {name} to {interface}")))?;
         let link = prog
             .take_link(link_id)
