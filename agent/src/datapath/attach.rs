@@ -627,6 +627,11 @@ pub(super) fn unsupported_hint(arphrd: u16) -> &'static str {
     }
 }
 
+/// The interface's index, or `None` if there is no such interface here.
+pub(super) fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,9 +724,4 @@ mod tests {
             Err(DatapathError::NoInterface { .. })
         ));
     }
-}
-
-/// The interface's index, or `None` if there is no such interface here.
-pub(super) fn ifindex(name: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(name).ok()
 }
