@@ -120,6 +120,9 @@ impl Agent {
         if datapath.adopted() {
             info!(pin_dir = %config.pin_dir.display(), "adopted the pinned datapath of an earlier agent");
         }
+        datapath
+            .set_tc_mode(config.tc_mode)
+            .context("choosing how TC programs attach")?;
         // The whole policy is in the maps before the first attach (or the
         // first program swap), so no program ever runs a half-written one.
         apply_settings(&mut datapath, &config, &allowlist, &table)?;
@@ -382,6 +385,9 @@ impl Agent {
         if config.pin_dir != self.config.pin_dir || config.state_dir != self.config.state_dir {
             bail!("datapath.pin_dir and state_dir cannot change while running; restart the agent");
         }
+        if config.tc_mode != self.config.tc_mode {
+            bail!("datapath.tc_mode cannot change while running; restart the agent");
+        }
         if config.control_socket != self.config.control_socket
             || config.metrics_listen != self.config.metrics_listen
         {
@@ -547,11 +553,13 @@ impl Agent {
     }
 
     fn detach(&mut self) -> anyhow::Result<DetachReply> {
-        self.datapath.detach_all()?;
+        let classic_filters_removed = self.datapath.detach_all()?;
         self.detached = true;
         warn!(pin_dir = %self.config.pin_dir.display(), "detached: smtpgate no longer enforces anything");
         Ok(DetachReply {
             detached: self.config.pin_dir.clone(),
+            pins_removed: true,
+            classic_filters_removed,
         })
     }
 
@@ -575,6 +583,7 @@ impl Agent {
                     program: a.program.to_owned(),
                     link: a.link.clone(),
                     adopted: a.adopted,
+                    mode: a.mode,
                 })
                 .collect(),
             attach_points: self.points.clone(),

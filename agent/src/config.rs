@@ -54,6 +54,8 @@ pub enum ConfigError {
     RedirectAtEgress { point: String },
     #[error("datapath.table_nodes = {value}: must be between {min} and {max}")]
     TableNodes { value: u32, min: u32, max: u32 },
+    #[error("${var} = {value:?}: must be \"auto\", \"tcx\" or \"classic\"")]
+    TcModeEnv { var: &'static str, value: String },
 }
 
 /// The file as written, before validation.
@@ -206,7 +208,52 @@ pub struct Datapath {
     /// always waited for, and reported DOWN until they come back.
     #[serde(default)]
     pub missing_interface: MissingInterface,
+    /// How `tc-*` attach points attach: `auto` (default: TCX links where
+    /// the kernel has them, Linux 6.6+, classic clsact/cls_bpf filters
+    /// otherwise), `tcx` (an error on a kernel without TCX) or `classic`.
+    /// `$SMTPGATE_TC_MODE` overrides it.
+    #[serde(default)]
+    pub tc_mode: TcMode,
 }
+
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TcMode {
+    #[default]
+    Auto,
+    /// TCX links (Linux 6.6+): pinned in bpffs, atomically updated.
+    Tcx,
+    /// A clsact qdisc and a direct-action cls_bpf filter (Linux 4.5+),
+    /// which the kernel keeps until it is deleted: no pin needed.
+    Classic,
+}
+
+impl TcMode {
+    fn from_env_value(value: &str) -> Option<Self> {
+        match value {
+            "auto" => Some(Self::Auto),
+            "tcx" => Some(Self::Tcx),
+            "classic" => Some(Self::Classic),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TcMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TcMode::Auto => "auto",
+            TcMode::Tcx => "tcx",
+            TcMode::Classic => "classic",
+        })
+    }
+}
+
+/// The environment variable that overrides `datapath.tc_mode`: tests run
+/// the same config in both modes with it, and an admin can try classic
+/// mode without editing the file.
+pub const TC_MODE_ENV: &str = "SMTPGATE_TC_MODE";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -222,6 +269,7 @@ impl Default for Datapath {
             table_nodes: 0,
             pin_dir: default_pin_dir(),
             missing_interface: MissingInterface::default(),
+            tc_mode: TcMode::default(),
         }
     }
 }
@@ -249,6 +297,8 @@ pub struct Config {
     pub table_nodes: u32,
     pub pin_dir: PathBuf,
     pub missing_interface: MissingInterface,
+    /// After `$SMTPGATE_TC_MODE`.
+    pub tc_mode: TcMode,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     /// Where to serve metrics, if at all.
@@ -279,10 +329,27 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let file: File = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        Self::parse_with_env(text, origin, |var| std::env::var(var).ok())
+    }
+
+    /// `parse`, with the environment overrides read through `env` (tests
+    /// give it a fake environment).
+    fn parse_with_env(
+        text: &str,
+        origin: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut file: File = toml::from_str(text).map_err(|source| ConfigError::Parse {
             origin: origin.to_owned(),
             source,
         })?;
+        if let Some(value) = env(TC_MODE_ENV) {
+            file.datapath.tc_mode =
+                TcMode::from_env_value(&value).ok_or(ConfigError::TcModeEnv {
+                    var: TC_MODE_ENV,
+                    value,
+                })?;
+        }
         file.validate()
     }
 }
@@ -357,6 +424,7 @@ impl File {
             table_nodes: n,
             pin_dir: self.datapath.pin_dir,
             missing_interface: self.datapath.missing_interface,
+            tc_mode: self.datapath.tc_mode,
             state_dir: self.state_dir,
             control_socket: self.control.socket,
             metrics_listen: self.metrics.enabled.then_some(self.metrics.listen),
@@ -422,8 +490,29 @@ pub fn cgroup2_root() -> PathBuf {
 mod tests {
     use super::*;
 
+    /// Parses with an empty environment: the tests must not depend on
+    /// the caller's $SMTPGATE_TC_MODE.
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, "test")
+        Config::parse_with_env(text, "test", |_| None)
+    }
+
+    #[test]
+    fn tc_mode_defaults_to_auto_and_the_environment_overrides_the_file() {
+        assert_eq!(parse(ATTACH).unwrap().tc_mode, TcMode::Auto);
+        let file = format!("{ATTACH}[datapath]\ntc_mode = \"classic\"\n");
+        assert_eq!(parse(&file).unwrap().tc_mode, TcMode::Classic);
+        let env = |v: &'static str| move |k: &str| (k == TC_MODE_ENV).then(|| v.to_owned());
+        let c = Config::parse_with_env(&file, "test", env("tcx")).unwrap();
+        assert_eq!(c.tc_mode, TcMode::Tcx);
+        let c = Config::parse_with_env(ATTACH, "test", env("classic")).unwrap();
+        assert_eq!(c.tc_mode, TcMode::Classic);
+        let e = Config::parse_with_env(ATTACH, "test", env("netlink"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SMTPGATE_TC_MODE") && e.contains("netlink"),
+            "{e}"
+        );
     }
 
     const ATTACH: &str = "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n";
@@ -507,6 +596,10 @@ mod tests {
             (
                 format!("[datapath]\ntable_nodes = 5\n{ATTACH}"),
                 "table_nodes",
+            ),
+            (
+                format!("{ATTACH}[datapath]\ntc_mode = \"netlink\"\n"),
+                "netlink",
             ),
         ];
         for (text, needle) in cases {

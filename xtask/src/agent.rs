@@ -40,6 +40,44 @@ pub fn privileged() -> bool {
     );
 }
 
+/// How an agent attaches its TC programs: tests that must hold in both
+/// modes run once with each (see `tc_modes!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    Tcx,
+    Classic,
+}
+
+impl TcMode {
+    /// The value of `SMTPGATE_TC_MODE` and of the attachments' `mode` in
+    /// `smtpgate status --output json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Classic => "classic",
+        }
+    }
+}
+
+/// Turns a test body `fn name(mode: TcMode)` into two tests, `name::tcx`
+/// and `name::classic`, so that one body covers both TC attach modes
+/// (`cargo test -- classic` runs every classic one).
+#[macro_export]
+macro_rules! tc_modes {
+    ($($body:ident),+ $(,)?) => {$(
+        mod $body {
+            #[test]
+            fn tcx() {
+                super::$body($crate::agent::TcMode::Tcx);
+            }
+            #[test]
+            fn classic() {
+                super::$body($crate::agent::TcMode::Classic);
+            }
+        }
+    )+};
+}
+
 pub struct Agent {
     pub pid: u32,
     pub socket: PathBuf,
@@ -163,6 +201,9 @@ impl Lab {
         cmd.args(["run", "--config"])
             .arg(&config)
             .env("SMTPGATE_LOG", "info");
+        if let Some(mode) = self.tc_mode {
+            cmd.env("SMTPGATE_TC_MODE", mode.as_str());
+        }
         let log = format!("{name}.log");
         let pid = self.spawn(cmd, &log)?;
         let agent = Agent {
@@ -177,6 +218,7 @@ impl Lab {
                 .cli(&agent, &["status"])
                 .is_ok_and(|o| o.status.success())
             {
+                self.check_tc_mode(&agent)?;
                 return Ok(agent);
             }
             if !self.alive(pid) || std::time::Instant::now() > deadline {
@@ -184,6 +226,28 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// A test meant for one TC mode must not pass in the other: every TC
+    /// attachment the agent reports must be in the lab's mode.
+    fn check_tc_mode(&self, agent: &Agent) -> anyhow::Result<()> {
+        let Some(mode) = self.tc_mode else {
+            return Ok(());
+        };
+        let out = self.cli(agent, &["status", "--output", "json"])?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for a in status["attachments"].as_array().into_iter().flatten() {
+            let tc = a["point"]["hook"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("tc-"));
+            if tc && a["mode"] != mode.as_str() {
+                bail!(
+                    "the agent attached {a} instead of in {} mode",
+                    mode.as_str()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Runs the smtpgate CLI against `agent`.

@@ -90,6 +90,9 @@ pub struct Lab {
     pub dir: PathBuf,
     children: Vec<Child>,
     cgroups: Vec<PathBuf>,
+    /// How agents started in this lab attach TC programs (None: the
+    /// agent's own choice, `auto`).
+    pub tc_mode: Option<crate::agent::TcMode>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -136,9 +139,22 @@ impl Lab {
             dir,
             children: Vec::new(),
             cgroups: Vec::new(),
+            tc_mode: None,
         };
         lab.build()
             .with_context(|| format!("building lab {}", lab.prefix))?;
+        Ok(lab)
+    }
+
+    /// `up`, for a test whose agents attach TC programs in `mode`.
+    pub fn up_tc(name: &str, options: Options, mode: crate::agent::TcMode) -> anyhow::Result<Lab> {
+        // The mode first: `up` keeps only the first 10 characters.
+        let tag = match mode {
+            crate::agent::TcMode::Tcx => "x",
+            crate::agent::TcMode::Classic => "c",
+        };
+        let mut lab = Lab::up(&format!("{tag}{name}"), options)?;
+        lab.tc_mode = Some(mode);
         Ok(lab)
     }
 

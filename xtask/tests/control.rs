@@ -5,8 +5,9 @@
 use std::{process::Output, time::Duration};
 
 use xtask::{
-    agent::{privileged, smtpgate_bin},
+    agent::{TcMode, privileged, smtpgate_bin},
     lab::{self, Host, Lab, Options},
+    tc_modes,
 };
 
 const FAST: Duration = Duration::from_millis(1500);
@@ -385,12 +386,11 @@ fn under_traffic(lab: &mut Lab, seconds: u32, change: impl FnOnce(&mut Lab)) {
     }
 }
 
-#[test]
-fn enforcement_survives_kill_9_and_restart() {
+fn enforcement_survives_kill_9_and_restart(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("kill9", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("kill9", Options::default(), mode).unwrap();
     lab.start_listeners().unwrap();
     let agent = lab.start_agent("agent", &config(&[])).unwrap();
     under_traffic(&mut lab, 10, |lab| {
@@ -627,4 +627,278 @@ fn temporary_entries_expire_on_time_even_across_restarts() {
         &lab.cli(&again, &["allow", "add", denied, "--until", "2001-01-01T00:00:00Z"]).unwrap(),
         "in the past",
     );
+}
+
+tc_modes!(enforcement_survives_kill_9_and_restart);
+
+/// The agent's config file as `start_agent` writes it, with `body`: for
+/// reloads.
+fn agent_file(lab: &Lab, agent: &xtask::agent::Agent, body: &str) -> String {
+    format!(
+        "state_dir = {:?}\n{body}\n[control]\nsocket = {:?}\n[datapath]\npin_dir = {:?}\n",
+        lab.dir.join("state").display().to_string(),
+        agent.socket.display().to_string(),
+        lab.pin_dir().display().to_string()
+    )
+}
+
+/// `tc filter show` of one hook in the gateway.
+fn tc_filters(lab: &Lab, dev: &str, hook: &str) -> String {
+    lab.sh(Host::Gw, &format!("tc filter show dev {dev} {hook}"))
+        .unwrap()
+}
+
+/// The program ids of the smtpgate filters `tc` shows on a hook (one line
+/// per filter: `... pref 25 bpf chain 0 handle 0x5347 smtpgate_tc_ingress
+/// direct-action ... id N ...`).
+fn smtpgate_filters(lab: &Lab, dev: &str, hook: &str) -> Vec<u32> {
+    tc_filters(lab, dev, hook)
+        .lines()
+        .filter(|l| l.contains("smtpgate_tc"))
+        .map(|l| {
+            assert!(
+                l.contains("pref 25 ")
+                    && l.contains("handle 0x5347 ")
+                    && l.contains("direct-action"),
+                "not at smtpgate's preference and handle: {l}"
+            );
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "id");
+            words
+                .next()
+                .and_then(|id| id.parse().ok())
+                .unwrap_or_else(|| panic!("no id: {l}"))
+        })
+        .collect()
+}
+
+fn status_json(lab: &Lab, agent: &xtask::agent::Agent) -> serde_json::Value {
+    serde_json::from_str(&ok(&lab
+        .cli(agent, &["status", "--output", "json"])
+        .unwrap()))
+    .unwrap()
+}
+
+/// A foreign filter the tests put on lan0 ingress before smtpgate: classic
+/// BPF that answers "no match" (`ret #0`), so the next filter runs. At
+/// preference 10 it runs before smtpgate's.
+const FOREIGN: &str = "filter protocol all pref 10 bpf chain 0 handle 0x1";
+
+/// Classic mode end to end: the agent uses a clsact someone else added and
+/// leaves their filter alone; a restarted agent (after kill -9, or a clean
+/// stop) replaces its own filter in place rather than adding one; a reload
+/// that drops an attach point deletes that point's filter; an interface
+/// deleted and created again gets its filter back; `smtpgate detach`, with
+/// and without an agent, deletes smtpgate's filters and nothing else.
+#[test]
+fn classic_filters_are_adopted_replaced_and_detached() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up_tc("classic", Options::default(), TcMode::Classic).unwrap();
+    lab.start_listeners().unwrap();
+    lab.sh(
+        Host::Gw,
+        "tc qdisc add dev lan0 clsact
+         tc filter add dev lan0 ingress pref 10 protocol all bpf bytecode '1,6 0 0 0,'",
+    )
+    .unwrap();
+    let foreign_survives = |lab: &Lab, when: &str| {
+        let shown = tc_filters(lab, "lan0", "ingress");
+        assert!(
+            shown.contains(FOREIGN),
+            "{when}: the foreign filter is gone:\n{shown}"
+        );
+    };
+    let enforcing = |lab: &Lab, when: &str| {
+        assert_eq!(
+            connect(lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+            "refused",
+            "{when}"
+        );
+        assert_eq!(
+            connect(lab, lab::CLIENT_ALLOWED_V4, lab::INET_V4),
+            "connected",
+            "{when}"
+        );
+    };
+
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let first = smtpgate_filters(&lab, "lan0", "ingress");
+    assert_eq!(first.len(), 1, "{}", tc_filters(&lab, "lan0", "ingress"));
+    foreign_survives(&lab, "after attach");
+    enforcing(&lab, "first agent");
+    let status = status_json(&lab, &agent);
+    assert_eq!(status["attachments"][0]["mode"], "classic", "{status}");
+    assert_eq!(status["attachments"][0]["adopted"], false, "{status}");
+    assert!(status["attachments"][0]["link"].is_null(), "{status}");
+    let shown = ok(&lab.cli(&agent, &["status"]).unwrap());
+    assert!(
+        shown.contains("tc-ingress lan0: UP (smtpgate_tc_ingress, classic)"),
+        "{shown}"
+    );
+
+    // kill -9: the filter stays and enforces; the next agent takes it over.
+    lab.stop(agent.pid, true).unwrap();
+    assert_eq!(smtpgate_filters(&lab, "lan0", "ingress"), first);
+    enforcing(&lab, "no agent after kill -9");
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let second = smtpgate_filters(&lab, "lan0", "ingress");
+    assert_eq!(
+        second.len(),
+        1,
+        "stacked: {}",
+        tc_filters(&lab, "lan0", "ingress")
+    );
+    assert_ne!(second, first, "the restarted agent's program runs");
+    assert_eq!(status_json(&lab, &agent)["attachments"][0]["adopted"], true);
+    enforcing(&lab, "restarted agent");
+
+    // An attach point that leaves the config loses its filter; the one
+    // that replaces it gets one.
+    let moved = config(&[]).replace(
+        "tc-ingress\"\ninterface = \"lan0\"",
+        "tc-egress\"\ninterface = \"wan0\"",
+    );
+    std::fs::write(&agent.config, agent_file(&lab, &agent, &moved)).unwrap();
+    ok(&lab.cli(&agent, &["reload"]).unwrap());
+    assert!(smtpgate_filters(&lab, "lan0", "ingress").is_empty());
+    foreign_survives(&lab, "after reload");
+    assert_eq!(smtpgate_filters(&lab, "wan0", "egress").len(), 1);
+    enforcing(&lab, "at wan0 egress");
+
+    // An interface deleted and created again: its filter went with it, and
+    // the agent puts it back.
+    std::fs::write(
+        &agent.config,
+        agent_file(
+            &lab,
+            &agent,
+            &format!("{moved}[[attach]]\nhook = \"tc-ingress\"\ninterface = \"sgx0\"\n"),
+        ),
+    )
+    .unwrap();
+    lab.sh(
+        Host::Gw,
+        "ip link add name sgx0 type veth peer name sgx1; ip link set sgx0 up; ip link set sgx1 up",
+    )
+    .unwrap();
+    ok(&lab.cli(&agent, &["reload"]).unwrap());
+    assert_eq!(smtpgate_filters(&lab, "sgx0", "ingress").len(), 1);
+    lab.sh(Host::Gw, "ip link del sgx0; ip link add name sgx0 type veth peer name sgx1; ip link set sgx0 up; ip link set sgx1 up").unwrap();
+    lab.wait_for("sgx0 re-attached", Duration::from_secs(20), |lab| {
+        smtpgate_filters(lab, "sgx0", "ingress").len() == 1
+            && status_json(lab, &agent)["enforcing"] == true
+    })
+    .unwrap();
+
+    // A clean stop keeps enforcing too; detach without an agent (in the
+    // gateway's namespace) deletes the filters and the pins.
+    lab.stop(agent.pid, false).unwrap();
+    assert_eq!(smtpgate_filters(&lab, "wan0", "egress").len(), 1);
+    enforcing(&lab, "after a clean stop");
+    let mut detach = lab.command(Host::Gw, smtpgate_bin());
+    detach
+        .args(["--socket", "/nonexistent/c.sock", "detach", "--pin-dir"])
+        .arg(lab.pin_dir());
+    let out = ok(&detach.output().unwrap());
+    assert!(out.contains("deleted 2 classic TC filter(s)"), "{out}");
+    assert!(smtpgate_filters(&lab, "wan0", "egress").is_empty());
+    assert!(smtpgate_filters(&lab, "sgx0", "ingress").is_empty());
+    assert!(!lab.pin_dir().exists(), "pins left after detach");
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "connected"
+    );
+
+    // And with an agent: the agent deletes its filter, not the foreign one
+    // nor the clsact qdisc.
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    assert_eq!(smtpgate_filters(&lab, "lan0", "ingress").len(), 1);
+    enforcing(&lab, "a fresh agent");
+    ok(&lab.cli(&agent, &["detach"]).unwrap());
+    lab.wait_for("agent exit after detach", Duration::from_secs(10), |_| {
+        !lab_alive(agent.pid)
+    })
+    .unwrap();
+    assert!(smtpgate_filters(&lab, "lan0", "ingress").is_empty());
+    foreign_survives(&lab, "after detach");
+    let qdiscs = lab.sh(Host::Gw, "tc qdisc show dev lan0").unwrap();
+    assert!(qdiscs.contains("clsact"), "{qdiscs}");
+    assert_eq!(
+        connect(&lab, lab::CLIENT_DENIED_V4, lab::INET_V4),
+        "connected"
+    );
+}
+
+/// Switching tc_mode across restarts, under steady traffic: the new mode's
+/// attachment is in place before the old one goes, and only one is left.
+#[test]
+fn switching_tc_mode_across_restarts_has_no_gap_and_leaves_one_attachment() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up_tc("tcswitch", Options::default(), TcMode::Classic).unwrap();
+    lab.start_listeners().unwrap();
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let link = lab.pin_dir().join("v1/links/tc-ingress-lan0");
+    assert_eq!(smtpgate_filters(&lab, "lan0", "ingress").len(), 1);
+    assert!(!link.exists());
+    under_traffic(&mut lab, 10, |lab| {
+        lab.stop(agent.pid, false).unwrap();
+        lab.tc_mode = Some(TcMode::Tcx);
+        let agent = lab.start_agent("agent", &config(&[])).unwrap();
+        assert!(
+            smtpgate_filters(lab, "lan0", "ingress").is_empty(),
+            "classic filter left"
+        );
+        assert!(link.exists(), "no TCX link");
+        lab.stop(agent.pid, false).unwrap();
+        lab.tc_mode = Some(TcMode::Classic);
+        lab.start_agent("agent", &config(&[])).unwrap();
+        assert_eq!(smtpgate_filters(lab, "lan0", "ingress").len(), 1);
+        assert!(!link.exists(), "TCX link left");
+    });
+}
+
+/// The old `ingress` qdisc holds the slot clsact would take, and files
+/// every filter under its one ingress block: tc-ingress works there (and
+/// stays attached across reconciles), tc-egress is refused with a reason.
+#[test]
+fn classic_mode_uses_an_existing_ingress_qdisc_and_refuses_egress_there() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up_tc("ingressq", Options::default(), TcMode::Classic).unwrap();
+    lab.sh(
+        Host::Gw,
+        "ip link add name sgi0 type veth peer name sgi1; ip link set sgi0 up; ip link set sgi1 up
+         tc qdisc add dev sgi0 ingress",
+    )
+    .unwrap();
+    let body = format!(
+        "{}[[attach]]\nhook = \"tc-ingress\"\ninterface = \"sgi0\"\n",
+        config(&[])
+    );
+    let agent = lab.start_agent("agent", &body).unwrap();
+    assert_eq!(smtpgate_filters(&lab, "sgi0", "ingress").len(), 1);
+    std::fs::write(&agent.config, agent_file(&lab, &agent, &body)).unwrap();
+    ok(&lab.cli(&agent, &["reload"]).unwrap());
+    assert_eq!(
+        smtpgate_filters(&lab, "sgi0", "ingress").len(),
+        1,
+        "reconcile deleted it"
+    );
+    let status = status_json(&lab, &agent);
+    assert_eq!(status["enforcing"], true, "{status}");
+    for p in status["attach_points"].as_array().unwrap() {
+        assert_eq!(p["reattaches"], 0, "{status}");
+    }
+    let egress = format!("{body}[[attach]]\nhook = \"tc-egress\"\ninterface = \"sgi0\"\n");
+    std::fs::write(&agent.config, agent_file(&lab, &agent, &egress)).unwrap();
+    fails(
+        &lab.cli(&agent, &["reload"]).unwrap(),
+        "has an `ingress` qdisc, which has no egress hook",
+    );
+    assert_eq!(smtpgate_filters(&lab, "sgi0", "ingress").len(), 1);
 }

@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use xtask::{
-    agent::privileged,
+    agent::{TcMode, privileged},
     lab::{self, Host, Lab, Options},
+    tc_modes,
 };
 
 const FAST: Duration = Duration::from_millis(1500);
@@ -55,12 +56,11 @@ fn assert_rejects(lab: &Lab) {
     }
 }
 
-#[test]
-fn reject_refuses_denied_clients_at_once_and_passes_the_rest() {
+fn reject_refuses_denied_clients_at_once_and_passes_the_rest(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("reject", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("reject", Options::default(), mode).unwrap();
     lab.start_listeners().unwrap();
     let config = format!(
         "action = \"reject\"\n{}{}",
@@ -108,12 +108,11 @@ fn reject_refuses_denied_clients_at_once_and_passes_the_rest() {
     }
 }
 
-#[test]
-fn drop_makes_denied_clients_time_out() {
+fn drop_makes_denied_clients_time_out(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("drop", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("drop", Options::default(), mode).unwrap();
     lab.start_listeners().unwrap();
     let config = format!(
         "action = \"drop\"\n{}{}",
@@ -185,12 +184,11 @@ fn drop_makes_denied_clients_time_out() {
     );
 }
 
-#[test]
-fn crafted_syns_are_counted_exactly() {
+fn crafted_syns_are_counted_exactly(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("count", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("count", Options::default(), mode).unwrap();
     let config = format!(
         "action = \"drop\"\n{}{}",
         allowlist(),
@@ -278,12 +276,11 @@ fn crafted_syns_are_counted_exactly() {
     assert_eq!(top["sources"][1]["source"], lab::CLIENT_DENIED_V6, "{top}");
 }
 
-#[test]
-fn nat_gateway_enforces_at_lan_ingress_but_not_wan_egress() {
+fn nat_gateway_enforces_at_lan_ingress_but_not_wan_egress(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("nat", Options { nat: true }).unwrap();
+    let mut lab = Lab::up_tc("nat", Options { nat: true }, mode).unwrap();
     lab.start_listeners().unwrap();
     let config = format!(
         "action = \"reject\"\n{}{}",
@@ -350,12 +347,11 @@ fn nat_gateway_enforces_at_lan_ingress_but_not_wan_egress() {
     );
 }
 
-#[test]
-fn routed_gateway_enforces_at_wan_egress() {
+fn routed_gateway_enforces_at_wan_egress(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("egress", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("egress", Options::default(), mode).unwrap();
     lab.start_listeners().unwrap();
     let config = format!(
         "action = \"reject\"\n{}{}",
@@ -389,12 +385,11 @@ fn assert_rst(reply: &serde_json::Value, vlans: &[u16]) {
     }
 }
 
-#[test]
-fn reject_answers_with_a_well_formed_rst() {
+fn reject_answers_with_a_well_formed_rst(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("rst", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("rst", Options::default(), mode).unwrap();
     let config = format!(
         "action = \"reject\"\n{}{}",
         allowlist(),
@@ -426,12 +421,11 @@ fn reject_answers_with_a_well_formed_rst() {
 /// The kernel has no VLAN devices here, so tagged frames are crafted. A
 /// single tag usually reaches TC in skb metadata; further tags stay in the
 /// packet data. Both count towards the limit of 4.
-#[test]
-fn vlan_tagged_frames_are_enforced() {
+fn vlan_tagged_frames_are_enforced(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("vlan", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("vlan", Options::default(), mode).unwrap();
     let config = format!(
         "action = \"reject\"\n{}{}",
         allowlist(),
@@ -615,3 +609,13 @@ fn cgroup_attach_covers_local_processes() {
     let (result, _, _) = in_cgroup(&lab, "allowed");
     assert_eq!(result, "connected");
 }
+
+tc_modes!(
+    reject_refuses_denied_clients_at_once_and_passes_the_rest,
+    drop_makes_denied_clients_time_out,
+    crafted_syns_are_counted_exactly,
+    nat_gateway_enforces_at_lan_ingress_but_not_wan_egress,
+    routed_gateway_enforces_at_wan_egress,
+    reject_answers_with_a_well_formed_rst,
+    vlan_tagged_frames_are_enforced,
+);

@@ -6,9 +6,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use xtask::{
-    agent::privileged,
+    agent::{TcMode, privileged},
     evasion::{Class, Ends, FORWARDED_BY_LINUX},
     lab::{self, Host, Lab, Options},
+    tc_modes,
 };
 
 /// From the lab's client, through the gateway's lan0, to the internet host.
@@ -29,12 +30,11 @@ fn seen(lab: &Lab) -> HashMap<String, u64> {
     lab.inet_packets_seen().unwrap()
 }
 
-#[test]
-fn evasion_classes_never_get_through_and_are_counted() {
+fn evasion_classes_never_get_through_and_are_counted(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("evasion", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("evasion", Options::default(), mode).unwrap();
 
     // Without smtpgate: what a plain router forwards.
     let mut forwarded_without = HashMap::new();
@@ -96,12 +96,11 @@ fn evasion_classes_never_get_through_and_are_counted() {
     }
 }
 
-#[test]
-fn audit_mode_counts_evasion_and_lets_it_through() {
+fn audit_mode_counts_evasion_and_lets_it_through(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("evaudit", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("evaudit", Options::default(), mode).unwrap();
     let config = format!(
         "mode = \"audit\"\nallowlist = [\"{}\"]\n[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n",
         lab::CLIENT_ALLOWED_V4
@@ -147,3 +146,8 @@ fn audit_mode_counts_evasion_and_lets_it_through() {
         "audit mode must let everything through"
     );
 }
+
+tc_modes!(
+    evasion_classes_never_get_through_and_are_counted,
+    audit_mode_counts_evasion_and_lets_it_through,
+);

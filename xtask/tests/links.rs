@@ -8,8 +8,9 @@
 use std::time::{Duration, Instant};
 
 use xtask::{
-    agent::{Agent, privileged},
+    agent::{Agent, TcMode, privileged},
     lab::{self, Host, Lab, Options},
+    tc_modes,
 };
 
 const METRICS: &str = "127.0.0.1:9725";
@@ -139,12 +140,11 @@ fn denied(src: &str) -> bool {
     src == lab::CLIENT_DENIED_V4 || src == lab::CLIENT_DENIED_V6
 }
 
-#[test]
-fn a_recreated_interface_is_reported_down_and_reattached_under_traffic() {
+fn a_recreated_interface_is_reported_down_and_reattached_under_traffic(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("relink", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("relink", Options::default(), mode).unwrap();
     lab.start_listeners().unwrap();
     let agent = lab.start_agent("agent", &config("")).unwrap();
     assert_up_everywhere(&lab, &agent);
@@ -244,12 +244,11 @@ fn a_recreated_interface_is_reported_down_and_reattached_under_traffic() {
     assert_eq!(window1 + window2, 0, "denied connections got through while reattaching");
 }
 
-#[test]
-fn an_interface_missing_at_start_is_fatal_or_waited_for() {
+fn an_interface_missing_at_start_is_fatal_or_waited_for(mode: TcMode) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::up("waitif", Options::default()).unwrap();
+    let mut lab = Lab::up_tc("waitif", Options::default(), mode).unwrap();
     lab.start_listeners().unwrap();
     lab.delete_lan().unwrap();
 
@@ -301,3 +300,33 @@ fn an_unpinned_link_is_noticed_and_pinned_again() {
         lab.read_log(&agent.log)
     );
 }
+
+/// The classic counterpart: smtpgate's filter deleted by hand (`tc filter
+/// del`) is DOWN until the agent attaches it again, which it does at once.
+#[test]
+fn a_deleted_classic_filter_is_noticed_and_attached_again() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up_tc("tcdel", Options::default(), TcMode::Classic).unwrap();
+    let agent = lab.start_agent("agent", &config("")).unwrap();
+    let ours = |lab: &Lab| {
+        lab.sh(Host::Gw, "tc filter show dev lan0 ingress")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("smtpgate_tc_ingress"))
+            .count()
+    };
+    assert_eq!(ours(&lab), 1);
+    lab.sh(Host::Gw, "tc filter del dev lan0 ingress pref 25 handle 0x5347 bpf")
+        .unwrap();
+    assert_eq!(ours(&lab), 0);
+    wait_reattached(&lab, &agent, 1);
+    assert_eq!(ours(&lab), 1, "the filter was not attached again");
+    assert_up_everywhere(&lab, &agent);
+}
+
+tc_modes!(
+    a_recreated_interface_is_reported_down_and_reattached_under_traffic,
+    an_interface_missing_at_start_is_fatal_or_waited_for,
+);

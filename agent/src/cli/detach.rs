@@ -1,6 +1,7 @@
 //! `smtpgate detach`: stop enforcing. Removes every program smtpgate
 //! attached and everything it pinned. With an agent running, the agent does
-//! it and exits; without one, the pins are removed here.
+//! it and exits; without one, the pins and smtpgate's classic TC filters in
+//! this network namespace are removed here.
 
 use std::path::PathBuf;
 
@@ -34,23 +35,35 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
-            if !args.pin_dir.exists() {
+            // Classic TC filters are not pinned: they are found on this
+            // network namespace's interfaces, and deleted, pins or not.
+            let filters = smtpgate::datapath::remove_classic_filters()?;
+            let pins = args.pin_dir.exists();
+            if !pins && filters == 0 {
                 anyhow::bail!(
-                    "nothing to detach: no agent is running and {} does not exist",
+                    "nothing to detach: no agent is running, {} does not exist and no smtpgate TC filter is attached",
                     args.pin_dir.display()
                 );
             }
-            pins::remove_tree(&args.pin_dir)
-                .map_err(|e| anyhow::anyhow!("removing {}: {e}", args.pin_dir.display()))?;
+            if pins {
+                pins::remove_tree(&args.pin_dir)
+                    .map_err(|e| anyhow::anyhow!("removing {}: {e}", args.pin_dir.display()))?;
+            }
             smtpgate::datapath::redirect::remove_routing();
             let reply = DetachReply {
                 detached: args.pin_dir.clone(),
+                pins_removed: pins,
+                classic_filters_removed: filters,
             };
             client.print(&reply, |_| {
-                println!(
-                    "detached: no agent was running; removed {}",
-                    args.pin_dir.display()
-                );
+                let mut done = Vec::new();
+                if pins {
+                    done.push(format!("removed {}", args.pin_dir.display()));
+                }
+                if filters > 0 {
+                    done.push(format!("deleted {filters} classic TC filter(s)"));
+                }
+                println!("detached: no agent was running; {}", done.join(", "));
             });
             Ok(())
         }

@@ -3,6 +3,7 @@
 use smtpgate::{
     config::AttachPoint,
     control::protocol::{Request, StatusReply},
+    datapath::AttachMode,
 };
 
 use super::client::ClientArgs;
@@ -29,11 +30,17 @@ pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
                 );
                 continue;
             }
-            let programs: Vec<&str> = d
+            // A TC program says how it is attached (tcx or classic): the
+            // two behave alike, but an admin debugging with `tc` or
+            // `bpftool` needs to know where to look.
+            let programs: Vec<String> = d
                 .attachments
                 .iter()
                 .filter(|a| a.point == point.point)
-                .map(|a| a.program.as_str())
+                .map(|a| match a.mode {
+                    AttachMode::Tcx | AttachMode::Classic => format!("{}, {}", a.program, a.mode),
+                    AttachMode::CgroupLink => a.program.clone(),
+                })
                 .collect();
             let reattached = match point.reattaches {
                 0 => String::new(),

@@ -108,8 +108,10 @@ pub struct StatusReply {
 pub struct AttachmentReply {
     pub point: AttachPoint,
     pub program: String,
-    pub link: String,
+    /// The pinned link; none for a classic TC filter (its qdisc holds it).
+    pub link: Option<String>,
     pub adopted: bool,
+    pub mode: crate::datapath::AttachMode,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -193,7 +195,12 @@ pub struct AllowListReply {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DetachReply {
+    /// The pin directory.
     pub detached: PathBuf,
+    /// Whether there were pins to remove.
+    pub pins_removed: bool,
+    /// smtpgate's classic TC filters deleted (they are not pinned).
+    pub classic_filters_removed: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

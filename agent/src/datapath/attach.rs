@@ -1,22 +1,28 @@
 //! Attaching the programs to the hooks the config names, pinning the links,
 //! and reconciling with what an earlier agent left pinned.
 //!
-//! TC programs attach through TCX links (kernel 6.6+), cgroup programs
-//! through cgroup links; both sit beside other programs on the same hook
-//! (systemd's IPAddressDeny= and friends) instead of replacing them, and both
-//! can be pinned and atomically given a new program.
+//! TC programs attach through TCX links (kernel 6.6+) or, on older kernels
+//! (and with `tc_mode = "classic"`), as classic clsact/cls_bpf filters (see
+//! `tc_classic`); cgroup programs through cgroup links. All of them sit
+//! beside other programs on the same hook (systemd's IPAddressDeny= and
+//! friends) instead of replacing them, outlive the agent (links pinned,
+//! filters held by their qdisc) and can be atomically given a new program.
 
 use std::{collections::BTreeSet, fs::File, os::fd::AsFd as _, path::Path};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
-    TcAttachType, links::FdLink,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
+    SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions,
 };
 use smtpgate_common::programs;
 use tracing::{info, warn};
 
-use super::{Datapath, DatapathError, pins};
-use crate::config::AttachPoint;
+use super::{
+    Datapath, DatapathError,
+    pins::{self, QueryTarget},
+    tc_classic::{self, Hook},
+};
+use crate::config::{AttachPoint, TcMode};
 
 /// One attached program.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -27,13 +33,82 @@ pub struct Attachment {
     /// chose `program`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_layer: Option<LinkLayer>,
-    /// The pinned link's file name.
-    pub link: String,
-    /// Whether an earlier agent's link was kept (given the new program).
+    /// The pinned link's file name; `None` for a classic TC filter, which
+    /// its qdisc holds, not a pin.
+    pub link: Option<String>,
+    /// Whether an earlier agent's link or filter was kept (given the new
+    /// program).
     pub adopted: bool,
+    pub mode: AttachMode,
+}
+
+/// How a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// A TCX link (Linux 6.6+).
+    Tcx,
+    /// A clsact qdisc's direct-action cls_bpf filter.
+    Classic,
+    /// A cgroup BPF link.
+    CgroupLink,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Classic => "classic",
+            AttachMode::CgroupLink => "cgroup-link",
+        })
+    }
+}
+
+/// `enum bpf_attach_type` values for the TCX hooks.
+pub(super) const BPF_TCX_INGRESS: u32 = 46;
+pub(super) const BPF_TCX_EGRESS: u32 = 47;
+
+/// Whether this kernel has TCX (Linux 6.6+). Asking which programs are
+/// attached at the loopback interface's TCX ingress (ifindex 1 in every
+/// network namespace) needs no program and changes nothing; a kernel
+/// without TCX does not know the attach type and says EINVAL.
+pub fn tcx_supported() -> Result<bool, std::io::Error> {
+    match pins::prog_query(QueryTarget::Ifindex(1), BPF_TCX_INGRESS) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The attach mode for TC points: what the config asks, given whether
+/// the kernel has TCX.
+fn resolve_tc_mode(wanted: TcMode, tcx: bool) -> Result<AttachMode, DatapathError> {
+    match (wanted, tcx) {
+        (TcMode::Auto | TcMode::Tcx, true) => Ok(AttachMode::Tcx),
+        (TcMode::Tcx, false) => Err(DatapathError::NoTcx),
+        (TcMode::Auto, false) | (TcMode::Classic, _) => Ok(AttachMode::Classic),
+    }
 }
 
 impl Datapath {
+    /// Chooses how TC points attach (before the first one is): `auto` asks
+    /// the kernel whether it has TCX; `tcx` on a kernel without it is an
+    /// error, not a quiet fallback.
+    pub fn set_tc_mode(&mut self, wanted: TcMode) -> Result<AttachMode, DatapathError> {
+        let tcx = tcx_supported().map_err(DatapathError::TcxProbe)?;
+        let mode = resolve_tc_mode(wanted, tcx)?;
+        info!(configured = %wanted, kernel_has_tcx = tcx, used = %mode, "TC attach mode");
+        self.tc_mode = Some(mode);
+        Ok(mode)
+    }
+
+    fn tc_mode(&mut self) -> Result<AttachMode, DatapathError> {
+        match self.tc_mode {
+            Some(m) => Ok(m),
+            None => self.set_tc_mode(TcMode::Auto),
+        }
+    }
+
     /// Attaches (or adopts) the programs for one attach point.
     pub fn attach(&mut self, point: &AttachPoint) -> Result<(), DatapathError> {
         match point {
@@ -127,23 +202,32 @@ impl Datapath {
         })?;
         let pinned = link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
         self.links.insert(id.clone(), pinned);
-        self.record(point, name, id, false);
+        let mode = link_mode(point);
+        self.record(point, name, Some(id), false, mode);
         Ok(())
     }
 
-    fn record(&mut self, point: &AttachPoint, program: &'static str, link: String, adopted: bool) {
+    pub(super) fn record(
+        &mut self,
+        point: &AttachPoint,
+        program: &'static str,
+        link: Option<String>,
+        adopted: bool,
+        mode: AttachMode,
+    ) {
         let link_layer = match program {
             programs::TC_INGRESS | programs::TC_EGRESS => Some(LinkLayer::Ethernet),
             programs::TC_INGRESS_L3 | programs::TC_EGRESS_L3 => Some(LinkLayer::None),
             _ => None,
         };
-        info!(%point, program, ?link_layer, link, adopted, "attached");
+        info!(%point, program, ?link_layer, link = link.as_deref().unwrap_or("-"), adopted, %mode, "attached");
         self.attached.push(Attachment {
             point: point.clone(),
             program,
             link_layer,
             link,
             adopted,
+            mode,
         });
     }
 
@@ -171,13 +255,28 @@ impl Datapath {
         };
         let id = pins::link_id(hook, interface, None);
         load::<SchedClassifier>(&mut self.ebpf, name)?;
+        if self.tc_mode()? == AttachMode::Classic {
+            let hook = if kind == TcAttachType::Ingress {
+                Hook::Ingress
+            } else {
+                Hook::Egress
+            };
+            return self.attach_tc_classic(point, name, interface, hook);
+        }
         if self.adopt_link(&id, name)? {
-            self.record(point, name, id, true);
+            self.record(point, name, Some(id), true, AttachMode::Tcx);
             return Ok(());
         }
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        // TCX explicitly: aya's attach() picks TCX or netlink by kernel
+        // version, and a distribution kernel with TCX backported (or a
+        // version string that lies) must get what the probe found.
         let link_id = prog
-            .attach(interface, kind)
+            .attach_with_options(
+                interface,
+                kind,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(program_err(format!("attaching {name} to {interface}")))?;
         let link = prog
             .take_link(link_id)
@@ -199,7 +298,7 @@ impl Datapath {
             let id = pins::link_id("cgroup", &at, Some(name));
             load::<CgroupSockAddr>(&mut self.ebpf, name)?;
             if self.adopt_link(&id, name)? {
-                self.record(point, name, id, true);
+                self.record(point, name, Some(id), true, AttachMode::CgroupLink);
                 continue;
             }
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
@@ -215,7 +314,7 @@ impl Datapath {
         let id = pins::link_id("cgroup", &at, Some(name));
         load::<CgroupSkb>(&mut self.ebpf, name)?;
         if self.adopt_link(&id, name)? {
-            self.record(point, name, id, true);
+            self.record(point, name, Some(id), true, AttachMode::CgroupLink);
             return Ok(());
         }
         let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
@@ -233,15 +332,27 @@ impl Datapath {
     }
 
     /// After every attach point is in place: detaches what an earlier
-    /// agent attached that the config no longer names, removes older pin
-    /// layouts, and pins this agent's maps and programs. Attaching first and
-    /// removing after means there is never a moment without enforcement.
+    /// agent attached that the config no longer names (pinned links, and
+    /// classic TC filters on hooks this agent does not use in classic mode:
+    /// removed points, or points now attached through TCX), removes older
+    /// pin layouts, and pins this agent's maps and programs. Attaching first
+    /// and removing after means there is never a moment without enforcement.
     pub fn reconcile(&mut self) -> Result<(), DatapathError> {
         let pin_err = |path: &Path| {
             let path = path.to_owned();
             move |source| DatapathError::Pins { path, source }
         };
-        let wanted: BTreeSet<&str> = self.attached.iter().map(|a| a.link.as_str()).collect();
+        tc_classic::remove_ours_except(&self.classic_hooks()).map_err(|source| {
+            DatapathError::Classic {
+                op: "removing classic TC filters no longer in the config".into(),
+                source,
+            }
+        })?;
+        let wanted: BTreeSet<&str> = self
+            .attached
+            .iter()
+            .filter_map(|a| a.link.as_deref())
+            .collect();
         for stale in self
             .pins
             .links()
@@ -282,14 +393,35 @@ impl Datapath {
     }
 
     /// Removes every pin and detaches every program: the end of enforcement.
-    pub fn detach_all(&mut self) -> Result<(), DatapathError> {
+    /// Returns how many classic TC filters it deleted.
+    pub fn detach_all(&mut self) -> Result<usize, DatapathError> {
+        // Classic filters first: if deleting one fails, the pins are still
+        // there for the next try, and nothing claims enforcement stopped.
+        let filters = remove_classic_filters()?;
         let root = self.pins.root().to_owned();
         pins::remove_tree(&root).map_err(|source| DatapathError::Pins { path: root, source })?;
         // Closing our own link fds detaches what the pins no longer hold.
         self.links.clear();
         super::redirect::remove_routing();
         self.attached.clear();
-        Ok(())
+        Ok(filters)
+    }
+}
+
+/// Deletes every smtpgate classic TC filter in this network namespace:
+/// for `detach`, with or without an agent. Returns how many.
+pub fn remove_classic_filters() -> Result<usize, DatapathError> {
+    tc_classic::remove_ours_except(&BTreeSet::new()).map_err(|source| DatapathError::Classic {
+        op: "removing smtpgate's classic TC filters".into(),
+        source,
+    })
+}
+
+/// How a link this module pins is attached at `point`.
+fn link_mode(point: &AttachPoint) -> AttachMode {
+    match point {
+        AttachPoint::Cgroup { .. } => AttachMode::CgroupLink,
+        _ => AttachMode::Tcx,
     }
 }
 
@@ -495,9 +627,35 @@ pub(super) fn unsupported_hint(arphrd: u16) -> &'static str {
     }
 }
 
+/// The interface's index, or `None` if there is no such interface here.
+pub(super) fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tc_mode_follows_the_config_and_the_kernel() {
+        assert_eq!(
+            resolve_tc_mode(TcMode::Auto, true).unwrap(),
+            AttachMode::Tcx
+        );
+        assert_eq!(
+            resolve_tc_mode(TcMode::Auto, false).unwrap(),
+            AttachMode::Classic
+        );
+        assert_eq!(resolve_tc_mode(TcMode::Tcx, true).unwrap(), AttachMode::Tcx);
+        let e = resolve_tc_mode(TcMode::Tcx, false).unwrap_err().to_string();
+        assert!(e.contains("no TCX") && e.contains("classic"), "{e}");
+        for tcx in [true, false] {
+            assert_eq!(
+                resolve_tc_mode(TcMode::Classic, tcx).unwrap(),
+                AttachMode::Classic
+            );
+        }
+    }
 
     #[test]
     fn device_types_choose_a_program_or_are_refused_by_name() {
@@ -566,9 +724,4 @@ mod tests {
             Err(DatapathError::NoInterface { .. })
         ));
     }
-}
-
-/// The interface's index, or `None` if there is no such interface here.
-pub(super) fn ifindex(name: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(name).ok()
 }

@@ -3,11 +3,12 @@
 //! What the agent did at attach time proves nothing a minute later: an
 //! interface deleted and created again (a VPN restart, a hotplug NIC,
 //! `ifdown/ifup`) keeps its name and loses its TC programs; a cgroup can be
-//! removed; someone can unpin a link. So health is an observation, made
-//! again and again: the target exists, the kernel lists our program on its
-//! hook, and the pinned link that keeps it there after the agent is still in
-//! bpffs. An attach point that fails any of these is DOWN, and `repair`
-//! attaches it again as soon as its target is back.
+//! removed; someone can unpin a link or delete a tc filter. So health is an
+//! observation, made again and again: the target exists, the kernel lists
+//! our program on its hook, and (for links) the pinned link that keeps it
+//! there after the agent is still in bpffs (a classic TC filter needs no
+//! pin: its qdisc holds it). An attach point that fails any of these is
+//! DOWN, and `repair` attaches it again as soon as its target is back.
 
 use std::{fs::File, os::fd::AsFd as _};
 
@@ -15,9 +16,10 @@ use aya::programs::links::FdLink;
 use smtpgate_common::programs;
 
 use super::{
-    Datapath, DatapathError,
-    attach::ifindex,
+    AttachMode, Datapath, DatapathError,
+    attach::{BPF_TCX_EGRESS, BPF_TCX_INGRESS, ifindex},
     pins::{self, QueryTarget},
+    tc_classic::{self, Hook},
 };
 use crate::config::AttachPoint;
 
@@ -25,8 +27,27 @@ use crate::config::AttachPoint;
 const BPF_CGROUP_INET_EGRESS: u32 = 1;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
+
+/// The ids of the programs the kernel runs at `hook` of `ifindex` the way
+/// `mode` attaches them: every TCX program on the hook, or the program of
+/// smtpgate's classic filter (none if the filter is gone). "Is this TC
+/// point enforcing with program X" is "does this contain X's id".
+pub fn tc_programs(ifindex: u32, hook: Hook, mode: AttachMode) -> Result<Vec<u32>, Down> {
+    match mode {
+        AttachMode::Classic => tc_classic::classic_attached(ifindex, hook)
+            .map(|id| id.into_iter().collect())
+            .map_err(|e| Down::Query {
+                error: format!("{:#}", anyhow::Error::new(e)),
+            }),
+        AttachMode::Tcx | AttachMode::CgroupLink => {
+            let hook = match hook {
+                Hook::Ingress => BPF_TCX_INGRESS,
+                Hook::Egress => BPF_TCX_EGRESS,
+            };
+            pins::prog_query(QueryTarget::Ifindex(ifindex), hook).map_err(|e| query_err(&e))
+        }
+    }
+}
 
 /// Why an attach point does not enforce.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -87,7 +108,7 @@ impl Datapath {
     /// Whether `point` enforces right now, as the kernel reports it.
     pub fn observe(&self, point: &AttachPoint) -> Result<(), Down> {
         let records: Vec<_> = self.attached.iter().filter(|a| &a.point == point).collect();
-        let check = |program: &'static str, attached: &[u32], link: &str| {
+        let check = |program: &'static str, attached: &[u32], link: Option<&str>| {
             let ours = self.loaded_id(program);
             if !ours.is_some_and(|id| attached.contains(&id)) {
                 return Err(Down::NotAttached {
@@ -95,7 +116,9 @@ impl Datapath {
                     found: attached.len(),
                 });
             }
-            if !self.pins.link(link).exists() {
+            if let Some(link) = link
+                && !self.pins.link(link).exists()
+            {
                 return Err(Down::PinMissing {
                     program,
                     link: link.to_owned(),
@@ -115,14 +138,13 @@ impl Datapath {
                     });
                 }
                 let hook = if matches!(point, AttachPoint::TcIngress { .. }) {
-                    BPF_TCX_INGRESS
+                    Hook::Ingress
                 } else {
-                    BPF_TCX_EGRESS
+                    Hook::Egress
                 };
-                let attached =
-                    pins::prog_query(QueryTarget::Ifindex(index), hook).map_err(|e| query_err(&e))?;
                 for a in records {
-                    check(a.program, &attached, &a.link)?;
+                    let attached = tc_programs(index, hook, a.mode)?;
+                    check(a.program, &attached, a.link.as_deref())?;
                 }
                 Ok(())
             }
@@ -145,7 +167,7 @@ impl Datapath {
                     };
                     let attached = pins::prog_query(QueryTarget::Fd(dir.as_fd()), hook)
                         .map_err(|e| query_err(&e))?;
-                    check(a.program, &attached, &a.link)?;
+                    check(a.program, &attached, a.link.as_deref())?;
                 }
                 // Every program the point needs, not just the ones recorded.
                 for program in expected_programs(point) {

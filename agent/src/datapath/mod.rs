@@ -7,6 +7,7 @@ mod health;
 mod nodes;
 pub mod pins;
 pub mod redirect;
+pub mod tc_classic;
 
 use std::{
     collections::BTreeSet,
@@ -22,8 +23,8 @@ use smtpgate_common::{
     events::{SourceKey, SourceStats},
 };
 
-pub use attach::{Attachment, LinkLayer};
-pub use health::{Down, expected_programs};
+pub use attach::{AttachMode, Attachment, LinkLayer, remove_classic_filters, tcx_supported};
+pub use health::{Down, expected_programs, tc_programs};
 use nodes::NodeRegion;
 pub use pins::PinDir;
 
@@ -98,6 +99,19 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "datapath.tc_mode = \"tcx\", but this kernel has no TCX (it came in Linux 6.6): \
+         use \"auto\" or \"classic\""
+    )]
+    NoTcx,
+    #[error("asking the kernel whether it has TCX")]
+    TcxProbe(#[source] std::io::Error),
+    #[error("{op}")]
+    Classic {
+        op: String,
+        #[source]
+        source: tc_classic::ClassicError,
+    },
 }
 
 /// Summed counters for one (family, verdict, reason).
@@ -144,6 +158,9 @@ pub struct Datapath {
     /// Links this agent created and pinned; the pins keep them attached,
     /// these only keep them open while the agent runs.
     links: std::collections::HashMap<String, aya::programs::links::PinnedLink>,
+    /// How TC points attach; chosen by `set_tc_mode`, or on the first TC
+    /// attach as `auto` would.
+    tc_mode: Option<AttachMode>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
@@ -264,6 +281,7 @@ impl Datapath {
             pins,
             adopted,
             links: std::collections::HashMap::new(),
+            tc_mode: None,
         };
         if !adopted {
             dp.write_settings()?;
