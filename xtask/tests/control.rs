@@ -62,6 +62,14 @@ fn every_subcommand_against_a_running_agent() {
     let mut lab = Lab::up("cli", Options::default()).unwrap();
     lab.start_listeners().unwrap();
     let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    // A second agent on the same control socket refuses to start, and the
+    // first one stays reachable.
+    let out = std::process::Command::new(smtpgate_bin())
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    fails(&out, "another agent is running");
     let cli = |args: &[&str]| lab.cli(&agent, args).unwrap();
 
     let status = ok(&cli(&["status"]));

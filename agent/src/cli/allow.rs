@@ -121,6 +121,7 @@ fn rfc3339(unix: u64) -> String {
 fn left(unix: u64) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    humantime::format_duration(Duration::from_secs(unix.saturating_sub(now))).to_string()
+        .map_or(0.0, |d| d.as_secs_f64());
+    let secs = (unix as f64 - now).max(0.0).floor() as u64;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
 }

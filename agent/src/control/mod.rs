@@ -27,6 +27,8 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another agent is running: it answers on {path} (stop it first, or give this one another [control] socket)")]
+    InUse { path: PathBuf },
     #[error("binding the control socket {path}")]
     Bind {
         path: PathBuf,
@@ -47,6 +49,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             source,
         })?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // A socket that answers belongs to a running agent: taking it over
+    // would leave that agent unreachable (its CLI, its `detach`) while it
+    // keeps enforcing. Only a stale socket is replaced.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ControlError::InUse {
+            path: path.to_owned(),
+        });
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
