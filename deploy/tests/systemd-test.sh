@@ -109,9 +109,13 @@ setsid systemd-nspawn -D "$work/rootfs" -b --register=no --keep-unit --private-n
     --bind="$work/bpffs:/sys/fs/bpf" --console=passive -M smtpgate-systemd-test \
     >"$work/nspawn.log" 2>&1 &
 nspawn_pid=$!
+# The container's PID 1 is nspawn's child named systemd. Not just its first
+# child: while the container is set up, that can be a short-lived helper
+# process, and a test that latched onto it waited for a dead PID's systemd.
+container_init() { pgrep -P "$nspawn_pid" -x systemd | head -1 || true; }
 init=
-for _ in $(seq 100); do
-    init=$(pgrep -P "$nspawn_pid" | head -1 || true)
+for _ in $(seq 300); do
+    init=$(container_init)
     [[ -n $init ]] && break
     sleep 0.2
 done
@@ -122,6 +126,7 @@ state=
 for _ in $(seq 240); do
     state=$(ctr systemctl is-system-running 2>/dev/null || true)
     [[ $state == running || $state == degraded ]] && break
+    init=$(container_init)
     sleep 0.5
 done
 [[ $state == running || $state == degraded ]] || fail "container's systemd is '$state': $(tail -20 "$work/nspawn.log")"
