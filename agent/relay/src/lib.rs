@@ -11,6 +11,7 @@ pub mod dataread;
 mod date;
 mod deliver;
 pub mod dsn;
+pub mod headers;
 pub mod limits;
 mod listener;
 pub mod parse;

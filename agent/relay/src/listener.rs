@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use crate::config::secs;
-use crate::session::{ListenerKind, Session, Shared};
+use crate::session::{ListenerKind, Session, Shared, TlsInfo};
 use crate::stats::RelayStats;
 
 pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
@@ -56,7 +56,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
                 let timeout = secs(shared.config.limits.command_timeout_secs);
                 match tokio::time::timeout(timeout, acceptor.accept(sock)).await {
                     Ok(Ok(tls)) => {
+                        let info = TlsInfo::of(tls.get_ref().1);
                         Session::new(tls, shared.clone(), kind, peer, local, true)
+                            .with_tls_info(info)
                             .run()
                             .await
                     }

@@ -22,7 +22,7 @@ async fn submission_587_starttls_auth_and_delivery() {
     c.cmd("RCPT TO:<rcpt@example.net>", "250 2.1.5").await;
     c.cmd("DATA", "354").await;
     c.send(&stuff(
-        "Message-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n",
+        "From: alice@example.com\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n",
     ))
     .await;
     c.expect("250 2.0.0 Ok: queued as").await;
@@ -43,7 +43,7 @@ async fn submission_587_starttls_auth_and_delivery() {
     );
     assert_eq!(
         common::strip_relay_received(&msg),
-        "Message-ID: <d1@example.com>\nSubject: hi\n\n.leading dot\n"
+        "From: alice@example.com\nDate: Thu, 1 Jan 2026 00:00:00 +0000\nMessage-ID: <d1@example.com>\nSubject: hi\n\n.leading dot\n"
     );
     // The queue entry is removed just after the sink answers.
     for _ in 0..100 {

@@ -1,12 +1,9 @@
 //! DATA: read the message strictly, add a Received header, spool durably,
 //! and answer 250 only once the message is on disk.
 
-use std::fmt::Write as _;
-use std::time::SystemTime;
-
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Flow, ListenerKind, Phase, Session, SessionError};
+use super::{Flow, Phase, Session, SessionError};
 use crate::config::secs;
 use crate::dataread::{DataReader, Feed, Verdict};
 use crate::reply::{Reply, canned};
@@ -85,6 +82,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let verdict = reader.verdict();
         let body = reader.into_body();
+        let end = crate::headers::header_end(&body);
+        let section = &body[..end.fields_len];
         let refusal = match verdict {
             Verdict::TooBig => Some(Reply::new(
                 552,
@@ -96,7 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "5.6.0",
                 "Message has lines longer than 998 characters",
             )),
-            Verdict::Ok if count_received(&body) > MAX_HOPS => Some(Reply::new(
+            Verdict::Ok if count_received(section) > MAX_HOPS => Some(Reply::new(
                 554,
                 "5.4.6",
                 "Too many Received headers: mail loop?",
@@ -111,8 +110,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
 
         let id = new_id();
-        let mut msg = self.received_header(&id, &txn.rcpts).into_bytes();
-        msg.extend_from_slice(&body);
+        let mut msg = self.header_block(&id, &txn.rcpts, section, end.blank_line);
+        msg.extend_from_slice(&body[end.body_start()..]);
         let now = now_ms();
         let record = QueueRecord {
             id: id.clone(),
@@ -156,40 +155,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         Ok(Flow::Continue)
     }
-
-    fn received_header(&self, id: &str, rcpts: &[crate::parse::Address]) -> String {
-        let helo = self.helo.as_deref().unwrap_or("unknown");
-        // RFC 3848: ESMTPSA = ESMTP with TLS and AUTH, which is the only way
-        // a message gets here.
-        let proto = if self.esmtp { "ESMTPSA" } else { "SMTPSA" };
-        let mut h = format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (smtpgate) with {proto} id {id}",
-            self.peer.ip(),
-            self.cfg().hostname
-        );
-        if self.kind == ListenerKind::Intercept {
-            let _ = write!(
-                h,
-                "\r\n\t(intercepted; original destination {})",
-                self.local
-            );
-        }
-        if let [only] = rcpts {
-            let _ = write!(h, "\r\n\tfor <{only}>");
-        }
-        let _ = write!(h, ";\r\n\t{}\r\n", crate::date::rfc5322(SystemTime::now()));
-        h
-    }
 }
 
-/// Counts Received: headers in the header section.
-fn count_received(body: &[u8]) -> usize {
-    let end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(body.len(), |i| i + 2);
-    body[..end]
-        .split(|&b| b == b'\n')
-        .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
+/// Counts Received: fields in the header section.
+fn count_received(section: &[u8]) -> usize {
+    crate::headers::fields(section)
+        .iter()
+        .filter(|f| f.is("Received"))
         .count()
 }

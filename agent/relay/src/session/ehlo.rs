@@ -67,6 +67,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             source: std::io::ErrorKind::TimedOut.into(),
         })?
         .map_err(|source| SessionError::Handshake { source })?;
+        self.tls_info = super::TlsInfo::of(tls.get_ref().1);
         self.stream = Stream::Tls(Box::new(tls));
         self.tls = true;
         // RFC 3207 4.2: forget everything learnt before TLS.

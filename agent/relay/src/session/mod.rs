@@ -5,6 +5,7 @@
 mod auth;
 mod data;
 mod ehlo;
+mod hygiene;
 mod mail;
 mod misc;
 
@@ -50,6 +51,30 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The TLS parameters a session negotiated, for its Received header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// "TLSv1.3", "TLSv1.2".
+    pub version: String,
+    /// IANA-style suite name as rustls spells it, e.g. "TLS13_AES_256_GCM_SHA384".
+    pub cipher: String,
+}
+
+impl TlsInfo {
+    pub fn of(conn: &rustls::ServerConnection) -> Option<Self> {
+        let version = match conn.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let suite = conn.negotiated_cipher_suite()?.suite();
+        let cipher = suite
+            .as_str()
+            .map_or_else(|| format!("{suite:?}"), str::to_owned);
+        Some(Self { version, cipher })
+    }
 }
 
 /// What every session shares: configuration, credentials, limits, spool.
@@ -158,6 +183,7 @@ pub struct Session<S> {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
+    tls_info: Option<TlsInfo>,
     helo: Option<String>,
     esmtp: bool,
     login: Option<Login>,
@@ -186,6 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             peer,
             local,
             tls,
+            tls_info: None,
             helo: None,
             esmtp: false,
             login: None,
@@ -193,6 +220,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             errors: 0,
             shutdown,
         }
+    }
+
+    /// The TLS parameters of a stream that was encrypted before the session
+    /// started (port 465), for the Received header.
+    #[must_use]
+    pub fn with_tls_info(mut self, info: Option<TlsInfo>) -> Self {
+        self.tls_info = info;
+        self
     }
 
     pub(crate) fn phase(&self) -> Phase {

@@ -343,9 +343,32 @@ async fn full_submission_is_spooled_with_received_header() {
     assert_eq!(rec.recipients.len(), 2);
     assert_eq!(rec.auth_user.as_deref(), Some("alice"));
     let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
-    assert!(stored.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby relay.test (smtpgate) with ESMTPSA id "), "{stored}");
     assert!(
-        stored.ends_with("From: alice@example.com\r\nSubject: hi\r\n\r\n.dot line\r\nbody\r\n"),
+        stored.starts_with(
+            "Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_"
+        ),
+        "{stored}"
+    );
+    assert!(
+        stored.contains(
+            "\r\n\t(authenticated user alice)\r\n\tby relay.test (smtpgate) with ESMTPSA id "
+        ),
+        "{stored}"
+    );
+    // The client's headers stay as they were; Message-ID and Date, which it
+    // left out, follow them.
+    let tail = stored.split_once("\r\nFrom: ").unwrap().1;
+    let (fields, body) = tail.split_once("\r\n\r\n").unwrap();
+    assert_eq!(body, ".dot line\r\nbody\r\n");
+    let lines: Vec<&str> = fields.split("\r\n").collect();
+    assert_eq!(lines[..2], ["alice@example.com", "Subject: hi"], "{stored}");
+    assert_eq!(lines.len(), 4, "{stored}");
+    assert!(
+        lines[2].starts_with(&format!("Message-ID: <{id}.")) && lines[2].ends_with("@relay.test>"),
+        "{stored}"
+    );
+    assert!(
+        lines[3].starts_with("Date: ") && lines[3].ends_with(" +0000"),
         "{stored}"
     );
     // The session goes on: a second message in the same session.
@@ -723,4 +746,134 @@ async fn mail_loop_refused() {
         .send_mail("alice@example.com", &["a@example.net"], &body)
         .await;
     assert!(r.starts_with("554 5.4.6"), "{r}");
+}
+
+/// The stored message of a `250 ... queued as ID` reply.
+fn stored(h: &Harness, reply: &str) -> String {
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let id = reply.trim_end().rsplit(' ').next().unwrap();
+    String::from_utf8(h.shared.spool.read_body(id).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn message_id_and_date_added_only_when_missing() {
+    let h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let r = c
+            .send_mail(
+                "alice@example.com",
+                &["r@example.net"],
+                "From: alice@example.com\r\nTo: r@example.net\r\nSubject: bare\r\n\r\nhi\r\n",
+            )
+            .await;
+        let m = stored(&h, &r);
+        let mid: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("Message-ID: "))
+            .collect();
+        assert_eq!(mid.len(), 1, "{m}");
+        assert!(ids.insert(mid[0].to_owned()), "Message-ID repeated: {m}");
+        assert_eq!(
+            m.lines().filter(|l| l.starts_with("Date: ")).count(),
+            1,
+            "{m}"
+        );
+        assert!(m.ends_with("\r\n\r\nhi\r\n"), "{m}");
+    }
+    // Present (in any case, folded or not): left alone, never doubled.
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\nmessage-id:\r\n <own@example.com>\r\nDATE: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\nhi\r\n",
+        )
+        .await;
+    let m = stored(&h, &r);
+    let after = m.split_once("\r\nFrom: ").unwrap().1;
+    assert_eq!(
+        after,
+        "alice@example.com\r\nmessage-id:\r\n <own@example.com>\r\nDATE: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\nhi\r\n"
+    );
+    // No empty line (all headers): added at the end, nothing invented.
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\n",
+        )
+        .await;
+    let m = stored(&h, &r);
+    let after = m.split_once("\r\nFrom: ").unwrap().1;
+    let lines: Vec<&str> = after.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 3, "{m}");
+    assert!(
+        lines[1].starts_with("Message-ID: <") && lines[2].starts_with("Date: "),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn received_sanitises_ehlo_names() {
+    let long = "x".repeat(300);
+    for (ehlo, want) in [
+        (
+            "client.test",
+            "Received: from client.test ([192.0.2.7])\r\n",
+        ),
+        (
+            "[192.0.2.7]",
+            "Received: from [192.0.2.7] ([192.0.2.7])\r\n",
+        ),
+        (
+            "a;b",
+            "Received: from [192.0.2.7] (invalid HELO \"a?b\")\r\n",
+        ),
+        (
+            "(x)\\\"y\"",
+            "Received: from [192.0.2.7] (invalid HELO \"?x???y?\")\r\n",
+        ),
+        (
+            "caf\u{e9}.example",
+            "Received: from [192.0.2.7] (invalid HELO \"caf?.example\")\r\n",
+        ),
+        (
+            long.as_str(),
+            &format!(
+                "Received: from [192.0.2.7] (invalid HELO \"{}...\")\r\n",
+                &long[..64]
+            ),
+        ),
+    ] {
+        let h = harness(|_| {});
+        let mut c = h.connect(ListenerKind::Submission).await;
+        c.cmd(&format!("EHLO {ehlo}"), "250").await;
+        c.cmd("STARTTLS", "220").await;
+        c.upgrade().await;
+        c.cmd(&format!("EHLO {ehlo}"), "250").await;
+        c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
+            .await;
+        let r = c
+            .send_mail(
+                "alice@example.com",
+                &["r@example.net"],
+                "From: alice@example.com\r\n\r\nhi\r\n",
+            )
+            .await;
+        let m = stored(&h, &r);
+        assert!(m.starts_with(want), "EHLO {ehlo:?}: {m}");
+        let received = m.split("\r\nFrom: ").next().unwrap();
+        assert!(received.is_ascii(), "{received}");
+        assert_eq!(
+            received.matches(';').count(),
+            1,
+            "only the date separator: {received}"
+        );
+    }
+    // Raw 8-bit that is not UTF-8 never gets as far as the header.
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.send_bytes(b"EHLO caf\xe9\r\n").await;
+    c.expect("501 5.5.4").await;
 }
