@@ -11,6 +11,10 @@
 //! # Envelope senders this user may use: full addresses, or "@domain" for a
 //! # whole domain. Anything else is refused (reject_sender_login_mismatch).
 //! senders = ["alice@example.com", "@example.org"]
+//! # The header From: (and Sender:, if present) must name only addresses
+//! # from `senders` too: "senders" (the default, may be left out), or "any"
+//! # for mailing-list and role accounts that send on behalf of others.
+//! header_from = "senders"
 //! ```
 //!
 //! The relay re-reads the file when its modification time changes, so
@@ -58,11 +62,38 @@ pub enum UsersError {
     Hash { problem: String },
 }
 
+/// What the header From: of this user's messages may say.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderFrom {
+    /// Only addresses the user may also use as envelope sender.
+    #[default]
+    Senders,
+    /// Anything (mailing lists, role accounts); the envelope stays bound.
+    Any,
+}
+
+impl HeaderFrom {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Senders => "senders",
+            Self::Any => "any",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     pub hash: String,
     pub senders: Vec<String>,
+    /// Default "senders"; left out of the file when it is the default.
+    #[serde(default, skip_serializing_if = "HeaderFrom::is_default")]
+    pub header_from: HeaderFrom,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,6 +109,7 @@ pub struct UserSummary {
     pub name: String,
     pub scheme: &'static str,
     pub senders: Vec<String>,
+    pub header_from: HeaderFrom,
 }
 
 fn strip_dovecot_prefix(hash: &str) -> &str {
@@ -252,6 +284,7 @@ pub fn user_add_hash(
         UserEntry {
             hash: hash.into(),
             senders,
+            header_from: HeaderFrom::default(),
         },
     );
     validate_then_save(&f, path)
@@ -283,6 +316,7 @@ pub fn user_list(path: &Path) -> Result<Vec<UserSummary>, UsersError> {
             name,
             scheme: scheme(&u.hash).unwrap_or("unknown"),
             senders: u.senders,
+            header_from: u.header_from,
         })
         .collect())
 }
@@ -412,6 +446,34 @@ mod tests {
         assert!(s.starts_with("$6$"));
         assert!(verify_password(&s, "pw") && !verify_password(&s, "pv"));
         assert!(!verify_password("plain", "plain"));
+    }
+
+    #[test]
+    fn header_from_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        user_add_hash(
+            &p,
+            "alice",
+            "$6$salt$hash",
+            vec!["alice@example.com".into()],
+        )
+        .unwrap();
+        // The default is not written out, so files stay as they were.
+        assert!(!std::fs::read_to_string(&p).unwrap().contains("header_from"));
+        assert_eq!(user_list(&p).unwrap()[0].header_from, HeaderFrom::Senders);
+        std::fs::write(
+            &p,
+            "[users.list]\nhash = \"$6$salt$hash\"\nsenders = [\"list@example.com\"]\nheader_from = \"any\"\n",
+        )
+        .unwrap();
+        assert_eq!(user_list(&p).unwrap()[0].header_from, HeaderFrom::Any);
+        std::fs::write(
+            &p,
+            "[users.list]\nhash = \"$6$salt$hash\"\nsenders = [\"list@example.com\"]\nheader_from = \"anything\"\n",
+        )
+        .unwrap();
+        assert!(matches!(user_list(&p), Err(UsersError::Parse { .. })));
     }
 
     #[test]

@@ -67,7 +67,7 @@ async fn client_loop(
                 .starts_with("354")
                 .then_some(())?;
             let msg =
-                format!("Message-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nend {id}\r\n");
+                format!("From: alice@example.com\r\nMessage-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nend {id}\r\n");
             c.send_bytes(stuff(&msg).as_bytes()).await.ok()?;
             c.try_reply().await.ok()?.starts_with("250 ").then_some(())
         }

@@ -299,6 +299,46 @@ async fn swaks_refusals() {
     ]))
     .await;
     assert!(!ok && out.contains("553 5.7.1"), "{out}");
+    // Right envelope, wrong header From: (issue 12: this was relayed), and
+    // two From: headers. swaks's own default message (From: = envelope)
+    // goes through, so the refusals are about the header alone.
+    let login = |extra: &[&str]| {
+        let mut v = args(&[
+            "--server",
+            &s587,
+            "-tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.com",
+            "--to",
+            "r@example.net",
+        ]);
+        v.extend(args(extra));
+        v
+    };
+    let (ok, out) = swaks(&login(&[
+        "--header",
+        "From: Payments <billing@bank.example>",
+    ]))
+    .await;
+    assert!(
+        !ok && out.contains(
+            "550 5.7.1 From: header address billing@bank.example is not one user alice may send as"
+        ),
+        "{out}"
+    );
+    let (ok, out) = swaks(&login(&["--add-header", "From: alice@example.com"])).await;
+    assert!(
+        !ok && out.contains("550 5.7.1 Message must have exactly one From: header, found 2"),
+        "{out}"
+    );
     assert!(smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty());
+    let (ok, out) = swaks(&login(&[])).await;
+    assert!(ok && out.contains("250 2.0.0 Ok: queued"), "{out}");
     relay.shutdown().await;
 }

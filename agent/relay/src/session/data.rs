@@ -100,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "5.4.6",
                 "Too many Received headers: mail loop?",
             )),
-            Verdict::Ok => None,
+            Verdict::Ok => self.check_header_from(section),
         };
         let txn = self.txn.take().expect("phase Rcpt");
         if let Some(r) = refusal {

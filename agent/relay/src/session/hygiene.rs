@@ -1,7 +1,8 @@
 //! Header hygiene on submission, the jobs Postfix's cleanup does: our
 //! Received header (who submitted, how, over which TLS), and Message-ID and
 //! Date when the MUA left them out (large receivers junk or refuse mail
-//! without them).
+//! without them). Also the header From: binding: the envelope sender is
+//! bound to the user at MAIL, but people read the header.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -13,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{ListenerKind, Session};
 use crate::headers::{self, Field};
 use crate::parse::Address;
+use crate::reply::Reply;
+use crate::users::HeaderFrom;
 
 /// Longest client-supplied text (EHLO name, user name) copied into a
 /// Received comment.
@@ -84,6 +87,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let _ = write!(h, ";\r\n\t{}\r\n", crate::date::rfc5322(SystemTime::now()));
         h
+    }
+
+    /// Header From: binding (maddy's `check_header_from`-like rule):
+    /// exactly one From: field (RFC 5322 3.6 and DMARC both need it), and,
+    /// unless the user's `header_from = "any"`, every mailbox in it, and in
+    /// Sender: if there is one, must be an address the user may use as
+    /// envelope sender. None when the message may go.
+    pub(super) fn check_header_from(&self, section: &[u8]) -> Option<Reply> {
+        let login = self.login.as_ref()?;
+        let fields = headers::fields(section);
+        let refuse = |why: String| {
+            tracing::warn!(peer = %self.peer, user = login.user, why, "header From: refused");
+            Some(Reply::new(550, "5.7.1", why))
+        };
+        let from: Vec<&Field<'_>> = fields.iter().filter(|f| f.is("From")).collect();
+        if from.len() != 1 {
+            return refuse(format!(
+                "Message must have exactly one From: header, found {}",
+                from.len()
+            ));
+        }
+        let sender: Vec<&Field<'_>> = fields.iter().filter(|f| f.is("Sender")).collect();
+        if sender.len() > 1 {
+            return refuse(format!(
+                "Message may have at most one Sender: header, found {}",
+                sender.len()
+            ));
+        }
+        if login.entry.header_from == HeaderFrom::Any {
+            return None;
+        }
+        for (name, field) in
+            std::iter::once(("From", from[0])).chain(sender.iter().map(|f| ("Sender", *f)))
+        {
+            let list = match headers::mailboxes(&field.value()) {
+                Ok(l) => l,
+                Err(e) => return refuse(format!("{name}: header cannot be checked: {e}")),
+            };
+            if name == "Sender" && list.len() != 1 {
+                return refuse("Sender: header must name exactly one mailbox".into());
+            }
+            if let Some(bad) = list.iter().find(|a| !login.entry.may_send_as(a)) {
+                return refuse(format!(
+                    "{name}: header address {} is not one user {} may send as",
+                    headers::comment_safe(&bad.to_string(), 254),
+                    headers::comment_safe(&login.user, 64)
+                ));
+            }
+        }
+        None
     }
 
     /// Everything that goes before the body: our Received header, the

@@ -39,9 +39,11 @@ pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
         &users,
         format!(
             "[users.alice]\nhash = \"{}\"\nsenders = [\"alice@example.com\", \"@example.org\"]\n\
-             [users.bob]\nhash = \"{}\"\nsenders = [\"bob@example.com\"]\n",
+             [users.bob]\nhash = \"{}\"\nsenders = [\"bob@example.com\"]\n\
+             [users.list]\nhash = \"{}\"\nsenders = [\"list@example.com\"]\nheader_from = \"any\"\n",
             fast_hash("alice-pw"),
-            fast_hash("bob-pw")
+            fast_hash("bob-pw"),
+            fast_hash("list-pw")
         ),
     )
     .unwrap();
@@ -373,7 +375,11 @@ async fn full_submission_is_spooled_with_received_header() {
     );
     // The session goes on: a second message in the same session.
     let r = c
-        .send_mail("someone@example.org", &["r@example.net"], "x\r\n")
+        .send_mail(
+            "someone@example.org",
+            &["r@example.net"],
+            "From: someone@example.org\r\n\r\nx\r\n",
+        )
         .await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
     assert_eq!(h.shared.stats.snapshot().messages_accepted, 2);
@@ -388,7 +394,11 @@ async fn intercept_with_auth_relays_and_records_original_destination() {
     c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
         .await;
     let r = c
-        .send_mail("alice@example.com", &["r@example.net"], "hi\r\n")
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\n\r\nhi\r\n",
+        )
         .await;
     let id = r.trim_end().rsplit(' ').next().unwrap().to_owned();
     let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
@@ -591,7 +601,8 @@ async fn pipelined_transaction() {
     c.expect("250 2.1.5").await;
     c.expect("250 2.1.5").await;
     c.expect("354").await;
-    c.send("hi\r\n.\r\nNOOP\r\n").await;
+    c.send("From: alice@example.com\r\n\r\nhi\r\n.\r\nNOOP\r\n")
+        .await;
     c.expect("250 2.0.0 Ok: queued").await;
     c.expect("250 2.0.0 Ok").await;
 }
@@ -696,9 +707,13 @@ async fn per_user_rate_limits() {
     });
     let mut c = h.authed("alice", "alice-pw").await;
     assert!(
-        c.send_mail("alice@example.com", &["a@example.net"], "x\r\n")
-            .await
-            .starts_with("250")
+        c.send_mail(
+            "alice@example.com",
+            &["a@example.net"],
+            "From: alice@example.com\r\n\r\nx\r\n"
+        )
+        .await
+        .starts_with("250")
     );
     c.cmd("MAIL FROM:<alice@example.com>", "450 4.7.1").await;
     let mut c = h.authed("bob", "bob-pw").await;
@@ -876,4 +891,104 @@ async fn received_sanitises_ehlo_names() {
     let mut c = h.connect(ListenerKind::Submission).await;
     c.send_bytes(b"EHLO caf\xe9\r\n").await;
     c.expect("501 5.5.4").await;
+}
+
+#[tokio::test]
+async fn header_from_must_belong_to_user() {
+    let mut h = harness(|c| {
+        c.limits.messages_per_hour = 0;
+        c.limits.max_errors = 100;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    let send =
+        |from_lines: &str| format!("{from_lines}To: r@example.net\r\nSubject: s\r\n\r\nbody\r\n");
+    for (headers, why) in [
+        (
+            "From: Payments <billing@bank.example>\r\n",
+            "From: header address billing@bank.example is not one user alice may send as",
+        ),
+        (
+            "From: \"alice@example.com\" <billing@bank.example>\r\n",
+            "From: header address billing@bank.example",
+        ),
+        (
+            "From: billing@bank.example (alice@example.com)\r\n",
+            "From: header address billing@bank.example",
+        ),
+        (
+            "From: alice@example.com, billing@bank.example\r\n",
+            "From: header address billing@bank.example",
+        ),
+        (
+            "From: alice@example.com\r\nFrom: alice@example.com\r\n",
+            "exactly one From: header, found 2",
+        ),
+        ("", "exactly one From: header, found 0"),
+        (
+            "FROM: alice@example.com\r\nfrom: billing@bank.example\r\n",
+            "exactly one From: header, found 2",
+        ),
+        ("From: undisclosed:;\r\n", "From: header cannot be checked"),
+        (
+            "From: <alice@example.com\r\n",
+            "From: header cannot be checked",
+        ),
+        (
+            "From: alice@example.com\r\nSender: billing@bank.example\r\n",
+            "Sender: header address billing@bank.example",
+        ),
+        (
+            "From: alice@example.com\r\nSender: a@example.org\r\nSender: b@example.org\r\n",
+            "at most one Sender:",
+        ),
+        // Folded: the fold must not hide the second address.
+        (
+            "From: alice@example.com,\r\n billing@bank.example\r\n",
+            "From: header address billing@bank.example",
+        ),
+    ] {
+        let r = c
+            .send_mail("alice@example.com", &["r@example.net"], &send(headers))
+            .await;
+        assert!(r.starts_with("550 5.7.1 "), "{headers:?}: {r}");
+        assert!(r.contains(why), "{headers:?}: {r}");
+    }
+    assert!(
+        h.queued.try_recv().is_err(),
+        "nothing refused may be queued"
+    );
+    assert!(h.shared.spool.scan().unwrap().is_empty());
+    assert_eq!(h.shared.stats.snapshot().messages_rejected, 12);
+    // What alice may send as: her address (any case, with a display name),
+    // her domain, a Sender: of her own; and the session went on.
+    for headers in [
+        "From: Alice <Alice@Example.COM>\r\n",
+        "From: \"Smith, Alice\" <alice@example.com>\r\n",
+        "From: anyone@example.org, other@example.org\r\nSender: alice@example.com\r\n",
+    ] {
+        let r = c
+            .send_mail("alice@example.com", &["r@example.net"], &send(headers))
+            .await;
+        assert!(r.starts_with("250 2.0.0"), "{headers:?}: {r}");
+    }
+    // A role account with header_from = "any": the header is free, the
+    // envelope still bound, and one From: still required.
+    let mut c = h.authed("list", "list-pw").await;
+    let r = c
+        .send_mail(
+            "list@example.com",
+            &["r@example.net"],
+            &send("From: Someone <someone@elsewhere.example>\r\n"),
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let r = c
+        .send_mail("list@example.com", &["r@example.net"], &send(""))
+        .await;
+    assert!(
+        r.starts_with("550 5.7.1") && r.contains("exactly one From:"),
+        "{r}"
+    );
+    c.cmd("MAIL FROM:<someone@elsewhere.example>", "553 5.7.1")
+        .await;
 }
