@@ -3,7 +3,11 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Flow, Phase, Session, SessionError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Deadline, Fill, Flow, Limit, Phase, Session, SessionError};
 use crate::config::secs;
 use crate::dataread::{DataReader, Feed, Verdict};
 use crate::reply::{Reply, canned};
@@ -46,8 +50,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
 
         let mut reader = DataReader::new(self.cfg().limits.max_message_bytes);
-        let timeout = secs(self.cfg().limits.data_timeout_secs);
+        let grace = secs(self.cfg().limits.data_timeout_secs);
+        let rate = self.cfg().limits.data_min_bytes_per_sec;
+        let started = Instant::now();
+        let mut received: u64 = 0;
         loop {
+            received += self.rbuf.len() as u64;
             match reader.feed(&self.rbuf) {
                 Feed::NeedMore => self.rbuf.clear(),
                 Feed::Done { consumed } => {
@@ -68,16 +76,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(Flow::Close);
                 }
             }
-            match self.fill(timeout, false).await {
-                Ok(Some(true)) => {}
-                Ok(Some(false) | None) => return Ok(Flow::Close),
-                Err(SessionError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    self.reply(&canned::timeout());
+            // Idle at most `grace` per read, and the whole DATA within
+            // `grace` plus what the minimum rate allows for the bytes so
+            // far: one byte every 20 s kept DATA open past 420 s before.
+            let mut deadline = Deadline {
+                at: Instant::now() + grace,
+                limit: Limit::Idle,
+            }
+            .min(self.session_deadline());
+            if rate > 0 {
+                deadline = deadline.min(Deadline {
+                    at: started + grace + Duration::from_secs_f64(received as f64 / rate as f64),
+                    limit: Limit::DataRate,
+                });
+            }
+            match self.fill(deadline, false).await? {
+                Fill::Data => {}
+                Fill::Eof | Fill::Shutdown | Fill::Evicted => return Ok(Flow::Close),
+                Fill::Expired(limit) => {
+                    tracing::info!(peer = %self.peer, user, received, "DATA too slow");
+                    self.txn = None;
+                    self.expired(limit);
                     return Ok(Flow::Close);
                 }
-                Err(e) => return Err(e),
             }
         }
         let verdict = reader.verdict();
@@ -138,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(()) => {
                 self.shared.limits.rate.record(&user, nrcpt);
                 RelayStats::inc(&self.shared.stats.messages_accepted);
+                self.junk = 0;
                 RelayStats::inc(&self.shared.stats.queue_length);
                 tracing::info!(peer = %self.peer, user, id, from = %txn.from, rcpts = txn.rcpts.len(), "queued");
                 let _ = self.shared.queued.send(record);
