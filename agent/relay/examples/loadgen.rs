@@ -123,8 +123,10 @@ async fn session(
     let mut lat = Vec::with_capacity(o.messages);
     for n in 0..o.messages {
         let t = Instant::now();
-        let mut body =
-            format!("Message-ID: <load-{id}-{n}@example.com>\r\nSubject: load {id} {n}\r\n\r\n");
+        let mut body = format!(
+            "From: {}\r\nMessage-ID: <load-{id}-{n}@example.com>\r\nSubject: load {id} {n}\r\n\r\n",
+            o.from
+        );
         while body.len() < o.size {
             body.push_str(&filler);
             body.push_str("\r\n");

@@ -127,20 +127,52 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     /// Sessions in total across listeners. Default: 200.
     pub max_sessions: usize,
-    /// Sessions per client IP. Default: 20.
+    /// Sessions per client network (an IPv4 address or an IPv6 /64).
+    /// Default: 20.
     pub max_sessions_per_client: usize,
+    /// Share of `max_sessions` (percent) that may be unauthenticated at
+    /// once; the rest is kept for authenticated users. When it is full a
+    /// newcomer evicts a pre-AUTH session of the network holding the most.
+    /// Default: 50.
+    pub preauth_sessions_percent: u32,
+    /// Time from connecting to a successful AUTH (the TLS handshake on 465
+    /// included); then 421 and disconnect. Default: 60.
+    pub preauth_timeout_secs: f64,
+    /// Total lifetime of any session. Default: 3600.
+    pub session_lifetime_secs: f64,
     /// Errors (4xx/5xx replies) before 421 and disconnect. Default: 10.
     pub max_errors: u32,
-    /// Wait for a command (RFC 5321 says 5 minutes). Default: 300.
+    /// NOOP, RSET, VRFY, EXPN, HELP, EHLO and HELO allowed between two
+    /// accepted messages (Postfix's smtpd_junk_command_limit); then 421
+    /// and disconnect. Default: 20.
+    pub max_junk_commands: u32,
+    /// Deadline for each whole command line, however it trickles in (RFC
+    /// 5321 says 5 minutes). Default: 300.
     pub command_timeout_secs: f64,
-    /// Wait for each chunk of DATA (RFC 5321: 3 minutes). Default: 180.
+    /// Wait for each chunk of DATA (RFC 5321: 3 minutes), and the grace
+    /// period of the minimum data rate. Default: 180.
     pub data_timeout_secs: f64,
+    /// DATA must finish within `data_timeout_secs` plus one second per this
+    /// many bytes received, so one byte every few seconds cannot hold a
+    /// session. 0 disables the rate (the per-chunk timeout stays).
+    /// Default: 1024.
+    pub data_min_bytes_per_sec: u64,
     /// Added to every failed AUTH, to slow guessing. Default: 1.0.
     pub auth_failure_delay_secs: f64,
-    /// Failures per client IP or per username before lockout. Default: 5.
+    /// Failures per (user, client network) before that user is locked out
+    /// from that network (not from others). Default: 5.
     pub auth_max_failures: u32,
+    /// Failures per client network, any users, before the whole network is
+    /// locked out of AUTH. Default: 20.
+    pub auth_max_failures_per_client: u32,
     /// Lockout length, also the window failures are counted in. Default: 900.
     pub auth_lockout_secs: f64,
+    /// Password verifications running at once (argon2id takes ~19 MiB and
+    /// ~30 ms each); the rest wait. Default: 4.
+    pub auth_concurrency: usize,
+    /// How long an AUTH waits for a verification slot before 454 4.7.0.
+    /// Default: 10.
+    pub auth_queue_timeout_secs: f64,
     /// Per user, sliding hour. 0 disables. Default: 200.
     pub messages_per_hour: u32,
     /// Per user, sliding hour. 0 disables. Default: 1000.
@@ -154,15 +186,30 @@ impl Default for LimitsConfig {
             max_recipients: 100,
             max_sessions: 200,
             max_sessions_per_client: 20,
+            preauth_sessions_percent: 50,
+            preauth_timeout_secs: 60.0,
+            session_lifetime_secs: 3600.0,
             max_errors: 10,
+            max_junk_commands: 20,
             command_timeout_secs: 300.0,
             data_timeout_secs: 180.0,
+            data_min_bytes_per_sec: 1024,
             auth_failure_delay_secs: 1.0,
             auth_max_failures: 5,
+            auth_max_failures_per_client: 20,
             auth_lockout_secs: 900.0,
+            auth_concurrency: 4,
+            auth_queue_timeout_secs: 10.0,
             messages_per_hour: 200,
             recipients_per_hour: 1000,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// `preauth_sessions_percent` of `max_sessions`, at least 1.
+    pub fn max_preauth_sessions(&self) -> usize {
+        (self.max_sessions * self.preauth_sessions_percent as usize / 100).max(1)
     }
 }
 
@@ -230,10 +277,23 @@ impl RelayConfig {
             ("limits.max_recipients", l.max_recipients),
             ("limits.max_sessions", l.max_sessions),
             ("limits.max_sessions_per_client", l.max_sessions_per_client),
+            ("limits.auth_concurrency", l.auth_concurrency),
+            ("limits.max_junk_commands", l.max_junk_commands as usize),
+            ("limits.auth_max_failures", l.auth_max_failures as usize),
+            (
+                "limits.auth_max_failures_per_client",
+                l.auth_max_failures_per_client as usize,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
+        }
+        if !(1..=100).contains(&l.preauth_sessions_percent) {
+            return Err(invalid(
+                "limits.preauth_sessions_percent",
+                "must be between 1 and 100",
+            ));
         }
         if l.max_sessions_per_client > l.max_sessions {
             return Err(invalid(
@@ -245,6 +305,9 @@ impl RelayConfig {
             ("limits.command_timeout_secs", l.command_timeout_secs),
             ("limits.data_timeout_secs", l.data_timeout_secs),
             ("limits.auth_lockout_secs", l.auth_lockout_secs),
+            ("limits.preauth_timeout_secs", l.preauth_timeout_secs),
+            ("limits.session_lifetime_secs", l.session_lifetime_secs),
+            ("limits.auth_queue_timeout_secs", l.auth_queue_timeout_secs),
             (
                 "retry.initial_backoff_secs",
                 self.retry.initial_backoff_secs,
@@ -335,6 +398,15 @@ mod tests {
     fn unknown_and_invalid_fields_are_errors() {
         assert!(RelayConfig::from_toml("nope = 1").is_err());
         assert!(RelayConfig::from_toml("[limits]\nmax_recipients = 0").is_err());
+        assert!(RelayConfig::from_toml("[limits]\npreauth_sessions_percent = 0").is_err());
+        assert!(RelayConfig::from_toml("[limits]\npreauth_sessions_percent = 101").is_err());
+        assert!(RelayConfig::from_toml("[limits]\nauth_concurrency = 0").is_err());
+        assert!(RelayConfig::from_toml("[limits]\nsession_lifetime_secs = 0").is_err());
+        assert_eq!(
+            RelayConfig::default().limits.max_preauth_sessions(),
+            100,
+            "half of 200 by default"
+        );
         assert!(RelayConfig::from_toml("hostname = \"\"").is_err());
         assert!(RelayConfig::from_toml("[upstream]\nhost = \"h\"\nusername = \"u\"").is_err());
         assert!(

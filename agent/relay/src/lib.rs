@@ -11,6 +11,7 @@ pub mod dataread;
 mod date;
 mod deliver;
 pub mod dsn;
+pub mod headers;
 pub mod limits;
 mod listener;
 pub mod parse;
@@ -21,6 +22,7 @@ pub mod spool;
 pub mod stats;
 pub mod tls;
 pub mod users;
+pub mod verifier;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub enum RelayError {
     Spool(#[from] spool::SpoolError),
     #[error(transparent)]
     Deliver(#[from] deliver::DeliverError),
+    #[error(transparent)]
+    Verifier(#[from] verifier::VerifyError),
     #[error("{op} {listener:?} listener: {source}")]
     Listen {
         op: &'static str,
@@ -165,8 +169,13 @@ impl Relay {
         }
         let mut tasks = vec![tokio::spawn(deliverer.clone().run(queued_rx))];
 
+        let verifier = verifier::Verifier::new(
+            config.limits.auth_concurrency,
+            config::secs(config.limits.auth_queue_timeout_secs),
+        )?;
         let shared = Arc::new(session::Shared {
             limits: limits::Limits::new(&config.limits),
+            verifier,
             config: config.clone(),
             tls,
             users,

@@ -1,77 +1,217 @@
-//! Abuse limits shared by all sessions: concurrent sessions (total and per
-//! client IP), AUTH failure lockouts (per client IP and per username) and
-//! per-user sending rates. All in memory: a restart forgives, which is fine
-//! for limits meant to slow abuse, not to account for it.
+//! Abuse limits shared by all sessions: concurrent sessions (total, per
+//! client network, and a capped share for sessions that have not
+//! authenticated yet), AUTH failure lockouts (per user and client network,
+//! plus a brake per client network) and per-user sending rates. All in
+//! memory: a restart forgives, which is fine for limits meant to slow abuse,
+//! not to account for it.
+//!
+//! A "client network" is an IPv4 address or an IPv6 /64: one IPv6 host
+//! usually holds a whole /64, so counting single IPv6 addresses would let
+//! one client take every slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use crate::config::{LimitsConfig, secs};
 
 /// Maps are pruned of stale entries once they grow past this, so a scan from
 /// many addresses cannot grow memory without bound.
 const PRUNE_AT: usize = 4096;
+/// Past this, even entries inside their window are dropped (all but the
+/// locked ones): memory stays bounded whatever the attacker spreads over.
+const HARD_CAP: usize = 100_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-#[derive(Debug, Default)]
-struct ConnCounts {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+/// The key limits count a client under: the IPv4 address, or the IPv6 /64.
+pub fn client_net(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => IpAddr::V4(a),
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+    }
 }
 
+#[derive(Debug)]
+struct Slot {
+    net: IpAddr,
+    /// Not authenticated yet: counts against the pre-AUTH share and may be
+    /// evicted.
+    preauth: bool,
+    evict: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct ConnState {
+    next_id: u64,
+    /// Ids grow with time, so the map's order is the sessions' age.
+    slots: std::collections::BTreeMap<u64, Slot>,
+    per_net: HashMap<IpAddr, usize>,
+    preauth: usize,
+}
+
+impl ConnState {
+    fn release(&mut self, id: u64) -> Option<Slot> {
+        let slot = self.slots.remove(&id)?;
+        if let Some(n) = self.per_net.get_mut(&slot.net) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_net.remove(&slot.net);
+            }
+        }
+        if slot.preauth {
+            self.preauth -= 1;
+        }
+        Some(slot)
+    }
+
+    /// The pre-AUTH session to give up for a newcomer: one of the network
+    /// holding the most pre-AUTH sessions, the oldest of those. A flood
+    /// holds many per network, a real client one or two, so the flood pays;
+    /// and a real client authenticates within a round trip or two of
+    /// arriving, long before it is the oldest.
+    fn victim(&self) -> Option<u64> {
+        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        for s in self.slots.values().filter(|s| s.preauth) {
+            *held.entry(s.net).or_default() += 1;
+        }
+        let most = held.values().copied().max()?;
+        self.slots
+            .iter()
+            .find(|(_, s)| s.preauth && held[&s.net] == most)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("client network already has {max} sessions")]
+    PerClient { max: usize },
+    #[error("all {max} sessions are authenticated")]
+    Full { max: usize },
+}
+
+/// Session slots. Every connection starts pre-AUTH; at most
+/// `max_preauth` may be so at once, so authenticated users always find
+/// `max_total - max_preauth` slots a flood cannot take. When the pre-AUTH
+/// share (or everything) is full, a newcomer takes the slot of a pre-AUTH
+/// session (see `victim`) instead of being refused: an idle or slow
+/// flood then only evicts itself, and cannot keep anyone out.
 #[derive(Debug)]
 pub struct ConnLimiter {
     max_total: usize,
-    max_per_ip: usize,
-    counts: Mutex<ConnCounts>,
+    max_per_net: usize,
+    max_preauth: usize,
+    state: Mutex<ConnState>,
 }
 
-/// Releases the session slot on drop, however the session ends.
+/// Holds a session slot; releases it on drop, however the session ends.
 #[derive(Debug)]
 pub struct ConnGuard {
     limiter: Arc<ConnLimiter>,
-    ip: IpAddr,
+    id: u64,
+    evict: Arc<Notify>,
+    since: Instant,
+}
+
+impl ConnGuard {
+    /// Notified when a newcomer took this (pre-AUTH) session's slot; the
+    /// session must close.
+    pub fn evicted(&self) -> Arc<Notify> {
+        self.evict.clone()
+    }
+
+    /// When the slot was taken (the connection's start).
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// The session authenticated: it leaves the pre-AUTH share and can no
+    /// longer be evicted. False if it was evicted already.
+    pub fn authenticated(&self) -> bool {
+        let mut st = lock(&self.limiter.state);
+        let Some(slot) = st.slots.get_mut(&self.id) else {
+            return false;
+        };
+        if slot.preauth {
+            slot.preauth = false;
+            st.preauth -= 1;
+        }
+        true
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut c = lock(&self.limiter.counts);
-        c.total -= 1;
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
-        }
+        lock(&self.limiter.state).release(self.id);
     }
 }
 
 impl ConnLimiter {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+    pub fn new(max_total: usize, max_per_net: usize, max_preauth: usize) -> Arc<Self> {
         Arc::new(Self {
             max_total,
-            max_per_ip,
-            counts: Mutex::default(),
+            max_per_net,
+            max_preauth: max_preauth.clamp(1, max_total),
+            state: Mutex::default(),
         })
     }
 
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
-        let mut c = lock(&self.counts);
-        let per = c.per_ip.get(&ip).copied().unwrap_or(0);
-        if c.total >= self.max_total || per >= self.max_per_ip {
-            return None;
+    /// Admits a new connection from `ip`, evicting a pre-AUTH session if
+    /// that is what it takes.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, Refused> {
+        let net = client_net(ip);
+        let mut st = lock(&self.state);
+        if st.per_net.get(&net).copied().unwrap_or(0) >= self.max_per_net {
+            return Err(Refused::PerClient {
+                max: self.max_per_net,
+            });
         }
-        c.total += 1;
-        *c.per_ip.entry(ip).or_insert(0) += 1;
-        Some(ConnGuard {
+        if st.slots.len() >= self.max_total || st.preauth >= self.max_preauth {
+            let Some(victim) = st.victim() else {
+                return Err(Refused::Full {
+                    max: self.max_total,
+                });
+            };
+            if let Some(slot) = st.release(victim) {
+                slot.evict.notify_one();
+            }
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        st.slots.insert(
+            id,
+            Slot {
+                net,
+                preauth: true,
+                evict: evict.clone(),
+            },
+        );
+        *st.per_net.entry(net).or_insert(0) += 1;
+        st.preauth += 1;
+        Ok(ConnGuard {
             limiter: self.clone(),
-            ip,
+            id,
+            evict,
+            since: Instant::now(),
         })
+    }
+
+    /// (sessions, pre-AUTH sessions) now.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = lock(&self.state);
+        (st.slots.len(), st.preauth)
     }
 }
 
@@ -81,26 +221,37 @@ struct Failures {
     window_start: Instant,
 }
 
-/// Counts AUTH failures per client IP and per username in a fixed window;
-/// reaching the maximum locks the key until the window ends. Locking by
-/// username too stops a botnet spreading guesses over many IPs, at the cost
-/// that an attacker can lock a user out for the window: the usual trade-off
-/// (Dovecot's auth_penalty and Postfix's anvil make the same one).
+/// Counts AUTH failures in a fixed window, keyed two ways:
+/// - per (user, client network): reaching `max_per_user` locks that user
+///   from that network only. Guessing alice's password from one place must
+///   not lock alice out from everywhere else (issue 12: with a per-user
+///   lockout, anyone who knew a user name could keep that user from
+///   sending mail).
+/// - per client network, any user: reaching `max_per_client` locks the
+///   whole network out of AUTH (the brake on one place guessing many users).
+///
+/// The cost is that a botnet guessing one user from many networks gets
+/// `max_per_user` tries per network and window; the argon2id cost, the
+/// failure delay and the verification semaphore slow that down, but do not
+/// lock the account. That is the trade: availability for the real user
+/// over a hard cap on distributed guessing.
 #[derive(Debug)]
 pub struct AuthLockout {
-    max_failures: u32,
+    max_per_user: u32,
+    max_per_client: u32,
     window: Duration,
-    by_ip: Mutex<HashMap<IpAddr, Failures>>,
-    by_user: Mutex<HashMap<String, Failures>>,
+    by_pair: Mutex<HashMap<(String, IpAddr), Failures>>,
+    by_client: Mutex<HashMap<IpAddr, Failures>>,
 }
 
 impl AuthLockout {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
+    pub fn new(max_per_user: u32, max_per_client: u32, window: Duration) -> Self {
         Self {
-            max_failures,
+            max_per_user,
+            max_per_client,
             window,
-            by_ip: Mutex::default(),
-            by_user: Mutex::default(),
+            by_pair: Mutex::default(),
+            by_client: Mutex::default(),
         }
     }
 
@@ -108,25 +259,47 @@ impl AuthLockout {
         &self,
         map: &Mutex<HashMap<K, Failures>>,
         k: &K,
+        max: u32,
         now: Instant,
     ) -> bool {
-        lock(map).get(k).is_some_and(|f| {
-            f.count >= self.max_failures && now.duration_since(f.window_start) < self.window
-        })
+        lock(map)
+            .get(k)
+            .is_some_and(|f| f.count >= max && now.duration_since(f.window_start) < self.window)
     }
 
-    pub fn ip_locked(&self, ip: IpAddr) -> bool {
-        self.locked(&self.by_ip, &ip, Instant::now())
+    /// The brake: this client network failed too often, whatever the users.
+    pub fn client_locked(&self, ip: IpAddr) -> bool {
+        self.locked(
+            &self.by_client,
+            &client_net(ip),
+            self.max_per_client,
+            Instant::now(),
+        )
     }
 
-    pub fn user_locked(&self, user: &str) -> bool {
-        self.locked(&self.by_user, &user.to_owned(), Instant::now())
+    /// `user` failed too often from this client network.
+    pub fn user_locked(&self, user: &str, ip: IpAddr) -> bool {
+        self.locked(
+            &self.by_pair,
+            &(user.to_owned(), client_net(ip)),
+            self.max_per_user,
+            Instant::now(),
+        )
     }
 
-    fn bump<K: std::hash::Hash + Eq>(&self, map: &Mutex<HashMap<K, Failures>>, k: K, now: Instant) {
+    fn bump<K: std::hash::Hash + Eq>(
+        &self,
+        map: &Mutex<HashMap<K, Failures>>,
+        k: K,
+        max: u32,
+        now: Instant,
+    ) {
         let mut m = lock(map);
         if m.len() > PRUNE_AT {
             m.retain(|_, f| now.duration_since(f.window_start) < self.window);
+        }
+        if m.len() > HARD_CAP {
+            m.retain(|_, f| f.count >= max);
         }
         let f = m.entry(k).or_insert(Failures {
             count: 0,
@@ -143,14 +316,21 @@ impl AuthLockout {
 
     pub fn record_failure(&self, ip: IpAddr, user: &str) {
         let now = Instant::now();
-        self.bump(&self.by_ip, ip, now);
-        self.bump(&self.by_user, user.to_owned(), now);
+        let net = client_net(ip);
+        self.bump(&self.by_client, net, self.max_per_client, now);
+        self.bump(
+            &self.by_pair,
+            (user.to_owned(), net),
+            self.max_per_user,
+            now,
+        );
     }
 
-    /// A success clears the user's count, not the IP's: one valid account
-    /// must not let a client reset its guessing budget for others.
-    pub fn record_success(&self, user: &str) {
-        lock(&self.by_user).remove(user);
+    /// A success clears the user's count from that network, not the
+    /// network's brake: one valid account must not let a client reset its
+    /// guessing budget for others.
+    pub fn record_success(&self, user: &str, ip: IpAddr) {
+        lock(&self.by_pair).remove(&(user.to_owned(), client_net(ip)));
     }
 }
 
@@ -238,8 +418,16 @@ pub struct Limits {
 impl Limits {
     pub fn new(cfg: &LimitsConfig) -> Self {
         Self {
-            conns: ConnLimiter::new(cfg.max_sessions, cfg.max_sessions_per_client),
-            auth: AuthLockout::new(cfg.auth_max_failures, secs(cfg.auth_lockout_secs)),
+            conns: ConnLimiter::new(
+                cfg.max_sessions,
+                cfg.max_sessions_per_client,
+                cfg.max_preauth_sessions(),
+            ),
+            auth: AuthLockout::new(
+                cfg.auth_max_failures,
+                cfg.auth_max_failures_per_client,
+                secs(cfg.auth_lockout_secs),
+            ),
             rate: RateLimiter::new(cfg.messages_per_hour, cfg.recipients_per_hour),
         }
     }
@@ -249,33 +437,118 @@ impl Limits {
 mod tests {
     use super::*;
 
-    #[test]
-    fn conn_limits() {
-        let l = ConnLimiter::new(3, 2);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let g1 = l.try_acquire(a).unwrap();
-        let _g2 = l.try_acquire(a).unwrap();
-        assert!(l.try_acquire(a).is_none(), "per-ip limit");
-        let _g3 = l.try_acquire(b).unwrap();
-        assert!(l.try_acquire(b).is_none(), "total limit");
-        drop(g1);
-        assert!(l.try_acquire(a).is_some());
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[test]
-    fn lockout_by_ip_and_user() {
-        let l = AuthLockout::new(2, Duration::from_secs(60));
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        l.record_failure(a, "u");
-        assert!(!l.ip_locked(a) && !l.user_locked("u"));
-        l.record_failure(a, "v");
-        assert!(l.ip_locked(a));
-        assert!(!l.user_locked("u"));
-        l.record_failure("192.0.2.9".parse().unwrap(), "u");
-        assert!(l.user_locked("u"));
-        l.record_success("u");
-        assert!(!l.user_locked("u"));
+    fn conn_limits_per_client_network() {
+        let l = ConnLimiter::new(10, 2, 10);
+        let g1 = l.try_acquire(ip("192.0.2.1")).unwrap();
+        let _g2 = l.try_acquire(ip("192.0.2.1")).unwrap();
+        assert_eq!(
+            l.try_acquire(ip("192.0.2.1")).unwrap_err(),
+            Refused::PerClient { max: 2 }
+        );
+        // Another IPv4 address is another client.
+        let _g3 = l.try_acquire(ip("192.0.2.2")).unwrap();
+        drop(g1);
+        assert!(l.try_acquire(ip("192.0.2.1")).is_ok());
+        // IPv6: one /64 is one client, whatever the interface ids...
+        let _a = l.try_acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _b = l.try_acquire(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(l.try_acquire(ip("2001:db8:1:2::3")).is_err());
+        // ...and the next /64 is another.
+        assert!(l.try_acquire(ip("2001:db8:1:3::1")).is_ok());
+        // IPv4-mapped IPv6 counts as the IPv4 address.
+        assert_eq!(client_net(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+    }
+
+    #[test]
+    fn preauth_share_and_eviction() {
+        // 4 slots, at most 2 pre-AUTH.
+        let l = ConnLimiter::new(4, 4, 2);
+        let a1 = l.try_acquire(ip("198.51.100.1")).unwrap();
+        let a2 = l.try_acquire(ip("198.51.100.2")).unwrap();
+        assert!(a1.authenticated() && a2.authenticated());
+        assert_eq!(l.counts(), (2, 0));
+        let f1 = l.try_acquire(ip("203.0.113.1")).unwrap();
+        let f2 = l.try_acquire(ip("203.0.113.1")).unwrap();
+        assert_eq!(l.counts(), (4, 2));
+        // Full: a newcomer evicts the oldest pre-AUTH session of the
+        // network that holds the most; never an authenticated one.
+        let user = l.try_acquire(ip("192.0.2.10")).unwrap();
+        assert_eq!(l.counts(), (4, 2));
+        let evicted = f1.evicted();
+        assert!(
+            futures_ready(evicted.notified()),
+            "the oldest flood session must be told to go"
+        );
+        assert!(
+            !f1.authenticated(),
+            "an evicted session cannot authenticate"
+        );
+        assert!(!futures_ready(f2.evicted().notified()));
+        // The newcomer's own network holds one; the flood's still holds one:
+        // the next newcomer takes the flood's (older) slot, not the user's.
+        let _n = l.try_acquire(ip("192.0.2.11")).unwrap();
+        assert!(futures_ready(f2.evicted().notified()));
+        assert!(!futures_ready(user.evicted().notified()));
+        assert!(user.authenticated());
+        drop((f1, f2));
+        assert_eq!(l.counts(), (4, 1));
+        // Everyone authenticated: nothing to evict, refused.
+        let l = ConnLimiter::new(2, 2, 2);
+        let x = l.try_acquire(ip("192.0.2.1")).unwrap();
+        let y = l.try_acquire(ip("192.0.2.2")).unwrap();
+        assert!(x.authenticated() && y.authenticated());
+        assert_eq!(
+            l.try_acquire(ip("192.0.2.3")).unwrap_err(),
+            Refused::Full { max: 2 }
+        );
+        // The pre-AUTH share is capped even with free slots.
+        let l = ConnLimiter::new(10, 10, 3);
+        let g: Vec<_> = (1..=3)
+            .map(|i| l.try_acquire(ip(&format!("192.0.2.{i}"))).unwrap())
+            .collect();
+        let _more = l.try_acquire(ip("192.0.2.9")).unwrap();
+        assert_eq!(l.counts(), (3, 3));
+        assert!(futures_ready(g[0].evicted().notified()));
+    }
+
+    /// Whether a future is ready at its first poll.
+    fn futures_ready<F: std::future::Future>(f: F) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut f = std::pin::pin!(f);
+        f.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn lockout_per_user_and_network_with_client_brake() {
+        let l = AuthLockout::new(2, 3, Duration::from_secs(60));
+        let a = ip("192.0.2.1");
+        let b = ip("198.51.100.1");
+        l.record_failure(a, "alice");
+        assert!(!l.user_locked("alice", a));
+        l.record_failure(a, "alice");
+        // Locked from a, not from b: guessing cannot lock alice out.
+        assert!(l.user_locked("alice", a));
+        assert!(!l.user_locked("alice", b));
+        assert!(!l.user_locked("bob", a));
+        assert!(!l.client_locked(a));
+        // The brake: a third failure from a, another user: all of a is out.
+        l.record_failure(a, "carol");
+        assert!(l.client_locked(a) && !l.client_locked(b));
+        // A success clears the pair, not the brake.
+        l.record_success("alice", a);
+        assert!(!l.user_locked("alice", a));
+        assert!(l.client_locked(a));
+        // The /64 is the network.
+        l.record_failure(ip("2001:db8::1"), "dave");
+        l.record_failure(ip("2001:db8::2"), "dave");
+        assert!(l.user_locked("dave", ip("2001:db8::ffff")));
+        assert!(!l.user_locked("dave", ip("2001:db8:0:1::1")));
     }
 
     #[test]

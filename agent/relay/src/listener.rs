@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use crate::config::secs;
-use crate::session::{ListenerKind, Session, Shared};
+use crate::session::{ListenerKind, Session, Shared, TlsInfo};
 use crate::stats::RelayStats;
 
 pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
@@ -36,27 +36,53 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
         );
         let peer = canonical(peer);
-        let Some(guard) = shared.limits.conns.try_acquire(peer.ip()) else {
-            RelayStats::inc(&shared.stats.sessions_refused);
-            tracing::info!(peer = %peer, "session limit reached; refusing connection");
-            tokio::spawn(async move {
-                let _ = sock
-                    .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
-                    .await;
-                let _ = sock.shutdown().await;
-            });
-            continue;
+        let guard = match shared.limits.conns.try_acquire(peer.ip()) {
+            Ok(g) => g,
+            Err(why) => {
+                RelayStats::inc(&shared.stats.sessions_refused);
+                tracing::info!(peer = %peer, listener = ?kind, %why, "session limit reached; refusing connection");
+                if kind == ListenerKind::Submissions {
+                    // Port 465 speaks TLS from the first byte: a cleartext
+                    // 421 there is garbage to the client and a plaintext
+                    // leak, and a handshake just to refuse would hand a
+                    // flood our CPU. Close instead.
+                    drop(sock);
+                } else {
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            sock.write_all(b"421 4.7.0 Too many connections, try again later\r\n"),
+                        )
+                        .await;
+                        let _ = sock.shutdown().await;
+                    });
+                }
+                continue;
+            }
         };
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _guard = guard;
             let res = if kind == ListenerKind::Submissions {
                 let acceptor = shared.tls.acceptor();
-                let timeout = secs(shared.config.limits.command_timeout_secs);
-                match tokio::time::timeout(timeout, acceptor.accept(sock)).await {
+                let l = &shared.config.limits;
+                let timeout = secs(l.command_timeout_secs.min(l.preauth_timeout_secs));
+                let evicted = guard.evicted();
+                // An evicted handshake just ends: nothing may be sent in
+                // cleartext on 465.
+                let tls = tokio::select! {
+                    r = tokio::time::timeout(timeout, acceptor.accept(sock)) => r,
+                    () = evicted.notified() => {
+                        RelayStats::inc(&shared.stats.sessions_evicted);
+                        return;
+                    }
+                };
+                match tls {
                     Ok(Ok(tls)) => {
+                        let info = TlsInfo::of(tls.get_ref().1);
                         Session::new(tls, shared.clone(), kind, peer, local, true)
+                            .with_tls_info(info)
+                            .with_slot(guard)
                             .run()
                             .await
                     }
@@ -68,6 +94,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
                 }
             } else {
                 Session::new(sock, shared.clone(), kind, peer, local, false)
+                    .with_slot(guard)
                     .run()
                     .await
             };

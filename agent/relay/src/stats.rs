@@ -28,6 +28,8 @@ pub struct RelayStats {
     pub sessions_active: AtomicU64,
     /// Connections refused by the total or per-client session limits.
     pub sessions_refused: AtomicU64,
+    /// Pre-AUTH sessions closed to make room for a newcomer.
+    pub sessions_evicted: AtomicU64,
     pub auth_successes: AtomicU64,
     pub auth_failures: AtomicU64,
     pub messages_accepted: AtomicU64,
@@ -74,6 +76,7 @@ pub struct StatsSnapshot {
     pub sessions_total: u64,
     pub sessions_active: u64,
     pub sessions_refused: u64,
+    pub sessions_evicted: u64,
     pub auth_successes: u64,
     pub auth_failures: u64,
     pub messages_accepted: u64,
@@ -159,6 +162,7 @@ impl RelayStats {
             sessions_total: self.sessions_total.load(Relaxed),
             sessions_active: self.sessions_active.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
+            sessions_evicted: self.sessions_evicted.load(Relaxed),
             auth_successes: self.auth_successes.load(Relaxed),
             auth_failures: self.auth_failures.load(Relaxed),
             messages_accepted: self.messages_accepted.load(Relaxed),

@@ -11,29 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Client, Lab, Sink, free_port, stuff};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-async fn spawn_relay(config: &std::path::Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relay-lab"))
-        .arg(config)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning relay-lab");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("relay-lab READY in time")
-        .unwrap()
-        .expect("relay-lab printed READY");
-    let sub = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("submission="))
-        .unwrap_or_else(|| panic!("bad READY line {line:?}"));
-    (child, sub.parse().unwrap())
-}
+use common::{Client, Lab, Sink, free_port, spawn_relay, stuff};
 
 /// One client: logs in once, then sends messages until told to stop or the
 /// connection dies. Records the Message-IDs that got a 250.
@@ -67,7 +45,7 @@ async fn client_loop(
                 .starts_with("354")
                 .then_some(())?;
             let msg =
-                format!("Message-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nend {id}\r\n");
+                format!("From: alice@example.com\r\nMessage-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nend {id}\r\n");
             c.send_bytes(stuff(&msg).as_bytes()).await.ok()?;
             c.try_reply().await.ok()?.starts_with("250 ").then_some(())
         }

@@ -22,7 +22,7 @@ async fn submission_587_starttls_auth_and_delivery() {
     c.cmd("RCPT TO:<rcpt@example.net>", "250 2.1.5").await;
     c.cmd("DATA", "354").await;
     c.send(&stuff(
-        "Message-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n",
+        "From: alice@example.com\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID: <d1@example.com>\r\nSubject: hi\r\n\r\n.leading dot\r\n",
     ))
     .await;
     c.expect("250 2.0.0 Ok: queued as").await;
@@ -43,7 +43,7 @@ async fn submission_587_starttls_auth_and_delivery() {
     );
     assert_eq!(
         common::strip_relay_received(&msg),
-        "Message-ID: <d1@example.com>\nSubject: hi\n\n.leading dot\n"
+        "From: alice@example.com\nDate: Thu, 1 Jan 2026 00:00:00 +0000\nMessage-ID: <d1@example.com>\nSubject: hi\n\n.leading dot\n"
     );
     // The queue entry is removed just after the sink answers.
     for _ in 0..100 {
@@ -134,7 +134,8 @@ async fn intercept_listener_refuses_unauthenticated_and_names_original_destinati
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send(&stuff("Subject: x\r\n\r\nx\r\n")).await;
+    c.send(&stuff("From: alice@example.com\r\nSubject: x\r\n\r\nx\r\n"))
+        .await;
     let r = c.expect("250 2.0.0 Ok: queued as ").await;
     let id = r.trim_end().rsplit(' ').next().unwrap();
     let (_, body) = smtpgate_relay::queue::show(&lab.spool, id).unwrap();
@@ -208,8 +209,10 @@ async fn smuggling_battery() {
         c.cmd("MAIL FROM:<alice@example.com>", "250").await;
         c.cmd("RCPT TO:<r@example.net>", "250").await;
         c.cmd("DATA", "354").await;
-        c.send(&format!("Subject: outer\r\n\r\nbody{end}{smuggled}"))
-            .await;
+        c.send(&format!(
+            "From: alice@example.com\r\nSubject: outer\r\n\r\nbody{end}{smuggled}"
+        ))
+        .await;
         let r = c.try_reply().await.unwrap();
         assert!(r.starts_with("521 5.5.2"), "{name}: {r}");
         c.expect_closed().await;
@@ -223,7 +226,8 @@ async fn smuggling_battery() {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send("Subject: fine\r\n\r\nbody\r\n.\r\n").await;
+    c.send("From: alice@example.com\r\nSubject: fine\r\n\r\nbody\r\n.\r\n")
+        .await;
     c.expect("250 2.0.0").await;
     relay.shutdown().await;
 }

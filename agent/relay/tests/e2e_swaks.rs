@@ -15,6 +15,7 @@ use smtpgate_relay::{Listeners, Relay};
 fn tricky_message(id: &str) -> String {
     format!(
         "From: Alice <alice@example.com>\r\nTo: r@example.net\r\nSubject: e2e {id}\r\nMessage-ID: <{id}@example.com>\r\n\
+         Date: Thu, 1 Jan 2026 00:00:00 +0000\r\n\
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
          .starts with a dot\r\n..\r\ncaf\u{e9} \u{2603} trailing   \r\n\r\n\r\n{}\r\nlast line\r\n",
         "x".repeat(998)
@@ -75,6 +76,8 @@ async fn swaks_587_and_465_byte_exact_through_smtp_sink() {
         let (ok, out) = swaks(&args(&[
             "--server",
             &addr.to_string(),
+            "--ehlo",
+            "client.test",
             tls,
             "--tls-verify",
             "--tls-ca-path",
@@ -125,12 +128,103 @@ async fn swaks_587_and_465_byte_exact_through_smtp_sink() {
             msg.replace("\r\n", "\n"),
             "{id} altered in transit"
         );
-        assert!(got.starts_with("Received: from "), "{got}");
         assert!(
-            got.contains("by relay.test (smtpgate) with ESMTPSA id "),
+            got.starts_with(
+                "Received: from client.test ([127.0.0.1])\n\t(using TLSv1.3 with cipher TLS13_"
+            ),
+            "{got}"
+        );
+        assert!(
+            got.contains(
+                "\n\t(authenticated user alice)\n\tby relay.test (smtpgate) with ESMTPSA id "
+            ),
             "{got}"
         );
     }
+    relay.shutdown().await;
+}
+
+/// Issue 12: a message with only From/To/Subject left the relay without
+/// Message-ID or Date. Through swaks and smtp-sink both are added, once,
+/// after the client's own fields; the Received header names the user and
+/// the TLS session on 465 as on 587, and a hostile EHLO name is defused.
+#[tokio::test]
+async fn swaks_bare_message_gets_message_id_and_date() {
+    let lab = Lab::new();
+    smtpgate_relay::write_lab_cert(lab.dir.path(), &["localhost", "127.0.0.1"]).unwrap();
+    let sink = Sink::start(&lab.dir.path().join("sink"), free_port());
+    let relay = Relay::start(lab.config(Some(sink.port)), Listeners::default())
+        .await
+        .unwrap();
+    let a = relay.addrs();
+    let ca = lab.cert.display().to_string();
+    for (id, addr, tls) in [
+        ("bare587", a.submission.unwrap(), "-tls"),
+        ("bare465", a.submissions.unwrap(), "-tlsc"),
+    ] {
+        let msg = format!(
+            "From: alice@example.com\r\nTo: r@example.net\r\nSubject: {id}\r\n\r\nbody\r\n"
+        );
+        let file = data_file(lab.dir.path(), id, &msg);
+        let (ok, out) = swaks(&args(&[
+            "--server",
+            &addr.to_string(),
+            "--ehlo",
+            "evil;name",
+            tls,
+            "--tls-verify",
+            "--tls-ca-path",
+            &ca,
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.com",
+            "--to",
+            "r@example.net",
+            "-ndf",
+            "--data",
+            &file,
+        ]))
+        .await;
+        assert!(ok, "swaks {id} failed:\n{out}");
+    }
+    let dumps = sink
+        .wait_for("2 deliveries", Duration::from_secs(30), |m| {
+            m.len() == 2 && m.iter().all(|d| d.contains("\nbody\n"))
+        })
+        .await;
+    let mut ids = Vec::new();
+    for d in &dumps {
+        let (_, got) = common::sink_split(d);
+        assert!(
+            got.starts_with("Received: from [127.0.0.1] (invalid HELO \"evil?name\")\n\t(using TLSv1.3 with cipher TLS13_"),
+            "{got}"
+        );
+        assert!(got.contains("\n\t(authenticated user alice)\n"), "{got}");
+        let rest = common::strip_relay_received(&got);
+        let lines: Vec<&str> = rest.lines().collect();
+        assert_eq!(
+            lines[..2],
+            ["From: alice@example.com", "To: r@example.net"],
+            "{got}"
+        );
+        assert!(lines[2].starts_with("Subject: bare"), "{got}");
+        assert!(
+            lines[3].starts_with("Message-ID: <") && lines[3].ends_with("@relay.test>"),
+            "{got}"
+        );
+        assert!(
+            lines[4].starts_with("Date: ") && lines[4].ends_with(" +0000"),
+            "{got}"
+        );
+        assert_eq!(lines[5..], ["", "body"], "{got}");
+        ids.push(lines[3].to_owned());
+    }
+    assert_ne!(ids[0], ids[1], "Message-IDs must be unique");
     relay.shutdown().await;
 }
 
@@ -205,6 +299,46 @@ async fn swaks_refusals() {
     ]))
     .await;
     assert!(!ok && out.contains("553 5.7.1"), "{out}");
+    // Right envelope, wrong header From: (issue 12: this was relayed), and
+    // two From: headers. swaks's own default message (From: = envelope)
+    // goes through, so the refusals are about the header alone.
+    let login = |extra: &[&str]| {
+        let mut v = args(&[
+            "--server",
+            &s587,
+            "-tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.com",
+            "--to",
+            "r@example.net",
+        ]);
+        v.extend(args(extra));
+        v
+    };
+    let (ok, out) = swaks(&login(&[
+        "--header",
+        "From: Payments <billing@bank.example>",
+    ]))
+    .await;
+    assert!(
+        !ok && out.contains(
+            "550 5.7.1 From: header address billing@bank.example is not one user alice may send as"
+        ),
+        "{out}"
+    );
+    let (ok, out) = swaks(&login(&["--add-header", "From: alice@example.com"])).await;
+    assert!(
+        !ok && out.contains("550 5.7.1 Message must have exactly one From: header, found 2"),
+        "{out}"
+    );
     assert!(smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty());
+    let (ok, out) = swaks(&login(&[])).await;
+    assert!(ok && out.contains("250 2.0.0 Ok: queued"), "{out}");
     relay.shutdown().await;
 }

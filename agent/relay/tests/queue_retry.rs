@@ -17,7 +17,7 @@ async fn submit(addr: std::net::SocketAddr, pem: &str, id: &str) {
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
     c.send(&stuff(&format!(
-        "Message-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nbody {id}\r\n"
+        "From: alice@example.com\r\nMessage-ID: <{id}@example.com>\r\nSubject: {id}\r\n\r\nbody {id}\r\n"
     )))
     .await;
     c.expect("250 2.0.0").await;

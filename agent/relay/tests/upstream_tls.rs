@@ -49,7 +49,7 @@ async fn chain(tls: UpstreamTls) {
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
     c.send(&stuff(
-        "Message-ID: <chain@example.com>\r\nSubject: chain\r\n\r\nthrough two relays\r\n",
+        "From: alice@example.com\r\nMessage-ID: <chain@example.com>\r\nSubject: chain\r\n\r\nthrough two relays\r\n",
     ))
     .await;
     c.expect("250 2.0.0").await;
@@ -109,7 +109,8 @@ async fn upstream_with_untrusted_certificate_is_retried_not_sent() {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send(&stuff("Subject: x\r\n\r\nx\r\n")).await;
+    c.send(&stuff("From: alice@example.com\r\nSubject: x\r\n\r\nx\r\n"))
+        .await;
     c.expect("250 2.0.0").await;
     // Wait for the failed attempt to reach the record on disk.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

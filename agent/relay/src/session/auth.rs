@@ -45,7 +45,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ));
             return Ok(Flow::Continue);
         }
-        if self.shared.limits.auth.ip_locked(self.peer.ip()) {
+        if self.shared.limits.auth.client_locked(self.peer.ip()) {
             tracing::warn!(peer = %self.peer, "AUTH refused: client locked out");
             self.auth_delay().await;
             self.reply(&Reply::new(
@@ -71,7 +71,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Exchange::Creds { user, password } => (user, password),
             Exchange::Aborted(flow) => return Ok(flow),
         };
-        if self.shared.limits.auth.user_locked(&user) {
+        if self.shared.limits.auth.user_locked(&user, self.peer.ip()) {
             // Same reply whether or not the user exists.
             tracing::warn!(peer = %self.peer, user, "AUTH refused: user locked out");
             self.auth_delay().await;
@@ -84,15 +84,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let users = self.shared.users.clone();
         let u = user.clone();
-        // Hashing takes tens of milliseconds of CPU: keep it off the reactor.
-        let entry = tokio::task::spawn_blocking(move || users.authenticate(&u, &password))
+        // Hashing takes tens of milliseconds of CPU and ~19 MiB: off the
+        // reactor, and never more than a few at once.
+        let entry = match self
+            .shared
+            .verifier
+            .run(move || users.authenticate(&u, &password))
             .await
-            .ok()
-            .flatten();
+        {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, user, error = %e, "AUTH refused: verifier busy");
+                self.reply(&Reply::new(
+                    454,
+                    "4.7.0",
+                    "Too many logins at once, try again later",
+                ));
+                return Ok(Flow::Continue);
+            }
+        };
         match entry {
             Some(entry) => {
+                if self.slot.as_ref().is_some_and(|s| !s.authenticated()) {
+                    // A newcomer took the slot while the hash ran.
+                    self.evicted_reply();
+                    return Ok(Flow::Close);
+                }
                 tracing::info!(peer = %self.peer, user, "authenticated");
-                self.shared.limits.auth.record_success(&user);
+                self.shared
+                    .limits
+                    .auth
+                    .record_success(&user, self.peer.ip());
                 RelayStats::inc(&self.shared.stats.auth_successes);
                 self.login = Some(Login { user, entry });
                 self.reply(&Reply::new(235, "2.7.0", "Authentication successful"));
@@ -129,8 +151,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let line = match self.read_line(MAX_AUTH_LINE, false).await? {
             Line::Ok(l) => l,
             Line::Eof | Line::Shutdown => return Ok(Err(Flow::Close)),
-            Line::Timeout => {
-                self.reply(&canned::timeout());
+            Line::Expired(limit) => {
+                self.expired(limit);
+                return Ok(Err(Flow::Close));
+            }
+            Line::Evicted => {
+                self.evicted_reply();
                 return Ok(Err(Flow::Close));
             }
             Line::TooLong | Line::BareLf => {

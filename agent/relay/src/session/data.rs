@@ -1,12 +1,13 @@
 //! DATA: read the message strictly, add a Received header, spool durably,
 //! and answer 250 only once the message is on disk.
 
-use std::fmt::Write as _;
-use std::time::SystemTime;
-
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Flow, ListenerKind, Phase, Session, SessionError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Deadline, Fill, Flow, Limit, Phase, Session, SessionError};
 use crate::config::secs;
 use crate::dataread::{DataReader, Feed, Verdict};
 use crate::reply::{Reply, canned};
@@ -49,8 +50,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
 
         let mut reader = DataReader::new(self.cfg().limits.max_message_bytes);
-        let timeout = secs(self.cfg().limits.data_timeout_secs);
+        let grace = secs(self.cfg().limits.data_timeout_secs);
+        let rate = self.cfg().limits.data_min_bytes_per_sec;
+        let started = Instant::now();
+        let mut received: u64 = 0;
         loop {
+            received += self.rbuf.len() as u64;
             match reader.feed(&self.rbuf) {
                 Feed::NeedMore => self.rbuf.clear(),
                 Feed::Done { consumed } => {
@@ -71,20 +76,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(Flow::Close);
                 }
             }
-            match self.fill(timeout, false).await {
-                Ok(Some(true)) => {}
-                Ok(Some(false) | None) => return Ok(Flow::Close),
-                Err(SessionError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    self.reply(&canned::timeout());
+            // Idle at most `grace` per read, and the whole DATA within
+            // `grace` plus what the minimum rate allows for the bytes so
+            // far: one byte every 20 s kept DATA open past 420 s before.
+            let mut deadline = Deadline {
+                at: Instant::now() + grace,
+                limit: Limit::Idle,
+            }
+            .min(self.session_deadline());
+            if rate > 0 {
+                deadline = deadline.min(Deadline {
+                    at: started + grace + Duration::from_secs_f64(received as f64 / rate as f64),
+                    limit: Limit::DataRate,
+                });
+            }
+            match self.fill(deadline, false).await? {
+                Fill::Data => {}
+                Fill::Eof | Fill::Shutdown | Fill::Evicted => return Ok(Flow::Close),
+                Fill::Expired(limit) => {
+                    tracing::info!(peer = %self.peer, user, received, "DATA too slow");
+                    self.txn = None;
+                    self.expired(limit);
                     return Ok(Flow::Close);
                 }
-                Err(e) => return Err(e),
             }
         }
         let verdict = reader.verdict();
         let body = reader.into_body();
+        let end = crate::headers::header_end(&body);
+        let section = &body[..end.fields_len];
         let refusal = match verdict {
             Verdict::TooBig => Some(Reply::new(
                 552,
@@ -96,12 +116,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "5.6.0",
                 "Message has lines longer than 998 characters",
             )),
-            Verdict::Ok if count_received(&body) > MAX_HOPS => Some(Reply::new(
+            Verdict::Ok if count_received(section) > MAX_HOPS => Some(Reply::new(
                 554,
                 "5.4.6",
                 "Too many Received headers: mail loop?",
             )),
-            Verdict::Ok => None,
+            Verdict::Ok => self.check_header_from(section),
         };
         let txn = self.txn.take().expect("phase Rcpt");
         if let Some(r) = refusal {
@@ -111,8 +131,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
 
         let id = new_id();
-        let mut msg = self.received_header(&id, &txn.rcpts).into_bytes();
-        msg.extend_from_slice(&body);
+        let mut msg = self.header_block(&id, &txn.rcpts, section, end.blank_line);
+        msg.extend_from_slice(&body[end.body_start()..]);
         let now = now_ms();
         let record = QueueRecord {
             id: id.clone(),
@@ -139,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(()) => {
                 self.shared.limits.rate.record(&user, nrcpt);
                 RelayStats::inc(&self.shared.stats.messages_accepted);
+                self.junk = 0;
                 RelayStats::inc(&self.shared.stats.queue_length);
                 tracing::info!(peer = %self.peer, user, id, from = %txn.from, rcpts = txn.rcpts.len(), "queued");
                 let _ = self.shared.queued.send(record);
@@ -156,40 +177,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         Ok(Flow::Continue)
     }
-
-    fn received_header(&self, id: &str, rcpts: &[crate::parse::Address]) -> String {
-        let helo = self.helo.as_deref().unwrap_or("unknown");
-        // RFC 3848: ESMTPSA = ESMTP with TLS and AUTH, which is the only way
-        // a message gets here.
-        let proto = if self.esmtp { "ESMTPSA" } else { "SMTPSA" };
-        let mut h = format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (smtpgate) with {proto} id {id}",
-            self.peer.ip(),
-            self.cfg().hostname
-        );
-        if self.kind == ListenerKind::Intercept {
-            let _ = write!(
-                h,
-                "\r\n\t(intercepted; original destination {})",
-                self.local
-            );
-        }
-        if let [only] = rcpts {
-            let _ = write!(h, "\r\n\tfor <{only}>");
-        }
-        let _ = write!(h, ";\r\n\t{}\r\n", crate::date::rfc5322(SystemTime::now()));
-        h
-    }
 }
 
-/// Counts Received: headers in the header section.
-fn count_received(body: &[u8]) -> usize {
-    let end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(body.len(), |i| i + 2);
-    body[..end]
-        .split(|&b| b == b'\n')
-        .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
+/// Counts Received: fields in the header section.
+fn count_received(section: &[u8]) -> usize {
+    crate::headers::fields(section)
+        .iter()
+        .filter(|f| f.is("Received"))
         .count()
 }

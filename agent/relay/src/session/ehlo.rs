@@ -58,15 +58,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             unreachable!("tls flag false implies plain stream")
         };
         let acceptor = self.shared.tls.acceptor();
-        let tls = tokio::time::timeout(
-            crate::config::secs(self.cfg().limits.command_timeout_secs),
-            acceptor.accept(raw),
-        )
-        .await
-        .map_err(|_| SessionError::Handshake {
-            source: std::io::ErrorKind::TimedOut.into(),
-        })?
-        .map_err(|source| SessionError::Handshake { source })?;
+        let deadline = self.command_deadline().at;
+        let tls = tokio::time::timeout_at(deadline, acceptor.accept(raw))
+            .await
+            .map_err(|_| SessionError::Handshake {
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| SessionError::Handshake { source })?;
+        self.tls_info = super::TlsInfo::of(tls.get_ref().1);
         self.stream = Stream::Tls(Box::new(tls));
         self.tls = true;
         // RFC 3207 4.2: forget everything learnt before TLS.

@@ -5,24 +5,25 @@
 mod auth;
 mod data;
 mod ehlo;
+mod hygiene;
 mod mail;
 mod misc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 
 use crate::config::{RelayConfig, secs};
-use crate::limits::Limits;
+use crate::limits::{ConnGuard, Limits};
 use crate::parse::{self, Command, MAX_COMMAND_LINE, ParseError};
 use crate::reply::{Reply, canned};
 use crate::spool::{QueueRecord, Spool};
 use crate::stats::RelayStats;
 use crate::tls::TlsStore;
 use crate::users::{UserDb, UserEntry};
+use crate::verifier::Verifier;
 
 /// Which listener accepted the connection; decides TLS start and the wording
 /// of refusals.
@@ -52,12 +53,38 @@ pub enum SessionError {
     },
 }
 
+/// The TLS parameters a session negotiated, for its Received header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// "TLSv1.3", "TLSv1.2".
+    pub version: String,
+    /// IANA-style suite name as rustls spells it, e.g. "TLS13_AES_256_GCM_SHA384".
+    pub cipher: String,
+}
+
+impl TlsInfo {
+    pub fn of(conn: &rustls::ServerConnection) -> Option<Self> {
+        let version = match conn.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let suite = conn.negotiated_cipher_suite()?.suite();
+        let cipher = suite
+            .as_str()
+            .map_or_else(|| format!("{suite:?}"), str::to_owned);
+        Some(Self { version, cipher })
+    }
+}
+
 /// What every session shares: configuration, credentials, limits, spool.
 pub struct Shared {
     pub config: Arc<RelayConfig>,
     pub tls: Arc<TlsStore>,
     pub users: Arc<UserDb>,
     pub limits: Limits,
+    /// Bounds concurrent password verifications.
+    pub verifier: Arc<Verifier>,
     pub stats: Arc<RelayStats>,
     pub spool: Spool,
     /// New messages for the delivery side, sent after they are on disk.
@@ -104,6 +131,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     }
 }
 
+/// Which limit a read ran into; decides the 421's wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// The per-command-line deadline (or the DATA chunk timeout).
+    Idle,
+    /// DATA as a whole (`data_timeout_secs` plus the minimum rate).
+    DataRate,
+    /// Not authenticated within `preauth_timeout_secs`.
+    PreAuth,
+    /// `session_lifetime_secs`.
+    Lifetime,
+}
+
+impl Limit {
+    pub(crate) fn reply(self) -> Reply {
+        match self {
+            Self::Idle => canned::timeout(),
+            Self::DataRate => Reply::new(421, "4.4.2", "Message data too slow, closing connection"),
+            Self::PreAuth => Reply::new(
+                421,
+                "4.7.0",
+                "Authentication not completed in time, closing connection",
+            ),
+            Self::Lifetime => Reply::new(
+                421,
+                "4.4.2",
+                "Session time limit reached, closing connection",
+            ),
+        }
+    }
+}
+
+/// A point in time a read must finish by, and the limit it comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    pub at: Instant,
+    pub limit: Limit,
+}
+
+impl Deadline {
+    pub(crate) fn min(self, other: Self) -> Self {
+        if other.at < self.at { other } else { self }
+    }
+}
+
+/// What one read brought.
+pub(crate) enum Fill {
+    Data,
+    Eof,
+    Shutdown,
+    /// A newcomer took this pre-AUTH session's slot.
+    Evicted,
+    Expired(Limit),
+}
+
 /// Result of reading one line.
 enum Line {
     Ok(Vec<u8>),
@@ -112,7 +194,8 @@ enum Line {
     /// Ended in LF without CR.
     BareLf,
     Eof,
-    Timeout,
+    Expired(Limit),
+    Evicted,
     Shutdown,
 }
 
@@ -158,11 +241,19 @@ pub struct Session<S> {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
+    tls_info: Option<TlsInfo>,
     helo: Option<String>,
     esmtp: bool,
     login: Option<Login>,
     txn: Option<Txn>,
     errors: u32,
+    /// Junk commands since the last accepted message.
+    junk: u32,
+    started: Instant,
+    /// The session's slot in the connection limiter (none in unit tests
+    /// that build sessions directly).
+    slot: Option<ConnGuard>,
+    evicted: Option<Arc<Notify>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -186,13 +277,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             peer,
             local,
             tls,
+            tls_info: None,
             helo: None,
             esmtp: false,
             login: None,
             txn: None,
             errors: 0,
+            junk: 0,
+            started: Instant::now(),
+            slot: None,
+            evicted: None,
             shutdown,
         }
+    }
+
+    /// Ties the session to its connection-limiter slot: it can then be
+    /// evicted while unauthenticated, leaves the pre-AUTH share at AUTH,
+    /// and its time limits count from when the connection was accepted.
+    #[must_use]
+    pub fn with_slot(mut self, slot: ConnGuard) -> Self {
+        self.started = Instant::from_std(slot.since());
+        self.evicted = Some(slot.evicted());
+        self.slot = Some(slot);
+        self
+    }
+
+    /// The TLS parameters of a stream that was encrypted before the session
+    /// started (port 465), for the Received header.
+    #[must_use]
+    pub fn with_tls_info(mut self, info: Option<TlsInfo>) -> Self {
+        self.tls_info = info;
+        self
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -217,57 +332,95 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.wbuf.extend_from_slice(&r.to_bytes());
     }
 
+    /// The session's own limits: its lifetime and, until AUTH, the
+    /// pre-AUTH deadline.
+    pub(crate) fn session_deadline(&self) -> Deadline {
+        let l = &self.cfg().limits;
+        let life = Deadline {
+            at: self.started + secs(l.session_lifetime_secs),
+            limit: Limit::Lifetime,
+        };
+        if self.login.is_some() {
+            life
+        } else {
+            life.min(Deadline {
+                at: self.started + secs(l.preauth_timeout_secs),
+                limit: Limit::PreAuth,
+            })
+        }
+    }
+
+    /// The deadline for one command line from now.
+    pub(crate) fn command_deadline(&self) -> Deadline {
+        Deadline {
+            at: Instant::now() + secs(self.cfg().limits.command_timeout_secs),
+            limit: Limit::Idle,
+        }
+        .min(self.session_deadline())
+    }
+
     async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.wbuf.is_empty() {
             let out = std::mem::take(&mut self.wbuf);
-            self.stream
-                .write_all(&out)
-                .await
-                .map_err(|source| SessionError::Io {
+            // A client that never reads would otherwise hold the session
+            // in a write once the socket buffers are full.
+            let deadline = self.command_deadline().at;
+            match tokio::time::timeout_at(deadline, self.stream.write_all(&out)).await {
+                Ok(r) => r.map_err(|source| SessionError::Io {
                     op: "writing reply",
                     source,
-                })?;
+                })?,
+                Err(_) => {
+                    return Err(SessionError::Io {
+                        op: "writing reply",
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    });
+                }
+            }
         }
         Ok(())
     }
 
-    /// Reads more input into `rbuf`; Ok(false) on EOF.
-    async fn fill(
+    /// Reads more input into `rbuf`, by `deadline` at the latest.
+    pub(crate) async fn fill(
         &mut self,
-        timeout: Duration,
+        deadline: Deadline,
         watch_shutdown: bool,
-    ) -> Result<Option<bool>, SessionError> {
+    ) -> Result<Fill, SessionError> {
         self.flush().await?;
         let mut chunk = [0u8; 8192];
-        let read = tokio::time::timeout(timeout, self.stream.read(&mut chunk));
-        let n = if watch_shutdown {
-            tokio::select! {
-                r = read => r,
-                _ = self.shutdown.wait_for(|s| *s) => return Ok(None),
+        let read = tokio::time::timeout_at(deadline.at, self.stream.read(&mut chunk));
+        let evicted = self.evicted.clone();
+        let evict = async {
+            match &evicted {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
             }
-        } else {
-            read.await
+        };
+        let n = tokio::select! {
+            r = read => r,
+            _ = self.shutdown.wait_for(|s| *s), if watch_shutdown => return Ok(Fill::Shutdown),
+            () = evict, if self.login.is_none() => return Ok(Fill::Evicted),
         };
         match n {
-            Err(_) => Err(SessionError::Io {
-                op: "reading",
-                source: std::io::ErrorKind::TimedOut.into(),
-            }),
+            Err(_) => Ok(Fill::Expired(deadline.limit)),
             Ok(Err(source)) => Err(SessionError::Io {
                 op: "reading",
                 source,
             }),
-            Ok(Ok(0)) => Ok(Some(false)),
+            Ok(Ok(0)) => Ok(Fill::Eof),
             Ok(Ok(n)) => {
                 self.rbuf.extend_from_slice(&chunk[..n]);
-                Ok(Some(true))
+                Ok(Fill::Data)
             }
         }
     }
 
-    /// Reads one CRLF-terminated line of at most `max` octets (CRLF included).
+    /// Reads one CRLF-terminated line of at most `max` octets (CRLF
+    /// included). The whole line must arrive within the command deadline:
+    /// trickling it in byte by byte does not extend it.
     async fn read_line(&mut self, max: usize, watch_shutdown: bool) -> Result<Line, SessionError> {
-        let timeout = secs(self.cfg().limits.command_timeout_secs);
+        let deadline = self.command_deadline();
         let mut discarding = false;
         loop {
             if let Some(i) = self.rbuf.iter().position(|&b| b == b'\n') {
@@ -287,18 +440,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 discarding = true;
                 self.rbuf.clear();
             }
-            match self.fill(timeout, watch_shutdown).await {
-                Ok(Some(true)) => {}
-                Ok(Some(false)) => return Ok(Line::Eof),
-                Ok(None) => return Ok(Line::Shutdown),
-                Err(SessionError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    return Ok(Line::Timeout);
-                }
-                Err(e) => return Err(e),
+            match self.fill(deadline, watch_shutdown).await? {
+                Fill::Data => {}
+                Fill::Eof => return Ok(Line::Eof),
+                Fill::Shutdown => return Ok(Line::Shutdown),
+                Fill::Evicted => return Ok(Line::Evicted),
+                Fill::Expired(l) => return Ok(Line::Expired(l)),
             }
         }
+    }
+
+    /// Counts a command that moves no mail; true when over the limit (the
+    /// 421 is queued).
+    pub(crate) fn junk_over_limit(&mut self) -> bool {
+        self.junk += 1;
+        if self.junk > self.cfg().limits.max_junk_commands {
+            tracing::info!(peer = %self.peer, junk = self.junk, "closing session after too many commands without mail");
+            self.wbuf.extend_from_slice(
+                &Reply::new(
+                    421,
+                    "4.7.0",
+                    "Too many commands without mail, closing connection",
+                )
+                .to_bytes(),
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Queues the reply for a read that ended on a limit.
+    pub(crate) fn expired(&mut self, limit: Limit) {
+        tracing::info!(peer = %self.peer, limit = ?limit, "closing session on a time limit");
+        self.reply(&limit.reply());
+    }
+
+    fn evicted_reply(&mut self) {
+        tracing::info!(peer = %self.peer, "pre-AUTH session evicted for a newcomer");
+        RelayStats::inc(&self.shared.stats.sessions_evicted);
+        self.reply(&Reply::new(
+            421,
+            "4.7.0",
+            "Too many unauthenticated connections, closing connection",
+        ));
     }
 
     /// Runs the whole dialogue. Errors are I/O problems only: protocol
@@ -309,7 +493,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let r = self.run_inner().await;
         RelayStats::dec(&self.shared.stats.sessions_active);
         let _ = self.flush().await;
-        self.stream.shutdown().await;
+        // A TLS close_notify is a write too: bounded like any other.
+        let _ = tokio::time::timeout(
+            secs(self.cfg().limits.command_timeout_secs.min(10.0)),
+            self.stream.shutdown(),
+        )
+        .await;
         r
     }
 
@@ -339,8 +528,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     continue;
                 }
                 Line::Eof => return Ok(()),
-                Line::Timeout => {
-                    self.reply(&canned::timeout());
+                Line::Expired(limit) => {
+                    self.expired(limit);
+                    return Ok(());
+                }
+                Line::Evicted => {
+                    self.evicted_reply();
                     return Ok(());
                 }
                 Line::Shutdown => {
@@ -396,6 +589,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn dispatch(&mut self, cmd: Command) -> Result<Flow, SessionError> {
+        // NOOP every minute kept a session open forever (issue 12).
+        if matches!(
+            cmd,
+            Command::Ehlo(_)
+                | Command::Helo(_)
+                | Command::Rset
+                | Command::Noop
+                | Command::Vrfy
+                | Command::Expn
+                | Command::Help
+        ) && self.junk_over_limit()
+        {
+            return Ok(Flow::Close);
+        }
         Ok(match cmd {
             Command::Ehlo(d) => self.cmd_helo(d, true),
             Command::Helo(d) => self.cmd_helo(d, false),

@@ -39,9 +39,11 @@ pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
         &users,
         format!(
             "[users.alice]\nhash = \"{}\"\nsenders = [\"alice@example.com\", \"@example.org\"]\n\
-             [users.bob]\nhash = \"{}\"\nsenders = [\"bob@example.com\"]\n",
+             [users.bob]\nhash = \"{}\"\nsenders = [\"bob@example.com\"]\n\
+             [users.list]\nhash = \"{}\"\nsenders = [\"list@example.com\"]\nheader_from = \"any\"\n",
             fast_hash("alice-pw"),
-            fast_hash("bob-pw")
+            fast_hash("bob-pw"),
+            fast_hash("list-pw")
         ),
     )
     .unwrap();
@@ -57,6 +59,11 @@ pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
         tls: Arc::new(TlsStore::load(&cert, &key).unwrap()),
         users: Arc::new(UserDb::open(&users).unwrap()),
         limits: Limits::new(&cfg.limits),
+        verifier: crate::verifier::Verifier::new(
+            cfg.limits.auth_concurrency,
+            crate::config::secs(cfg.limits.auth_queue_timeout_secs),
+        )
+        .unwrap(),
         stats: Arc::new(RelayStats::default()),
         spool: Spool::open(&dir.path().join("spool")).unwrap(),
         queued: tx,
@@ -105,6 +112,11 @@ const PEER: &str = "192.0.2.7:40000";
 
 impl Harness {
     pub(crate) async fn connect(&self, kind: ListenerKind) -> Client {
+        self.connect_from(kind, PEER).await
+    }
+
+    /// A session whose client is `peer` ("ip:port").
+    pub(crate) async fn connect_from(&self, kind: ListenerKind, peer: &str) -> Client {
         let (c, s) = tokio::io::duplex(1 << 16);
         let local: SocketAddr = if kind == ListenerKind::Intercept {
             "198.51.100.25:25"
@@ -117,7 +129,7 @@ impl Harness {
             s,
             self.shared.clone(),
             kind,
-            PEER.parse().unwrap(),
+            peer.parse().unwrap(),
             local,
             false,
         );
@@ -160,6 +172,22 @@ impl Client {
             CStream::Gone => unreachable!(),
         };
         r.unwrap();
+    }
+
+    pub(crate) async fn try_send_bytes(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match &mut self.s {
+            CStream::Plain(s) => s.write_all(data).await,
+            CStream::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            CStream::Gone => unreachable!(),
+        }
+    }
+
+    /// A complete reply if one arrives within `wait`.
+    pub(crate) async fn reply_within(&mut self, wait: Duration) -> Option<String> {
+        tokio::time::timeout(wait, self.reply()).await.ok()
     }
 
     async fn read_more(&mut self) -> usize {
@@ -343,14 +371,41 @@ async fn full_submission_is_spooled_with_received_header() {
     assert_eq!(rec.recipients.len(), 2);
     assert_eq!(rec.auth_user.as_deref(), Some("alice"));
     let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
-    assert!(stored.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby relay.test (smtpgate) with ESMTPSA id "), "{stored}");
     assert!(
-        stored.ends_with("From: alice@example.com\r\nSubject: hi\r\n\r\n.dot line\r\nbody\r\n"),
+        stored.starts_with(
+            "Received: from client.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_"
+        ),
+        "{stored}"
+    );
+    assert!(
+        stored.contains(
+            "\r\n\t(authenticated user alice)\r\n\tby relay.test (smtpgate) with ESMTPSA id "
+        ),
+        "{stored}"
+    );
+    // The client's headers stay as they were; Message-ID and Date, which it
+    // left out, follow them.
+    let tail = stored.split_once("\r\nFrom: ").unwrap().1;
+    let (fields, body) = tail.split_once("\r\n\r\n").unwrap();
+    assert_eq!(body, ".dot line\r\nbody\r\n");
+    let lines: Vec<&str> = fields.split("\r\n").collect();
+    assert_eq!(lines[..2], ["alice@example.com", "Subject: hi"], "{stored}");
+    assert_eq!(lines.len(), 4, "{stored}");
+    assert!(
+        lines[2].starts_with(&format!("Message-ID: <{id}.")) && lines[2].ends_with("@relay.test>"),
+        "{stored}"
+    );
+    assert!(
+        lines[3].starts_with("Date: ") && lines[3].ends_with(" +0000"),
         "{stored}"
     );
     // The session goes on: a second message in the same session.
     let r = c
-        .send_mail("someone@example.org", &["r@example.net"], "x\r\n")
+        .send_mail(
+            "someone@example.org",
+            &["r@example.net"],
+            "From: someone@example.org\r\n\r\nx\r\n",
+        )
         .await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
     assert_eq!(h.shared.stats.snapshot().messages_accepted, 2);
@@ -365,7 +420,11 @@ async fn intercept_with_auth_relays_and_records_original_destination() {
     c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
         .await;
     let r = c
-        .send_mail("alice@example.com", &["r@example.net"], "hi\r\n")
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\n\r\nhi\r\n",
+        )
         .await;
     let id = r.trim_end().rsplit(' ').next().unwrap().to_owned();
     let stored = String::from_utf8(h.shared.spool.read_body(&id).unwrap()).unwrap();
@@ -568,7 +627,8 @@ async fn pipelined_transaction() {
     c.expect("250 2.1.5").await;
     c.expect("250 2.1.5").await;
     c.expect("354").await;
-    c.send("hi\r\n.\r\nNOOP\r\n").await;
+    c.send("From: alice@example.com\r\n\r\nhi\r\n.\r\nNOOP\r\n")
+        .await;
     c.expect("250 2.0.0 Ok: queued").await;
     c.expect("250 2.0.0 Ok").await;
 }
@@ -617,41 +677,101 @@ async fn repeated_errors_close_with_421() {
 }
 
 #[tokio::test]
-async fn auth_lockout_per_client_and_per_user() {
-    let h = harness(|c| c.limits.auth_max_failures = 2);
-    let mut c = h.connect(ListenerKind::Submission).await;
-    c.starttls().await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "x")), "535")
+async fn guessing_locks_the_user_out_from_that_network_only() {
+    // Issue 12: five wrong passwords locked the user out from every
+    // address. Defaults: 5 per (user, network).
+    let h = harness(|_| {});
+    let mut guesser = h
+        .connect_from(ListenerKind::Submission, "203.0.113.66:5000")
         .await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("bob", "x")), "535")
+    guesser.starttls().await;
+    for _ in 0..5 {
+        guesser
+            .cmd(
+                &format!("AUTH PLAIN {}", plain("alice", "guess")),
+                "535 5.7.8",
+            )
+            .await;
+    }
+    // The guesser is locked out of alice, even with the right password...
+    guesser
+        .cmd(
+            &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
+            "454 4.7.0",
+        )
         .await;
-    // Locked now, even with the right password.
-    c.cmd(
-        &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
-        "454 4.7.0",
+    // ...and so is its /64 or address (same IPv4 address, new session).
+    let mut again = h
+        .connect_from(ListenerKind::Submission, "203.0.113.66:5001")
+        .await;
+    again.starttls().await;
+    again
+        .cmd(
+            &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
+            "454 4.7.0",
+        )
+        .await;
+    // Alice herself, from her own address, is not.
+    let mut alice = h
+        .connect_from(ListenerKind::Submission, "192.0.2.10:6000")
+        .await;
+    alice.starttls().await;
+    alice
+        .cmd(
+            &format!("AUTH PLAIN {}", plain("alice", "alice-pw")),
+            "235 2.7.0",
+        )
+        .await;
+    // And another user from the guesser's address still gets in (below the
+    // brake).
+    let mut bob = h
+        .connect_from(ListenerKind::Submission, "203.0.113.66:5002")
+        .await;
+    bob.starttls().await;
+    bob.cmd(
+        &format!("AUTH PLAIN {}", plain("bob", "bob-pw")),
+        "235 2.7.0",
     )
     .await;
-    assert!(h.shared.limits.auth.ip_locked("192.0.2.7".parse().unwrap()));
+}
 
-    // Per user: failures from different clients add up.
-    let h = harness(|c| c.limits.auth_max_failures = 2);
-    h.shared
-        .limits
-        .auth
-        .record_failure("203.0.113.1".parse().unwrap(), "bob");
-    h.shared
-        .limits
-        .auth
-        .record_failure("203.0.113.2".parse().unwrap(), "bob");
-    let mut c = h.connect(ListenerKind::Submission).await;
+#[tokio::test]
+async fn guessing_many_users_trips_the_client_brake() {
+    let h = harness(|c| {
+        c.limits.auth_max_failures = 5;
+        c.limits.auth_max_failures_per_client = 3;
+    });
+    let mut c = h
+        .connect_from(ListenerKind::Submission, "[2001:db8:5:6::1]:5000")
+        .await;
+    c.starttls().await;
+    for user in ["alice", "bob", "nobody"] {
+        c.cmd(&format!("AUTH PLAIN {}", plain(user, "guess")), "535 5.7.8")
+            .await;
+    }
+    // The whole /64 is braked: no exchange at all, whatever the user.
+    let mut c = h
+        .connect_from(ListenerKind::Submission, "[2001:db8:5:6::99]:5001")
+        .await;
     c.starttls().await;
     c.cmd(
         &format!("AUTH PLAIN {}", plain("bob", "bob-pw")),
         "454 4.7.0",
     )
     .await;
-    c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
+    c.cmd("AUTH LOGIN", "454 4.7.0").await;
+    // The next /64 is another client.
+    let mut c = h
+        .connect_from(ListenerKind::Submission, "[2001:db8:5:7::1]:5000")
         .await;
+    c.starttls().await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", plain("bob", "bob-pw")),
+        "235 2.7.0",
+    )
+    .await;
+    let s = h.shared.stats.snapshot();
+    assert_eq!((s.auth_failures, s.auth_successes), (3, 1));
 }
 
 #[tokio::test]
@@ -673,9 +793,13 @@ async fn per_user_rate_limits() {
     });
     let mut c = h.authed("alice", "alice-pw").await;
     assert!(
-        c.send_mail("alice@example.com", &["a@example.net"], "x\r\n")
-            .await
-            .starts_with("250")
+        c.send_mail(
+            "alice@example.com",
+            &["a@example.net"],
+            "From: alice@example.com\r\n\r\nx\r\n"
+        )
+        .await
+        .starts_with("250")
     );
     c.cmd("MAIL FROM:<alice@example.com>", "450 4.7.1").await;
     let mut c = h.authed("bob", "bob-pw").await;
@@ -723,4 +847,412 @@ async fn mail_loop_refused() {
         .send_mail("alice@example.com", &["a@example.net"], &body)
         .await;
     assert!(r.starts_with("554 5.4.6"), "{r}");
+}
+
+/// The stored message of a `250 ... queued as ID` reply.
+fn stored(h: &Harness, reply: &str) -> String {
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let id = reply.trim_end().rsplit(' ').next().unwrap();
+    String::from_utf8(h.shared.spool.read_body(id).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn message_id_and_date_added_only_when_missing() {
+    let h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let r = c
+            .send_mail(
+                "alice@example.com",
+                &["r@example.net"],
+                "From: alice@example.com\r\nTo: r@example.net\r\nSubject: bare\r\n\r\nhi\r\n",
+            )
+            .await;
+        let m = stored(&h, &r);
+        let mid: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("Message-ID: "))
+            .collect();
+        assert_eq!(mid.len(), 1, "{m}");
+        assert!(ids.insert(mid[0].to_owned()), "Message-ID repeated: {m}");
+        assert_eq!(
+            m.lines().filter(|l| l.starts_with("Date: ")).count(),
+            1,
+            "{m}"
+        );
+        assert!(m.ends_with("\r\n\r\nhi\r\n"), "{m}");
+    }
+    // Present (in any case, folded or not): left alone, never doubled.
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\nmessage-id:\r\n <own@example.com>\r\nDATE: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\nhi\r\n",
+        )
+        .await;
+    let m = stored(&h, &r);
+    let after = m.split_once("\r\nFrom: ").unwrap().1;
+    assert_eq!(
+        after,
+        "alice@example.com\r\nmessage-id:\r\n <own@example.com>\r\nDATE: Thu, 1 Jan 2026 00:00:00 +0000\r\n\r\nhi\r\n"
+    );
+    // No empty line (all headers): added at the end, nothing invented.
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\n",
+        )
+        .await;
+    let m = stored(&h, &r);
+    let after = m.split_once("\r\nFrom: ").unwrap().1;
+    let lines: Vec<&str> = after.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 3, "{m}");
+    assert!(
+        lines[1].starts_with("Message-ID: <") && lines[2].starts_with("Date: "),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn received_sanitises_ehlo_names() {
+    let long = "x".repeat(300);
+    for (ehlo, want) in [
+        (
+            "client.test",
+            "Received: from client.test ([192.0.2.7])\r\n",
+        ),
+        (
+            "[192.0.2.7]",
+            "Received: from [192.0.2.7] ([192.0.2.7])\r\n",
+        ),
+        (
+            "a;b",
+            "Received: from [192.0.2.7] (invalid HELO \"a?b\")\r\n",
+        ),
+        (
+            "(x)\\\"y\"",
+            "Received: from [192.0.2.7] (invalid HELO \"?x???y?\")\r\n",
+        ),
+        (
+            "caf\u{e9}.example",
+            "Received: from [192.0.2.7] (invalid HELO \"caf?.example\")\r\n",
+        ),
+        (
+            long.as_str(),
+            &format!(
+                "Received: from [192.0.2.7] (invalid HELO \"{}...\")\r\n",
+                &long[..64]
+            ),
+        ),
+    ] {
+        let h = harness(|_| {});
+        let mut c = h.connect(ListenerKind::Submission).await;
+        c.cmd(&format!("EHLO {ehlo}"), "250").await;
+        c.cmd("STARTTLS", "220").await;
+        c.upgrade().await;
+        c.cmd(&format!("EHLO {ehlo}"), "250").await;
+        c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alice-pw")), "235")
+            .await;
+        let r = c
+            .send_mail(
+                "alice@example.com",
+                &["r@example.net"],
+                "From: alice@example.com\r\n\r\nhi\r\n",
+            )
+            .await;
+        let m = stored(&h, &r);
+        assert!(m.starts_with(want), "EHLO {ehlo:?}: {m}");
+        let received = m.split("\r\nFrom: ").next().unwrap();
+        assert!(received.is_ascii(), "{received}");
+        assert_eq!(
+            received.matches(';').count(),
+            1,
+            "only the date separator: {received}"
+        );
+    }
+    // Raw 8-bit that is not UTF-8 never gets as far as the header.
+    let h = harness(|_| {});
+    let mut c = h.connect(ListenerKind::Submission).await;
+    c.send_bytes(b"EHLO caf\xe9\r\n").await;
+    c.expect("501 5.5.4").await;
+}
+
+#[tokio::test]
+async fn header_from_must_belong_to_user() {
+    let mut h = harness(|c| {
+        c.limits.messages_per_hour = 0;
+        c.limits.max_errors = 100;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    let send =
+        |from_lines: &str| format!("{from_lines}To: r@example.net\r\nSubject: s\r\n\r\nbody\r\n");
+    for (headers, why) in [
+        (
+            "From: Payments <billing@bank.example>\r\n",
+            "From: header address billing@bank.example is not one user alice may send as",
+        ),
+        (
+            "From: \"alice@example.com\" <billing@bank.example>\r\n",
+            "From: header address billing@bank.example",
+        ),
+        (
+            "From: billing@bank.example (alice@example.com)\r\n",
+            "From: header address billing@bank.example",
+        ),
+        (
+            "From: alice@example.com, billing@bank.example\r\n",
+            "From: header address billing@bank.example",
+        ),
+        (
+            "From: alice@example.com\r\nFrom: alice@example.com\r\n",
+            "exactly one From: header, found 2",
+        ),
+        ("", "exactly one From: header, found 0"),
+        (
+            "FROM: alice@example.com\r\nfrom: billing@bank.example\r\n",
+            "exactly one From: header, found 2",
+        ),
+        ("From: undisclosed:;\r\n", "From: header cannot be checked"),
+        (
+            "From: <alice@example.com\r\n",
+            "From: header cannot be checked",
+        ),
+        (
+            "From: alice@example.com\r\nSender: billing@bank.example\r\n",
+            "Sender: header address billing@bank.example",
+        ),
+        (
+            "From: alice@example.com\r\nSender: a@example.org\r\nSender: b@example.org\r\n",
+            "at most one Sender:",
+        ),
+        // Folded: the fold must not hide the second address.
+        (
+            "From: alice@example.com,\r\n billing@bank.example\r\n",
+            "From: header address billing@bank.example",
+        ),
+    ] {
+        let r = c
+            .send_mail("alice@example.com", &["r@example.net"], &send(headers))
+            .await;
+        assert!(r.starts_with("550 5.7.1 "), "{headers:?}: {r}");
+        assert!(r.contains(why), "{headers:?}: {r}");
+    }
+    assert!(
+        h.queued.try_recv().is_err(),
+        "nothing refused may be queued"
+    );
+    assert!(h.shared.spool.scan().unwrap().is_empty());
+    assert_eq!(h.shared.stats.snapshot().messages_rejected, 12);
+    // What alice may send as: her address (any case, with a display name),
+    // her domain, a Sender: of her own; and the session went on.
+    for headers in [
+        "From: Alice <Alice@Example.COM>\r\n",
+        "From: \"Smith, Alice\" <alice@example.com>\r\n",
+        "From: anyone@example.org, other@example.org\r\nSender: alice@example.com\r\n",
+    ] {
+        let r = c
+            .send_mail("alice@example.com", &["r@example.net"], &send(headers))
+            .await;
+        assert!(r.starts_with("250 2.0.0"), "{headers:?}: {r}");
+    }
+    // A role account with header_from = "any": the header is free, the
+    // envelope still bound, and one From: still required.
+    let mut c = h.authed("list", "list-pw").await;
+    let r = c
+        .send_mail(
+            "list@example.com",
+            &["r@example.net"],
+            &send("From: Someone <someone@elsewhere.example>\r\n"),
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let r = c
+        .send_mail("list@example.com", &["r@example.net"], &send(""))
+        .await;
+    assert!(
+        r.starts_with("550 5.7.1") && r.contains("exactly one From:"),
+        "{r}"
+    );
+    c.cmd("MAIL FROM:<someone@elsewhere.example>", "553 5.7.1")
+        .await;
+}
+
+/// Sends `bytes` one at a time, `gap` apart, until the server closes or
+/// `max` elapses; returns what the server said and when it closed.
+async fn drip(c: &mut Client, bytes: &[u8], gap: Duration, max: Duration) -> (String, Duration) {
+    let t = std::time::Instant::now();
+    for b in bytes.iter().cycle() {
+        if t.elapsed() > max {
+            panic!("session still open after {max:?}");
+        }
+        if c.try_send_bytes(std::slice::from_ref(b)).await.is_err() {
+            break;
+        }
+        if let Some(r) = c.reply_within(gap).await {
+            return (r, t.elapsed());
+        }
+    }
+    (String::new(), t.elapsed())
+}
+
+#[tokio::test]
+async fn preauth_idle_drip_and_noop_are_all_cut_at_the_preauth_deadline() {
+    let h = harness(|c| c.limits.preauth_timeout_secs = 0.6);
+    // Idle after EHLO.
+    let mut c = h.connect(ListenerKind::Submission).await;
+    let t = std::time::Instant::now();
+    c.cmd("EHLO client.test", "250").await;
+    c.expect("421 4.7.0 Authentication not completed in time")
+        .await;
+    c.expect_closed().await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        t.elapsed()
+    );
+    // Busy, but never authenticating: NOOPs every 100 ms.
+    let mut c = h.connect(ListenerKind::Submission).await;
+    let t = std::time::Instant::now();
+    loop {
+        // The 421 may come while we sleep; the send then fails and the
+        // reply is already waiting.
+        let _ = c.try_send_bytes(b"NOOP\r\n").await;
+        let r = c.reply().await;
+        if r.starts_with("421") {
+            assert!(
+                r.starts_with("421 4.7.0 Authentication not completed"),
+                "{r}"
+            );
+            break;
+        }
+        assert!(r.starts_with("250"), "{r}");
+        assert!(t.elapsed() < Duration::from_secs(3), "still open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    // One byte every 100 ms of a command that never ends.
+    let mut c = h.connect(ListenerKind::Submission).await;
+    let (r, took) = drip(
+        &mut c,
+        b"EHLO slow.example",
+        Duration::from_millis(100),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        r.starts_with("421 4.7.0 Authentication not completed"),
+        "{r}"
+    );
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_command_trickled_byte_by_byte_is_cut_at_the_line_deadline() {
+    let h = harness(|c| c.limits.command_timeout_secs = 0.5);
+    let mut c = h.authed("alice", "alice-pw").await;
+    // Each byte arrives well within the old per-read timeout.
+    let (r, took) = drip(
+        &mut c,
+        b"NOOP",
+        Duration::from_millis(100),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(r.starts_with("421 4.4.2 Timeout"), "{r}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn data_trickled_byte_by_byte_is_cut_by_the_minimum_rate() {
+    let mut h = harness(|c| {
+        c.limits.data_timeout_secs = 0.5;
+        c.limits.data_min_bytes_per_sec = 1000;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<r@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    // 10 bytes/s, never idle for long: only the rate can stop it.
+    let (r, took) = drip(
+        &mut c,
+        b"From: alice@example.com\r\n\r\nslow body line\r\n",
+        Duration::from_millis(100),
+        Duration::from_secs(4),
+    )
+    .await;
+    assert!(r.starts_with("421 4.4.2 Message data too slow"), "{r}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(h.queued.try_recv().is_err());
+    // A client that sends at a decent rate gets far more than the grace
+    // period: 60 KB in 3 x 20 KB chunks 300 ms apart takes ~0.6 s of a
+    // 0.5 s grace, but 20 KB buys 20 s.
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<r@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("From: alice@example.com\r\n\r\n").await;
+    let chunk = format!("{}\r\n", "y".repeat(998)).repeat(20);
+    for _ in 0..3 {
+        c.send(&chunk).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    c.send(".\r\n").await;
+    c.expect("250 2.0.0 Ok: queued").await;
+}
+
+#[tokio::test]
+async fn session_lifetime_ends_even_a_busy_authenticated_session() {
+    let h = harness(|c| {
+        c.limits.session_lifetime_secs = 0.8;
+        c.limits.max_junk_commands = 1000;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    let t = std::time::Instant::now();
+    loop {
+        // The 421 may come while we sleep; the send then fails and the
+        // reply is already waiting.
+        let _ = c.try_send_bytes(b"NOOP\r\n").await;
+        let r = c.reply().await;
+        if r.starts_with("421") {
+            assert!(r.starts_with("421 4.4.2 Session time limit reached"), "{r}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "still open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn junk_commands_are_capped_between_messages() {
+    let h = harness(|c| c.limits.max_junk_commands = 5);
+    let mut c = h.authed("alice", "alice-pw").await;
+    // The two EHLOs of authed() count: 3 more are allowed.
+    for cmd in ["NOOP", "RSET", "VRFY x"] {
+        c.cmd(cmd, "25").await;
+    }
+    // An accepted message resets the count.
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            "From: alice@example.com\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    for _ in 0..5 {
+        c.cmd("NOOP", "250").await;
+    }
+    c.cmd("NOOP", "421 4.7.0 Too many commands without mail")
+        .await;
+    c.expect_closed().await;
 }

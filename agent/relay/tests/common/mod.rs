@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use smtpgate_relay::{RelayConfig, UpstreamConfig, UpstreamTls};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::Child as TokioChild;
 
 pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 pub const SWAKS: &str = "/usr/bin/swaks";
@@ -258,6 +259,11 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr, cert_pem: &str) -> Self {
         let s = TcpStream::connect(addr).await.expect("connect");
+        Self::from_tcp(s, cert_pem)
+    }
+
+    /// Over a connection the caller set up (e.g. from a chosen source).
+    pub fn from_tcp(s: TcpStream, cert_pem: &str) -> Self {
         Self {
             s: S::Plain(s),
             buf: Vec::new(),
@@ -396,4 +402,47 @@ pub fn stuff(msg: &str) -> String {
     }
     out.push_str(".\r\n");
     out
+}
+
+/// Starts `relay-lab CONFIG` (the relay alone, in its own process) and
+/// waits for its READY line; returns it with the submission address.
+pub async fn spawn_relay(config: &Path) -> (TokioChild, SocketAddr) {
+    let (child, addrs) = spawn_relay_all(config).await;
+    (child, addrs[0].expect("submission listener"))
+}
+
+/// `spawn_relay`, with [submission, submissions, intercept] addresses.
+pub async fn spawn_relay_all(config: &Path) -> (TokioChild, [Option<SocketAddr>; 3]) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-lab"))
+        .arg(config)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning relay-lab");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("relay-lab READY in time")
+        .unwrap()
+        .expect("relay-lab printed READY");
+    let get = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("bad READY line {line:?}"))
+            .parse()
+            .ok()
+    };
+    let addrs = [get("submission="), get("submissions="), get("intercept=")];
+    (child, addrs)
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
