@@ -14,6 +14,7 @@ pub mod dsn;
 pub mod headers;
 pub mod limits;
 mod listener;
+mod mem;
 pub mod parse;
 pub mod queue;
 pub mod reply;

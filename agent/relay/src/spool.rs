@@ -170,10 +170,61 @@ pub fn write_atomic_owned(
     sync_dir(dir)
 }
 
+enum JobBody {
+    /// Written by the committer (bounces).
+    Bytes(Vec<u8>),
+    /// Already written by the session (`TempBody`), to be fsynced.
+    File(PathBuf),
+}
+
 struct Job {
     record: QueueRecord,
-    body: Vec<u8>,
+    body: JobBody,
     done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// Bytes the session buffers before each write to a streamed body: with
+/// the file's own buffer, about what one session in DATA holds.
+const BODY_WRITE_BUFFER: usize = 32 * 1024;
+
+/// A message body being streamed to the spool during DATA, as
+/// `.tmp-<id>.eml` in the queue directory (start-up recovery deletes such
+/// files, so a crash mid-DATA leaves nothing behind for long). Removed on
+/// drop unless committed.
+#[derive(Debug)]
+pub struct TempBody {
+    path: PathBuf,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    written: u64,
+}
+
+impl TempBody {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        use tokio::io::AsyncWriteExt as _;
+        let f = self.file.as_mut().expect("written only before commit");
+        f.write_all(bytes)
+            .await
+            .map_err(io_err("writing", &self.path))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+}
+
+impl Drop for TempBody {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Handle on a spool directory. Cheap to clone.
@@ -243,11 +294,60 @@ impl Spool {
 
     /// Durably stores a new message; returns once it is on disk.
     pub async fn commit(&self, record: QueueRecord, body: Vec<u8>) -> Result<(), SpoolError> {
+        self.submit(record, JobBody::Bytes(body)).await
+    }
+
+    async fn submit(&self, record: QueueRecord, body: JobBody) -> Result<(), SpoolError> {
         let tx = self.committer.as_ref().ok_or(SpoolError::CommitterGone)?;
         let (done, rx) = oneshot::channel();
         tx.send(Job { record, body, done })
             .map_err(|_| SpoolError::CommitterGone)?;
         rx.await.map_err(|_| SpoolError::CommitterGone)?
+    }
+
+    /// Starts streaming the body of message `id` to the spool.
+    pub async fn create_body(&self, id: &str) -> Result<TempBody, SpoolError> {
+        check_id(id)?;
+        let path = self.queue.join(format!(".tmp-{id}.eml"));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(io_err("creating", &path))?;
+        Ok(TempBody {
+            file: Some(tokio::io::BufWriter::with_capacity(BODY_WRITE_BUFFER, file)),
+            path,
+            written: 0,
+        })
+    }
+
+    /// `commit` for a streamed body: flushes it, then the committer fsyncs
+    /// it with the batch and renames it into place with the record.
+    pub async fn commit_streamed(
+        &self,
+        record: QueueRecord,
+        mut body: TempBody,
+    ) -> Result<(), SpoolError> {
+        use tokio::io::AsyncWriteExt as _;
+        if body.path != self.queue.join(format!(".tmp-{}.eml", record.id)) {
+            return Err(SpoolError::BadId { id: record.id });
+        }
+        let mut f = body.file.take().expect("committed once");
+        if let Err(e) = f.flush().await {
+            let _ = fs::remove_file(&body.path);
+            return Err(io_err("writing", &body.path)(e));
+        }
+        drop(f);
+        let path = body.path.clone();
+        let r = self.submit(record, JobBody::File(path.clone())).await;
+        if r.is_err() {
+            // The committer removes what it failed on; this covers it being
+            // gone altogether.
+            let _ = fs::remove_file(&path);
+        }
+        r
     }
 
     pub fn exists(&self, id: &str) -> bool {
@@ -396,7 +496,12 @@ fn write_temps(queue: &Path, job: &Job) -> Result<(PathBuf, PathBuf), SpoolError
     let tmp_body = queue.join(format!(".tmp-{id}.eml"));
     let tmp_meta = queue.join(format!(".tmp-{id}.json"));
     let json = serde_json::to_vec_pretty(&job.record).expect("record serialises");
-    let res = write_synced(&tmp_body, &job.body, 0o600)
+    let body = match &job.body {
+        JobBody::Bytes(b) => write_synced(&tmp_body, b, 0o600),
+        // Same path: `create_body` names it so.
+        JobBody::File(p) => File::open(p).and_then(|f| f.sync_all()),
+    };
+    let res = body
         .map_err(io_err("writing", &tmp_body))
         .and_then(|()| write_synced(&tmp_meta, &json, 0o600).map_err(io_err("writing", &tmp_meta)));
     match res {
