@@ -6,6 +6,7 @@
 //! runtime; the returned [`RelayHandle`] reloads TLS, flushes the queue,
 //! exposes [`RelayStats`] and shuts everything down.
 
+mod client;
 pub mod config;
 pub mod dataread;
 mod date;
