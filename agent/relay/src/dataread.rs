@@ -42,11 +42,17 @@ pub enum Verdict {
     LineTooLong,
 }
 
+/// Keeps only the state machine and counters: the unstuffed bytes go to
+/// the caller's buffer ([`DataReader::feed_into`]), which the session
+/// streams to the spool, so a message never has to fit in memory. `feed`
+/// and `into_body` collect them internally instead (fuzzing, tests).
 #[derive(Debug)]
 pub struct DataReader {
     state: State,
     line_len: usize,
     body: Vec<u8>,
+    /// Unstuffed bytes produced so far.
+    size: usize,
     max_bytes: usize,
     too_big: bool,
     long_line: bool,
@@ -58,22 +64,23 @@ impl DataReader {
             state: State::LineStart,
             line_len: 0,
             body: Vec::new(),
+            size: 0,
             max_bytes,
             too_big: false,
             long_line: false,
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
-        // Keep counting but stop storing once over the limit, so an oversized
-        // message costs no memory and is refused only after its end is found
-        // (RFC 5321 requires reading to the end before replying).
-        if self.too_big || self.body.len() + bytes.len() > self.max_bytes {
+    fn push(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        // Stop producing once over the limit, so an oversized message costs
+        // nothing more and is refused only after its end is found (RFC 5321
+        // requires reading to the end before replying).
+        if self.too_big || self.size + bytes.len() > self.max_bytes {
             self.too_big = true;
-            self.body.clear();
             return;
         }
-        self.body.extend_from_slice(bytes);
+        self.size += bytes.len();
+        out.extend_from_slice(bytes);
     }
 
     fn count(&mut self) {
@@ -84,7 +91,17 @@ impl DataReader {
         }
     }
 
+    /// Feeds a chunk, collecting the unstuffed bytes internally.
     pub fn feed(&mut self, input: &[u8]) -> Feed {
+        let mut body = std::mem::take(&mut self.body);
+        let f = self.feed_into(input, &mut body);
+        self.body = body;
+        f
+    }
+
+    /// Feeds a chunk and appends the unstuffed bytes it yields to `out`
+    /// (nothing once the message is too big).
+    pub fn feed_into(&mut self, input: &[u8], out: &mut Vec<u8>) -> Feed {
         let mut i = 0;
         while i < input.len() {
             if self.state == State::Mid {
@@ -99,7 +116,7 @@ impl DataReader {
                     if self.line_len > MAX_TEXT_LINE - 2 {
                         self.long_line = true;
                     }
-                    self.push(&input[i..i + run]);
+                    self.push(out, &input[i..i + run]);
                     i += run;
                     continue;
                 }
@@ -120,14 +137,14 @@ impl DataReader {
                     return Feed::BareNewline { consumed: i };
                 }
                 (State::Cr, _) => {
-                    self.push(b"\r\n");
+                    self.push(out, b"\r\n");
                     self.line_len = 0;
                     State::LineStart
                 }
                 // Dot-unstuffing: the leading dot has been dropped; keep this byte.
                 (State::LineStart | State::Dot | State::Mid, _) => {
                     self.count();
-                    self.push(&[b]);
+                    self.push(out, &[b]);
                     State::Mid
                 }
                 (State::DotCr, _) => unreachable!("DotCr with LF handled above"),
@@ -147,10 +164,15 @@ impl DataReader {
         }
     }
 
-    /// The unstuffed message, with CRLF line endings, without the final
-    /// "." line.
+    /// Unstuffed bytes produced so far (counted up to the limit).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The unstuffed message collected by `feed`, with CRLF line endings,
+    /// without the final "." line; empty when it was too big.
     pub fn into_body(self) -> Vec<u8> {
-        self.body
+        if self.too_big { Vec::new() } else { self.body }
     }
 }
 
@@ -212,6 +234,33 @@ mod tests {
         }
         assert!(done);
         assert_eq!(r.into_body(), b"a\r\n.b\r\n\r\n");
+    }
+
+    #[test]
+    fn feed_into_streams_what_feed_collects() {
+        let input = b"a\r\n..b\r\nlong line here\r\n\r\n.\r\nQUIT\r\n";
+        let mut r = DataReader::new(1000);
+        let mut streamed = Vec::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(3) {
+            let f = r.feed_into(piece, &mut out);
+            // The caller drains `out` after every chunk, as the session does.
+            streamed.append(&mut out);
+            if let Feed::Done { .. } = f {
+                break;
+            }
+        }
+        assert_eq!(streamed, b"a\r\n.b\r\nlong line here\r\n\r\n");
+        assert_eq!(r.size(), streamed.len());
+        // Over the limit nothing more is produced, and the verdict says so.
+        let mut r = DataReader::new(5);
+        let mut out = Vec::new();
+        assert!(matches!(
+            r.feed_into(b"abc\r\ndef\r\n.\r\n", &mut out),
+            Feed::Done { .. }
+        ));
+        assert_eq!(out, b"abc\r\n");
+        assert_eq!(r.verdict(), Verdict::TooBig);
     }
 
     #[test]

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::client::{HopError, HopTls, Transport};
 use crate::config::{RelayConfig, UpstreamConfig, UpstreamTls, secs};
 use crate::spool::{QueueRecord, RcptState, Spool, now_ms};
 use crate::stats::RelayStats;
@@ -33,6 +33,11 @@ pub enum DeliverError {
         #[source]
         source: lettre::transport::smtp::Error,
     },
+    #[error("upstream TLS setup: {source}")]
+    ImplicitTls {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Outcome for one recipient of one attempt.
@@ -42,8 +47,6 @@ enum Outcome {
     Transient(String),
     Permanent(String),
 }
-
-type Transport = AsyncSmtpTransport<Tokio1Executor>;
 
 pub(crate) struct Deliverer {
     cfg: Arc<RelayConfig>,
@@ -61,39 +64,50 @@ pub(crate) struct Deliverer {
 }
 
 fn build_upstream(cfg: &RelayConfig, u: &UpstreamConfig) -> Result<Transport, DeliverError> {
-    let tls_params = || -> Result<TlsParameters, DeliverError> {
-        let mut b = TlsParameters::builder(u.host.clone());
-        if let Some(ca) = &u.ca_file {
-            let pem = std::fs::read(ca).map_err(|source| DeliverError::Read {
+    let ca = u
+        .ca_file
+        .as_ref()
+        .map(|ca| {
+            std::fs::read(ca).map_err(|source| DeliverError::Read {
                 path: ca.clone(),
                 source,
-            })?;
-            b = b.add_root_certificate(
-                Certificate::from_pem(&pem).map_err(|source| DeliverError::Tls { source })?,
-            );
-        }
-        b.build_rustls()
-            .map_err(|source| DeliverError::Tls { source })
-    };
+            })
+        })
+        .transpose()?;
     let tls = match u.tls {
-        UpstreamTls::None => Tls::None,
-        UpstreamTls::Starttls => Tls::Required(tls_params()?),
-        UpstreamTls::Implicit => Tls::Wrapper(tls_params()?),
+        UpstreamTls::None => HopTls::None,
+        UpstreamTls::Starttls => {
+            let mut b = TlsParameters::builder(u.host.clone());
+            if let Some(pem) = &ca {
+                b = b.add_root_certificate(
+                    Certificate::from_pem(pem).map_err(|source| DeliverError::Tls { source })?,
+                );
+            }
+            HopTls::Required(
+                b.build_rustls()
+                    .map_err(|source| DeliverError::Tls { source })?,
+            )
+        }
+        UpstreamTls::Implicit => crate::client::implicit_tls(&u.host, ca.as_deref())
+            .map_err(|source| DeliverError::ImplicitTls { source })?,
     };
-    let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(u.host.clone())
-        .port(u.port)
-        .tls(tls)
-        .hello_name(ClientId::Domain(cfg.hostname.clone()))
-        .timeout(Some(secs(cfg.retry.attempt_timeout_secs)));
+    let mut t = Transport {
+        host: u.host.clone(),
+        port: u.port,
+        tls,
+        hello: ClientId::Domain(cfg.hostname.clone()),
+        credentials: None,
+        timeout: secs(cfg.retry.attempt_timeout_secs),
+    };
     if let (Some(user), Some(pf)) = (&u.username, &u.password_file) {
         let text = std::fs::read_to_string(pf).map_err(|source| DeliverError::Read {
             path: pf.clone(),
             source,
         })?;
         let pw = text.lines().next().unwrap_or_default().to_owned();
-        b = b.credentials(Credentials::new(user.clone(), pw));
+        t.credentials = Some(Credentials::new(user.clone(), pw));
     }
-    Ok(b.build())
+    Ok(t)
 }
 
 impl Deliverer {
@@ -205,7 +219,10 @@ impl Deliverer {
     /// One delivery attempt; true when the message is finished (delivered,
     /// bounced or dropped) and its task can end.
     async fn attempt(&self, rec: &mut QueueRecord) -> bool {
-        let body = match tokio::fs::read(self.spool.body_path(&rec.id)).await {
+        // Whole: lettre sends from a slice. The buffer goes back to the OS
+        // afterwards (`mem`), so memory is delivery_workers x message size
+        // at most while sending, and not kept.
+        let body = match crate::mem::read_returned_on_free(&self.spool.body_path(&rec.id)).await {
             Ok(b) => b,
             Err(_) if !self.spool.exists(&rec.id) => {
                 // Deleted behind our back (offline `queue delete`): done.
@@ -220,16 +237,16 @@ impl Deliverer {
         };
         let pending: Vec<String> = rec.pending().map(|r| r.address.clone()).collect();
         let results = if let Some(t) = &self.upstream {
-            send_group(
+            self.send_group(
                 t,
-                &rec.from,
+                rec,
                 &pending,
                 &body,
                 secs(self.cfg.retry.attempt_timeout_secs),
             )
             .await
         } else {
-            self.send_mx(&rec.from, &pending, &body).await
+            self.send_mx(rec, &pending, &body).await
         };
         rec.attempts += 1;
         let expired = now_ms().saturating_sub(rec.created_unix_ms)
@@ -281,7 +298,8 @@ impl Deliverer {
         // Finished: bounce failures (never bounce a bounce), then drop it.
         if !failed.is_empty() && !rec.is_dsn && !rec.from.is_empty() {
             let refs: Vec<_> = failed.iter().collect();
-            let (dsn, dsn_body) = crate::dsn::build(
+            let (dsn, dsn_body) = crate::dsn::build_with_id(
+                crate::dsn::bounce_id(&rec.id),
                 &self.cfg.hostname,
                 rec,
                 &refs,
@@ -315,7 +333,10 @@ impl Deliverer {
         let spool = self.spool.clone();
         let id = rec.id.clone();
         match tokio::task::spawn_blocking(move || spool.remove(&id)).await {
-            Ok(Ok(())) => RelayStats::dec(&self.stats.queue_length),
+            // NotFound: `delivered` removed it at the last 250 already.
+            Ok(Ok(()) | Err(crate::spool::SpoolError::NotFound { .. })) => {
+                RelayStats::dec(&self.stats.queue_length);
+            }
             Ok(Err(e)) => tracing::error!(id = rec.id, error = %e, "removing delivered message"),
             Err(e) => tracing::error!(id = rec.id, error = %e, "removing delivered message"),
         }
@@ -345,7 +366,7 @@ impl Deliverer {
 
     async fn send_mx(
         &self,
-        from: &str,
+        rec: &mut QueueRecord,
         rcpts: &[String],
         body: &[u8],
     ) -> BTreeMap<String, Outcome> {
@@ -356,7 +377,7 @@ impl Deliverer {
         }
         let mut out = BTreeMap::new();
         for (domain, group) in by_domain {
-            let res = self.send_domain(&domain, from, &group, body).await;
+            let res = self.send_domain(&domain, rec, &group, body).await;
             out.extend(res);
         }
         out
@@ -365,7 +386,7 @@ impl Deliverer {
     async fn send_domain(
         &self,
         domain: &str,
-        from: &str,
+        rec: &mut QueueRecord,
         rcpts: &[String],
         body: &[u8],
     ) -> BTreeMap<String, Outcome> {
@@ -385,16 +406,18 @@ impl Deliverer {
             // Opportunistic STARTTLS, as MTA-to-MTA SMTP does without
             // MTA-STS/DANE; the hostname is the MX name.
             let tls = match TlsParameters::new_rustls(host.clone()) {
-                Ok(p) => Tls::Opportunistic(p),
-                Err(_) => Tls::None,
+                Ok(p) => HopTls::Opportunistic(p),
+                Err(_) => HopTls::None,
             };
-            let t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.clone())
-                .port(25)
-                .tls(tls)
-                .hello_name(ClientId::Domain(self.cfg.hostname.clone()))
-                .timeout(Some(timeout))
-                .build();
-            let res = send_group(&t, from, rcpts, body, timeout).await;
+            let t = Transport {
+                host: host.clone(),
+                port: 25,
+                tls,
+                hello: ClientId::Domain(self.cfg.hostname.clone()),
+                credentials: None,
+                timeout,
+            };
+            let res = self.send_group(&t, rec, rcpts, body, timeout).await;
             // Try the next MX only when this one could not be talked to.
             let unreachable = res
                 .values()
@@ -444,7 +467,11 @@ async fn mx_hosts(domain: &str) -> Result<Vec<String>, Outcome> {
     }
 }
 
-fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
+fn classify(e: &HopError) -> Outcome {
+    let e = match e {
+        HopError::Connect { .. } => return Outcome::Transient(format!("connection: {e}")),
+        HopError::Smtp(e) => e,
+    };
     let text = e.to_string();
     if e.is_permanent() {
         Outcome::Permanent(text)
@@ -456,72 +483,131 @@ fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
     }
 }
 
-/// Sends one transaction for all `rcpts`. lettre reports one error per
-/// transaction, so when a multi-recipient send fails permanently we retry
-/// recipient by recipient to learn which ones are at fault.
-async fn send_group(
-    t: &Transport,
-    from: &str,
-    rcpts: &[String],
-    body: &[u8],
-    timeout: Duration,
-) -> BTreeMap<String, Outcome> {
-    let mut out = BTreeMap::new();
-    let sender = if from.is_empty() {
-        None
-    } else {
-        match from.parse::<lettre::Address>() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                return rcpts
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.clone(),
-                            Outcome::Permanent(format!("550 5.1.7 bad sender {from}: {e}")),
-                        )
-                    })
-                    .collect();
-            }
+impl Deliverer {
+    /// The next hop answered 250 for `addrs`: record it durably before
+    /// doing anything else, so a crash from here on cannot send them again.
+    /// If that was the last recipient, the message is removed outright (its
+    /// record's unlink is the commit point); otherwise "delivered" lines are
+    /// appended to its journal. Either takes one syscall to survive a
+    /// kill -9 (the fsyncs that follow are for power loss).
+    async fn delivered(&self, rec: &mut QueueRecord, addrs: &[String]) {
+        for r in rec
+            .recipients
+            .iter_mut()
+            .filter(|r| addrs.contains(&r.address))
+        {
+            r.state = RcptState::Delivered;
+            r.last_error = None;
         }
-    };
-    let mut to = Vec::new();
-    for r in rcpts {
-        match r.parse::<lettre::Address>() {
-            Ok(a) => to.push((r.clone(), a)),
-            Err(e) => {
-                out.insert(
-                    r.clone(),
-                    Outcome::Permanent(format!("550 5.1.3 bad recipient {r}: {e}")),
-                );
+        let all = rec
+            .recipients
+            .iter()
+            .all(|r| r.state == RcptState::Delivered);
+        // The syscall that makes the delivery survive a kill -9 runs right
+        // here, on the reactor thread: a quick unlink or a short append,
+        // and a hop to the blocking pool first was measurably part of the
+        // window. The fsyncs (for power loss) go to the blocking pool.
+        let spool = self.spool.clone();
+        let id = rec.id.clone();
+        let res = if all {
+            match spool.unlink_record(&id) {
+                Ok(()) => tokio::task::spawn_blocking(move || spool.remove_rest(&id))
+                    .await
+                    .unwrap_or(Ok(())),
+                Err(e) => Err(e),
             }
-        }
-    }
-    if to.is_empty() {
-        return out;
-    }
-    let res = send_one(
-        t,
-        sender.clone(),
-        to.iter().map(|(_, a)| a.clone()).collect(),
-        body,
-        timeout,
-    )
-    .await;
-    match res {
-        Outcome::Permanent(_) if to.len() > 1 => {
-            for (r, a) in to {
-                let o = send_one(t, sender.clone(), vec![a], body, timeout).await;
-                out.insert(r, o);
+        } else {
+            match spool.journal_append(&id, addrs) {
+                Ok(pending) => tokio::task::spawn_blocking(move || pending.sync())
+                    .await
+                    .unwrap_or(Ok(())),
+                Err(e) => Err(e),
             }
-        }
-        o => {
-            for (r, _) in to {
-                out.insert(r, o.clone());
-            }
+        };
+        match res {
+            // Deleted meanwhile (`queue delete`): nothing left to record.
+            Ok(()) | Err(crate::spool::SpoolError::NotFound { .. }) => {}
+            Err(e) => tracing::error!(id = rec.id, error = %e, "recording delivery"),
         }
     }
-    out
+
+    /// Sends one transaction for all `rcpts`, journalling each 250 as it
+    /// comes (`delivered`). lettre reports one error per transaction, so
+    /// when a multi-recipient send fails permanently we retry recipient by
+    /// recipient to learn which ones are at fault.
+    async fn send_group(
+        &self,
+        t: &Transport,
+        rec: &mut QueueRecord,
+        rcpts: &[String],
+        body: &[u8],
+        timeout: Duration,
+    ) -> BTreeMap<String, Outcome> {
+        let mut out = BTreeMap::new();
+        let from = rec.from.clone();
+        let sender = if from.is_empty() {
+            None
+        } else {
+            match from.parse::<lettre::Address>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    return rcpts
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.clone(),
+                                Outcome::Permanent(format!("550 5.1.7 bad sender {from}: {e}")),
+                            )
+                        })
+                        .collect();
+                }
+            }
+        };
+        let mut to = Vec::new();
+        for r in rcpts {
+            match r.parse::<lettre::Address>() {
+                Ok(a) => to.push((r.clone(), a)),
+                Err(e) => {
+                    out.insert(
+                        r.clone(),
+                        Outcome::Permanent(format!("550 5.1.3 bad recipient {r}: {e}")),
+                    );
+                }
+            }
+        }
+        if to.is_empty() {
+            return out;
+        }
+        let res = send_one(
+            t,
+            sender.clone(),
+            to.iter().map(|(_, a)| a.clone()).collect(),
+            body,
+            timeout,
+        )
+        .await;
+        match res {
+            Outcome::Permanent(_) if to.len() > 1 => {
+                for (r, a) in to {
+                    let o = send_one(t, sender.clone(), vec![a], body, timeout).await;
+                    if o == Outcome::Delivered {
+                        self.delivered(rec, std::slice::from_ref(&r)).await;
+                    }
+                    out.insert(r, o);
+                }
+            }
+            o => {
+                if o == Outcome::Delivered {
+                    let addrs: Vec<String> = to.iter().map(|(r, _)| r.clone()).collect();
+                    self.delivered(rec, &addrs).await;
+                }
+                for (r, _) in to {
+                    out.insert(r, o.clone());
+                }
+            }
+        }
+        out
+    }
 }
 
 async fn send_one(
@@ -540,8 +626,8 @@ async fn send_one(
     // extra blank line and the message would not arrive byte-exact.
     let body = body.strip_suffix(b"\r\n").unwrap_or(body);
     let started = Instant::now();
-    match tokio::time::timeout(timeout + Duration::from_secs(5), t.send_raw(&env, body)).await {
-        Ok(Ok(_)) => {
+    match tokio::time::timeout(timeout + Duration::from_secs(5), t.send(&env, body)).await {
+        Ok(Ok(())) => {
             tracing::debug!(elapsed = ?started.elapsed(), "sent");
             Outcome::Delivered
         }

@@ -14,7 +14,33 @@ pub fn build(
     failed: &[&RecipientStatus],
     headers: &[u8],
 ) -> (QueueRecord, Vec<u8>) {
-    let id = new_id();
+    build_with_id(new_id(), hostname, original, failed, headers)
+}
+
+/// The queue id of the bounce for `original`: derived from it, so that a
+/// crash between queueing the bounce and removing the original, which
+/// makes the restart bounce again, replaces the queued bounce instead of
+/// adding a second one. Same time prefix, random part flipped.
+pub fn bounce_id(original: &str) -> String {
+    match (
+        original.get(..12),
+        original
+            .get(12..)
+            .and_then(|r| u64::from_str_radix(r, 16).ok()),
+    ) {
+        (Some(t), Some(r)) if original.len() == 28 => format!("{t}{:016x}", !r),
+        _ => new_id(),
+    }
+}
+
+/// `build` with a given queue id (see `bounce_id`).
+pub fn build_with_id(
+    id: String,
+    hostname: &str,
+    original: &QueueRecord,
+    failed: &[&RecipientStatus],
+    headers: &[u8],
+) -> (QueueRecord, Vec<u8>) {
     let boundary = format!("{id}/{hostname}");
     let arrival = SystemTime::UNIX_EPOCH + Duration::from_millis(original.created_unix_ms);
     let now = crate::date::rfc5322(SystemTime::now());
@@ -185,6 +211,14 @@ mod tests {
         assert!(text.contains("text/rfc822-headers\r\n\r\nSubject: x\r\nFrom: a\r\n"));
         assert!(!text.contains("body"));
         assert_eq!(status_of("timed out"), "5.0.0");
+        // The bounce id is a function of the original's: a second bounce
+        // for the same message replaces the first in the spool.
+        let orig = new_id();
+        let b = bounce_id(&orig);
+        assert_eq!(b, bounce_id(&orig));
+        assert_ne!(b, orig);
+        assert_eq!((b.len(), &b[..12]), (28, &orig[..12]));
+        assert!(b.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(status_of("451 4.3.0 try later"), "4.4.7");
     }
 }

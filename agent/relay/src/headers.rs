@@ -87,6 +87,31 @@ pub fn header_end(msg: &[u8]) -> HeaderEnd {
     }
 }
 
+/// `header_end` for the start of a message still arriving: None until
+/// the end of the header section is among the complete lines of `msg`.
+pub fn header_end_partial(msg: &[u8]) -> Option<HeaderEnd> {
+    let mut at = 0;
+    while let Some(nl) = msg[at..].iter().position(|&b| b == b'\n') {
+        let line = &msg[at..at + nl + 1];
+        match classify(line, at == 0) {
+            LineKind::Field | LineKind::Continuation => at += line.len(),
+            LineKind::Blank => {
+                return Some(HeaderEnd {
+                    fields_len: at,
+                    blank_line: true,
+                });
+            }
+            LineKind::Other => {
+                return Some(HeaderEnd {
+                    fields_len: at,
+                    blank_line: false,
+                });
+            }
+        }
+    }
+    None
+}
+
 /// One header field: its name and its value with folding removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field<'a> {
@@ -362,6 +387,28 @@ mod tests {
         assert_eq!(header_end(b"").fields_len, 0);
         // A name with a space is not a field name.
         assert_eq!(header_end(b"Bad Name: x\r\n").fields_len, 0);
+    }
+
+    #[test]
+    fn partial_header_end_agrees_with_the_complete_one() {
+        for m in [
+            &b"A: 1\r\nB: 2\r\n continued\r\n\r\nbody\r\n"[..],
+            b"A: 1\r\nnot a header\r\nmore\r\n",
+            b"\r\nbody\r\n",
+            b" leading space\r\n",
+        ] {
+            let whole = header_end(m);
+            // Every prefix either does not know yet or agrees.
+            for cut in 0..=m.len() {
+                if let Some(e) = header_end_partial(&m[..cut]) {
+                    assert_eq!(e, whole, "{:?} cut at {cut}", String::from_utf8_lossy(m));
+                }
+            }
+            assert_eq!(header_end_partial(m), Some(whole));
+        }
+        // All headers so far: not known until the section ends.
+        assert_eq!(header_end_partial(b"A: 1\r\nB: 2\r\n"), None);
+        assert_eq!(header_end_partial(b"A: 1\r\nB: 2"), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! runtime; the returned [`RelayHandle`] reloads TLS, flushes the queue,
 //! exposes [`RelayStats`] and shuts everything down.
 
+mod client;
 pub mod config;
 pub mod dataread;
 mod date;
@@ -14,6 +15,7 @@ pub mod dsn;
 pub mod headers;
 pub mod limits;
 mod listener;
+mod mem;
 pub mod parse;
 pub mod queue;
 pub mod reply;

@@ -3,7 +3,13 @@
 //! Each message is two files in `<spool>/queue/`: `<id>.eml` (the bytes to
 //! send, Received header included) and `<id>.json` (envelope and
 //! per-recipient state). The `.json` file is the commit point: a message
-//! exists iff its record exists. Both are written as temp files, fsynced,
+//! exists iff its record exists. A third, `<id>.done`, is the delivery
+//! journal: one `delivered <address>` line appended the moment a next hop
+//! answers 250 for that recipient, folded into the record whenever it is
+//! read and dropped when the record is next rewritten. Appending a line is
+//! one write(2), so the window in which a crash forgets a delivery (and
+//! the restart sends it again) is that short; rewriting the record would
+//! take a temp file, an fsync and a rename. Both are written as temp files, fsynced,
 //! renamed into place (body first), and then the directory is fsynced; only
 //! after that does the session answer 250 (chasquid's safeio, maddy's queue).
 //!
@@ -170,10 +176,82 @@ pub fn write_atomic_owned(
     sync_dir(dir)
 }
 
+enum JobBody {
+    /// Written by the committer (bounces).
+    Bytes(Vec<u8>),
+    /// Already written by the session (`TempBody`), to be fsynced.
+    File(PathBuf),
+}
+
 struct Job {
     record: QueueRecord,
-    body: Vec<u8>,
+    body: JobBody,
     done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// Bytes the session buffers before each write to a streamed body: with
+/// the file's own buffer, about what one session in DATA holds.
+const BODY_WRITE_BUFFER: usize = 32 * 1024;
+
+/// A message body being streamed to the spool during DATA, as
+/// `.tmp-<id>.eml` in the queue directory (start-up recovery deletes such
+/// files, so a crash mid-DATA leaves nothing behind for long). Removed on
+/// drop unless committed.
+#[derive(Debug)]
+pub struct TempBody {
+    path: PathBuf,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    written: u64,
+}
+
+impl TempBody {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        use tokio::io::AsyncWriteExt as _;
+        let f = self.file.as_mut().expect("written only before commit");
+        f.write_all(bytes)
+            .await
+            .map_err(io_err("writing", &self.path))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+}
+
+impl Drop for TempBody {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The fsyncs still owed by a `journal_append`.
+#[derive(Debug)]
+pub struct JournalSync {
+    file: File,
+    path: PathBuf,
+    /// The queue directory, when the journal was created by this append.
+    dir: Option<PathBuf>,
+}
+
+impl JournalSync {
+    pub fn sync(self) -> Result<(), SpoolError> {
+        self.file
+            .sync_data()
+            .map_err(io_err("syncing", &self.path))?;
+        if let Some(d) = &self.dir {
+            sync_dir(d).map_err(io_err("syncing", d))?;
+        }
+        Ok(())
+    }
 }
 
 /// Handle on a spool directory. Cheap to clone.
@@ -237,17 +315,125 @@ impl Spool {
         self.queue.join(format!("{id}.json"))
     }
 
+    fn journal_path(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.done"))
+    }
+
+    /// Records durably that `addrs` of message `id` were delivered (see the
+    /// module docs). Blocking.
+    pub fn journal_delivered(&self, id: &str, addrs: &[String]) -> Result<(), SpoolError> {
+        self.journal_append(id, addrs)?.sync()
+    }
+
+    /// The write(2) of `journal_delivered`; the returned handle does its
+    /// fsyncs (which only power loss needs), so a caller can do them
+    /// elsewhere.
+    pub fn journal_append(&self, id: &str, addrs: &[String]) -> Result<JournalSync, SpoolError> {
+        check_id(id)?;
+        let p = self.journal_path(id);
+        let mut lines = String::new();
+        for a in addrs {
+            // Addresses come from the record, which the session built from
+            // parsed (single-line) addresses; never let one split a line.
+            if !a.contains(['\r', '\n']) {
+                lines.push_str("delivered ");
+                lines.push_str(a);
+                lines.push('\n');
+            }
+        }
+        let existed = p.exists();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(io_err("opening", &p))?;
+        // One write: from here a kill -9 cannot lose the delivery.
+        f.write_all(lines.as_bytes())
+            .map_err(io_err("writing", &p))?;
+        Ok(JournalSync {
+            file: f,
+            path: p,
+            dir: (!existed).then(|| self.queue.clone()),
+        })
+    }
+
+    /// Marks the recipients named in the journal delivered. Only complete
+    /// lines count: a torn last line (power loss mid-write) is ignored.
+    fn apply_journal(&self, rec: &mut QueueRecord) {
+        let Ok(text) = fs::read_to_string(self.journal_path(&rec.id)) else {
+            return;
+        };
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            if let Some(addr) = line.trim_end_matches('\n').strip_prefix("delivered ") {
+                for r in rec.recipients.iter_mut().filter(|r| r.address == addr) {
+                    r.state = RcptState::Delivered;
+                    r.last_error = None;
+                }
+            }
+        }
+    }
+
     pub fn body_path(&self, id: &str) -> PathBuf {
         self.queue.join(format!("{id}.eml"))
     }
 
     /// Durably stores a new message; returns once it is on disk.
     pub async fn commit(&self, record: QueueRecord, body: Vec<u8>) -> Result<(), SpoolError> {
+        self.submit(record, JobBody::Bytes(body)).await
+    }
+
+    async fn submit(&self, record: QueueRecord, body: JobBody) -> Result<(), SpoolError> {
         let tx = self.committer.as_ref().ok_or(SpoolError::CommitterGone)?;
         let (done, rx) = oneshot::channel();
         tx.send(Job { record, body, done })
             .map_err(|_| SpoolError::CommitterGone)?;
         rx.await.map_err(|_| SpoolError::CommitterGone)?
+    }
+
+    /// Starts streaming the body of message `id` to the spool.
+    pub async fn create_body(&self, id: &str) -> Result<TempBody, SpoolError> {
+        check_id(id)?;
+        let path = self.queue.join(format!(".tmp-{id}.eml"));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(io_err("creating", &path))?;
+        Ok(TempBody {
+            file: Some(tokio::io::BufWriter::with_capacity(BODY_WRITE_BUFFER, file)),
+            path,
+            written: 0,
+        })
+    }
+
+    /// `commit` for a streamed body: flushes it, then the committer fsyncs
+    /// it with the batch and renames it into place with the record.
+    pub async fn commit_streamed(
+        &self,
+        record: QueueRecord,
+        mut body: TempBody,
+    ) -> Result<(), SpoolError> {
+        use tokio::io::AsyncWriteExt as _;
+        if body.path != self.queue.join(format!(".tmp-{}.eml", record.id)) {
+            return Err(SpoolError::BadId { id: record.id });
+        }
+        let mut f = body.file.take().expect("committed once");
+        if let Err(e) = f.flush().await {
+            let _ = fs::remove_file(&body.path);
+            return Err(io_err("writing", &body.path)(e));
+        }
+        drop(f);
+        let path = body.path.clone();
+        let r = self.submit(record, JobBody::File(path.clone())).await;
+        if r.is_err() {
+            // The committer removes what it failed on; this covers it being
+            // gone altogether.
+            let _ = fs::remove_file(&path);
+        }
+        r
     }
 
     pub fn exists(&self, id: &str) -> bool {
@@ -264,23 +450,41 @@ impl Spool {
             });
         }
         let json = serde_json::to_vec_pretty(record).expect("record serialises");
-        write_atomic(&p, &json, 0o600).map_err(io_err("rewriting", &p))
+        write_atomic(&p, &json, 0o600).map_err(io_err("rewriting", &p))?;
+        // The record now holds what the journal said (callers rewrite the
+        // state they read, journal folded in): the journal can go. A crash
+        // before this only leaves lines that repeat the record.
+        let _ = fs::remove_file(self.journal_path(&record.id));
+        Ok(())
     }
 
     /// Removes a message: record first, so a crash in between leaves an
     /// orphan body (cleaned at start) rather than a record without body.
     pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
+        self.unlink_record(id)?;
+        self.remove_rest(id)
+    }
+
+    /// The commit point of a removal: the record's unlink, one syscall.
+    /// From its return the message is gone for any restart after a crash of
+    /// the process (for power loss, `remove_rest`'s directory sync).
+    pub fn unlink_record(&self, id: &str) -> Result<(), SpoolError> {
         check_id(id)?;
         let meta = self.meta_path(id);
         match fs::remove_file(&meta) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(SpoolError::NotFound { id: id.into() });
+                Err(SpoolError::NotFound { id: id.into() })
             }
-            Err(e) => return Err(io_err("removing", &meta)(e)),
+            Err(e) => Err(io_err("removing", &meta)(e)),
         }
-        let body = self.body_path(id);
-        let _ = fs::remove_file(&body);
+    }
+
+    /// What follows `unlink_record`: body, journal, directory sync.
+    pub fn remove_rest(&self, id: &str) -> Result<(), SpoolError> {
+        check_id(id)?;
+        let _ = fs::remove_file(self.body_path(id));
+        let _ = fs::remove_file(self.journal_path(id));
         sync_dir(&self.queue).map_err(io_err("syncing", &self.queue))
     }
 
@@ -294,11 +498,15 @@ impl Spool {
                 io_err("reading", &p)(e)
             }
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| SpoolError::Io {
+        let mut rec: QueueRecord = serde_json::from_slice(&bytes).map_err(|e| SpoolError::Io {
             op: "parsing",
             path: p.clone(),
             source: io::Error::new(io::ErrorKind::InvalidData, e),
-        })
+        })?;
+        if rec.id == id {
+            self.apply_journal(&mut rec);
+        }
+        Ok(rec)
     }
 
     pub fn read_body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
@@ -354,6 +562,7 @@ impl Spool {
             let name = e.file_name().to_string_lossy().into_owned();
             let orphan = name
                 .strip_suffix(".eml")
+                .or_else(|| name.strip_suffix(".done"))
                 .is_some_and(|id| !self.meta_path(id).exists());
             if name.starts_with(".tmp-") || orphan {
                 let _ = fs::remove_file(e.path());
@@ -365,7 +574,11 @@ impl Spool {
 
     fn quarantine(&self, id: &str, why: &str) {
         tracing::error!(id, why, "quarantining unreadable queue entry");
-        for p in [self.meta_path(id), self.body_path(id)] {
+        for p in [
+            self.meta_path(id),
+            self.body_path(id),
+            self.journal_path(id),
+        ] {
             if let Some(name) = p.file_name() {
                 let _ = fs::rename(&p, self.quarantine.join(name));
             }
@@ -396,7 +609,12 @@ fn write_temps(queue: &Path, job: &Job) -> Result<(PathBuf, PathBuf), SpoolError
     let tmp_body = queue.join(format!(".tmp-{id}.eml"));
     let tmp_meta = queue.join(format!(".tmp-{id}.json"));
     let json = serde_json::to_vec_pretty(&job.record).expect("record serialises");
-    let res = write_synced(&tmp_body, &job.body, 0o600)
+    let body = match &job.body {
+        JobBody::Bytes(b) => write_synced(&tmp_body, b, 0o600),
+        // Same path: `create_body` names it so.
+        JobBody::File(p) => File::open(p).and_then(|f| f.sync_all()),
+    };
+    let res = body
         .map_err(io_err("writing", &tmp_body))
         .and_then(|()| write_synced(&tmp_meta, &json, 0o600).map_err(io_err("writing", &tmp_meta)));
     match res {
@@ -548,5 +766,57 @@ mod tests {
             Err(SpoolError::BadId { .. })
         ));
         assert_eq!(Spool::open_offline(dir.path()).scan().unwrap().len(), 19);
+    }
+
+    #[tokio::test]
+    async fn delivery_journal_survives_and_folds_into_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path()).unwrap();
+        let id = new_id();
+        let mut r = rec(&id);
+        r.recipients.push(RecipientStatus {
+            address: "c@example.org".into(),
+            state: RcptState::Pending,
+            attempts: 0,
+            last_error: Some("earlier".into()),
+        });
+        s.commit(r.clone(), b"x".to_vec()).await.unwrap();
+        s.journal_delivered(&id, &["c@example.org".into()]).unwrap();
+        // What a restart (or `queue list`) sees: c delivered, b pending.
+        let got = Spool::open_offline(dir.path()).read_record(&id).unwrap();
+        let states: Vec<_> = got
+            .recipients
+            .iter()
+            .map(|r| (r.address.as_str(), r.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("b@example.org", RcptState::Pending),
+                ("c@example.org", RcptState::Delivered)
+            ]
+        );
+        assert_eq!(got.recipients[1].last_error, None);
+        assert_eq!(s.recover().unwrap()[0].pending().count(), 1);
+        // A torn line is ignored, not half-applied.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(s.journal_path(&id))
+            .unwrap()
+            .write_all(b"delivered b@exam")
+            .unwrap();
+        assert_eq!(s.read_record(&id).unwrap().pending().count(), 1);
+        // A rewrite folds the journal in and drops it.
+        s.rewrite(&got).unwrap();
+        assert!(!s.journal_path(&id).exists());
+        assert_eq!(s.read_record(&id).unwrap(), got);
+        // Removal takes the journal along; an orphan journal is cleaned.
+        s.journal_delivered(&id, &["b@example.org".into()]).unwrap();
+        s.remove(&id).unwrap();
+        assert!(!s.journal_path(&id).exists());
+        let stray = new_id();
+        fs::write(s.journal_path(&stray), b"delivered x@y.z\n").unwrap();
+        s.recover().unwrap();
+        assert!(!s.journal_path(&stray).exists());
     }
 }

@@ -145,19 +145,9 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     }
 }
 
-/// Argon2 memory is asked for as at least this many 1 KiB blocks of
-/// capacity. glibc serves a request above its mmap threshold with its own
-/// mapping and unmaps it on free; the threshold starts at 128 KiB but rises
-/// to the size of any large block freed, up to 32 MiB. So argon2's own
-/// 19 MiB buffers soon come from the allocator's arenas, which keep them:
-/// 99 logins through 4 verifier threads measured 34 -> 815 MiB RSS, never
-/// returned. Above 32 MiB the request is always mapped and always returned.
-/// Only the capacity is that large: just the blocks the hash needs are
-/// initialised, so only those pages are ever touched (RSS stays m KiB).
-const UNMAPPED_ON_FREE_BLOCKS: usize = 40 * 1024;
-
 /// `Argon2::verify_password`, with memory that goes back to the OS after
-/// every verification (see `UNMAPPED_ON_FREE_BLOCKS`).
+/// every verification (`mem::returned_on_free`: unbounded, 99 logins
+/// through 4 verifier threads measured 34 -> 815 MiB RSS, never returned).
 fn verify_argon2(h: &str, password: &str) -> bool {
     use subtle::ConstantTimeEq as _;
     let Ok(ph) = PasswordHash::new(h) else {
@@ -182,7 +172,7 @@ fn verify_argon2(h: &str, password: &str) -> bool {
         return false;
     };
     let need = params.block_count();
-    let mut blocks: Vec<argon2::Block> = Vec::with_capacity(need.max(UNMAPPED_ON_FREE_BLOCKS));
+    let mut blocks: Vec<argon2::Block> = crate::mem::returned_on_free(need);
     blocks.resize(need, argon2::Block::default());
     let mut out = vec![0u8; expected.len()];
     argon2::Argon2::new(algorithm, version, params)

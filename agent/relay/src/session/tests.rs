@@ -1256,3 +1256,106 @@ async fn junk_commands_are_capped_between_messages() {
         .await;
     c.expect_closed().await;
 }
+
+/// Temp files left in the spool's queue directory.
+fn temp_files(h: &Harness) -> Vec<String> {
+    std::fs::read_dir(h.shared.spool.queue_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
+#[tokio::test]
+async fn large_body_is_streamed_to_the_spool_byte_exact() {
+    let h = harness(|_| {});
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<r@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    let head = "From: alice@example.com\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID: <big@example.com>\r\n\r\n";
+    c.send(head).await;
+    // 3 MiB in 64 KiB pieces, with dot-stuffed lines in between.
+    let mut expected = head.to_owned();
+    let line = format!("{}\r\n", "b".repeat(998));
+    for i in 0..48 {
+        let piece = line.repeat(64) + &format!("..dot {i}\r\n");
+        expected.push_str(&line.repeat(64));
+        expected.push_str(&format!(".dot {i}\r\n"));
+        c.send(&piece).await;
+        if i == 1 {
+            // Mid-message the body is on disk, not in memory.
+            assert_eq!(temp_files(&h).len(), 1, "{:?}", temp_files(&h));
+        }
+    }
+    c.send(".\r\n").await;
+    let r = c.expect("250 2.0.0 Ok: queued as ").await;
+    let m = stored(&h, &r);
+    let after = m.split_once("\r\nFrom: ").unwrap().1;
+    assert_eq!(after.len() + "From: ".len(), expected.len());
+    assert!(format!("From: {after}") == expected, "body altered");
+    let rec = h.shared.spool.scan().unwrap().pop().unwrap();
+    assert_eq!(rec.size, m.len() as u64);
+    assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
+}
+
+#[tokio::test]
+async fn refused_or_abandoned_data_leaves_no_file_behind() {
+    let h = harness(|c| {
+        c.limits.max_message_bytes = 300_000;
+        c.limits.max_errors = 100;
+        c.limits.data_timeout_secs = 0.3;
+    });
+    let mut c = h.authed("alice", "alice-pw").await;
+    let big = format!("{}\r\n", "z".repeat(900)).repeat(400);
+    let huge_header = format!("X-Big: {}\r\n", "h".repeat(900)).repeat(150);
+    for (body, want) in [
+        (
+            format!("From: alice@example.com\r\n\r\n{big}"),
+            "552 5.3.4 Message size",
+        ),
+        (
+            format!("From: billing@bank.example\r\n\r\n{}", "x\r\n".repeat(1000)),
+            "550 5.7.1",
+        ),
+        (
+            format!("{huge_header}From: alice@example.com\r\n\r\nx\r\n"),
+            "552 5.3.4 Message header section too large",
+        ),
+        (
+            format!("From: alice@example.com\r\n\r\n{}\r\n", "l".repeat(2000)),
+            "550 5.6.0",
+        ),
+    ] {
+        let r = c
+            .send_mail("alice@example.com", &["r@example.net"], &body)
+            .await;
+        assert!(r.starts_with(want), "{r}");
+        assert!(
+            temp_files(&h).is_empty(),
+            "after {want}: {:?}",
+            temp_files(&h)
+        );
+    }
+    // Abandoned mid-body: the timeout, and a client that just goes away.
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<r@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("From: alice@example.com\r\n\r\nhalf a body\r\n")
+        .await;
+    c.expect("421 4.4.2").await;
+    c.expect_closed().await;
+    assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
+    let mut c = h.authed("alice", "alice-pw").await;
+    c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+    c.cmd("RCPT TO:<r@example.net>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("From: alice@example.com\r\n\r\nhalf a body\r\n")
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(temp_files(&h).len(), 1);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
+    assert!(h.shared.spool.scan().unwrap().is_empty());
+}
