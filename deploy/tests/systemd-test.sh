@@ -191,7 +191,7 @@ ctr systemctl start smtpgate || fail "start failed: $(journal | tail -20)"
 # stand-in, wait for the agent to say so.
 wait_enforcing() {
     for _ in $(seq 150); do
-        journal | grep -q "enforcing" && return 0
+        grep -q "enforcing" <<<"$(journal)" && return 0
         sleep 0.2
     done
     fail "agent never reported enforcing: $(journal | tail -20)"
@@ -199,7 +199,7 @@ wait_enforcing() {
 wait_enforcing
 ok "starts under the full sandbox (Type=$([[ $notify == yes ]] && echo notify || echo exec))"
 for probe_line in pins-writable etc-readonly state-writable other-pins-readonly; do
-    journal | grep -qx "PROBE $probe_line" || fail "sandbox probe: no '$probe_line' in $(journal | grep PROBE)"
+    grep -qx "PROBE $probe_line" <<<"$(journal)" || fail "sandbox probe: no '$probe_line' in $(journal | grep PROBE)"
     ok "in the sandbox: $probe_line"
 done
 [[ $(probe) == EPERM ]] || fail "connect not refused while enforcing: $(probe)"
@@ -254,9 +254,12 @@ fi
 # --- journald priorities, watchdog ------------------------------------------------------
 if [[ $notify == yes ]]; then
     # The refused reload above is a warning, and journald knows it is.
-    ctr journalctl -u smtpgate -p warning --no-pager -o cat | grep -q "reload refused" ||
-        fail "journalctl -p warning lacks the refused reload: $(ctr journalctl -u smtpgate -p warning --no-pager -o cat | tail -5)"
-    ! ctr journalctl -u smtpgate -p warning --no-pager -o cat | grep -q "effective config" ||
+    # Read into a variable first: `journalctl | grep -q` under pipefail
+    # fails when grep exits early and journalctl gets SIGPIPE.
+    warnings=$(ctr journalctl -u smtpgate -p warning --no-pager -o cat)
+    [[ $warnings == *"reload refused"* ]] ||
+        fail "journalctl -p warning lacks the refused reload: $(tail -5 <<<"$warnings")"
+    [[ $warnings != *"effective config"* ]] ||
         fail "info lines are filed at warning priority or above"
     ok "journald: warnings are warnings (journalctl -p warning), info is not"
     # A main loop that stops (SIGSTOP freezes the whole agent) stops the
@@ -279,12 +282,14 @@ if [[ $notify == yes ]]; then
         sleep 0.5
     done
     [[ $newpid != "$pid" && $newpid != 0 ]] || fail "a frozen agent was not restarted by the watchdog: $(ctr journalctl --no-pager -n 15 -o cat)"
+    seen=
     for _ in $(seq 20); do
-        ctr journalctl --no-pager -o cat | grep -qi "watchdog timeout" && break
+        seen=$(ctr journalctl --no-pager -o cat)
+        [[ $seen == *"Watchdog timeout"* ]] && break
         sleep 0.5
     done
-    ctr journalctl --no-pager -o cat | grep -qi "watchdog timeout" ||
-        fail "systemd did not log a watchdog timeout: $(ctr journalctl --no-pager -o cat | grep -i -B2 -A2 -E 'watchdog|smtpgate.service' | tail -20)"
+    [[ $seen == *"Watchdog timeout"* ]] ||
+        fail "systemd did not log a watchdog timeout: $(grep -i -E 'watchdog|smtpgate.service' <<<"$seen" | tail -20)"
     [[ $(probe) == EPERM ]] || fail "not enforcing after the watchdog restart"
     ok "watchdog: a frozen agent is restarted (pid $pid -> $newpid), enforcement never lapsed"
     rm "$work/rootfs/etc/systemd/system/smtpgate.service.d/test-watchdog.conf"
