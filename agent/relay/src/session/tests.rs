@@ -1283,8 +1283,9 @@ async fn large_body_is_streamed_to_the_spool_byte_exact() {
         expected.push_str(&line.repeat(64));
         expected.push_str(&format!(".dot {i}\r\n"));
         c.send(&piece).await;
-        if i == 1 {
+        if i == 4 {
             // Mid-message the body is on disk, not in memory.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(temp_files(&h).len(), 1, "{:?}", temp_files(&h));
         }
     }
@@ -1341,8 +1342,8 @@ async fn refused_or_abandoned_data_leaves_no_file_behind() {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send("From: alice@example.com\r\n\r\nhalf a body\r\n")
-        .await;
+    c.send("From: alice@example.com\r\n\r\n").await;
+    c.send(&format!("{}\r\n", "w".repeat(998)).repeat(80)).await;
     c.expect("421 4.4.2").await;
     c.expect_closed().await;
     assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
@@ -1350,9 +1351,10 @@ async fn refused_or_abandoned_data_leaves_no_file_behind() {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send("From: alice@example.com\r\n\r\nhalf a body\r\n")
-        .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Past spool::SPILL_AT, so the body is on disk when the client goes.
+    c.send("From: alice@example.com\r\n\r\n").await;
+    c.send(&format!("{}\r\n", "w".repeat(998)).repeat(80)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(temp_files(&h).len(), 1);
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
