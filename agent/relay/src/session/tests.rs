@@ -1361,3 +1361,30 @@ async fn refused_or_abandoned_data_leaves_no_file_behind() {
     assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
     assert!(h.shared.spool.scan().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_cannot_hold_a_session() {
+    let h = harness(|c| {
+        c.limits.command_timeout_secs = 0.3;
+        c.limits.max_junk_commands = 1_000_000;
+    });
+    let (mut client, server) = tokio::io::duplex(4096);
+    let sess = Session::new(
+        server,
+        h.shared.clone(),
+        ListenerKind::Submission,
+        PEER.parse().unwrap(),
+        "127.0.0.1:587".parse().unwrap(),
+        false,
+    );
+    let task = tokio::spawn(sess.run());
+    // Commands forever, replies never read: the replies fill the pipe and
+    // the session's write blocks.
+    let writer = tokio::spawn(async move {
+        let lines = b"NOOP\r\n".repeat(1000);
+        while client.write_all(&lines).await.is_ok() {}
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(ended.is_ok(), "a blocked write held the session");
+    writer.abort();
+}
