@@ -12,7 +12,11 @@
 //!   first write, which the next hop delays (~40 ms here). A process killed
 //!   meanwhile still has the kernel send that `.`, so the next hop accepts
 //!   a message the relay never learns was accepted. Our sockets set
-//!   TCP_NODELAY, which also makes a delivery ~2 ms instead of ~45 ms.
+//!   TCP_NODELAY. (Measured against smtp-sink under the crash test's load:
+//!   a delivery took 43-52 ms from attempt to 250, nearly all of it this
+//!   stall; a client writing the same two pieces waited 41-44 ms for the
+//!   250, one piece 0.0 ms. In the same test time, 43-70 messages now reach
+//!   the sink before the kill where 16 did.)
 
 use std::net::SocketAddr;
 use std::pin::Pin;

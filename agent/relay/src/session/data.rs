@@ -1,11 +1,11 @@
 //! DATA: read the message strictly, fix its header section, stream it to
 //! the spool as it arrives, and answer 250 only once it is on disk.
 //!
-//! Only the header section is held in memory (it must be complete before
-//! the Received header can be written and From: checked, and is capped at
-//! `MAX_HEADER_SECTION`); the body goes to a temp file in the spool through
-//! a small buffer, so a session costs tens of KiB plus buffers whatever the
-//! message size (issue 12: 16 sessions holding 24 MiB of DATA each took the
+//! Only the header section (it must be complete before the Received header
+//! can be written and From: checked, and is capped at `MAX_HEADER_SECTION`)
+//! and small bodies (`spool::SPILL_AT`) are held in memory; larger bodies
+//! go to a temp file in the spool through a small buffer, so a session
+//! costs tens of KiB plus buffers whatever the message size (issue 12: 16 sessions holding 24 MiB of DATA each took the
 //! agent from 199 to 926 MiB).
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -20,7 +20,9 @@ use crate::dataread::{DataReader, Feed, Verdict};
 use crate::headers;
 use crate::parse::Address;
 use crate::reply::{Reply, canned};
-use crate::spool::{QueueRecord, RcptState, RecipientStatus, SpoolError, TempBody, new_id, now_ms};
+use crate::spool::{
+    IncomingBody, QueueRecord, RcptState, RecipientStatus, SpoolError, new_id, now_ms,
+};
 use crate::stats::RelayStats;
 
 /// More Received headers than this means a mail loop (RFC 5321 6.3).
@@ -33,8 +35,9 @@ pub(crate) const MAX_HEADER_SECTION: usize = 128 * 1024;
 enum Stage {
     /// Still in the header section: kept in memory.
     Headers(Vec<u8>),
-    /// Header section done; the rest streams to the spool.
-    Body(TempBody),
+    /// Header section done; the rest goes to the spool (in memory while
+    /// small, see `spool::SPILL_AT`).
+    Body(IncomingBody),
     /// Refused already (header checks): read to the end, then say why.
     Refused(Reply),
     /// Could not write to the spool: read to the end, then 451.
@@ -197,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match self
             .shared
             .spool
-            .commit_streamed(record.clone(), body)
+            .commit_incoming(record.clone(), body)
             .await
         {
             Ok(()) => {
@@ -249,7 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None => Stage::Headers(buf),
                 }
             }
-            Stage::Body(mut b) => match b.write(bytes).await {
+            Stage::Body(mut b) => match b.write(&self.shared.spool, id, bytes).await {
                 Ok(()) => Stage::Body(b),
                 Err(e) => Stage::Failed(e),
             },
@@ -278,12 +281,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Stage::Refused(r);
         }
         let block = self.header_block(id, rcpts, section, end.blank_line);
-        let mut body = match self.shared.spool.create_body(id).await {
-            Ok(b) => b,
-            Err(e) => return Stage::Failed(e),
-        };
+        let mut body = IncomingBody::new();
         for part in [&block[..], &buf[end.body_start()..]] {
-            if let Err(e) = body.write(part).await {
+            if let Err(e) = body.write(&self.shared.spool, id, part).await {
                 return Stage::Failed(e);
             }
         }

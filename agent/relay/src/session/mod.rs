@@ -11,6 +11,8 @@ mod misc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
@@ -363,8 +365,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.wbuf.is_empty() {
             let out = std::mem::take(&mut self.wbuf);
             // A client that never reads would otherwise hold the session
-            // in a write once the socket buffers are full.
-            let deadline = self.command_deadline().at;
+            // in a write once the socket buffers are full. A few seconds
+            // past the session's own deadline, so its closing 421 still
+            // gets a chance to go out.
+            let now = Instant::now();
+            let deadline = (now + secs(self.cfg().limits.command_timeout_secs))
+                .min(self.session_deadline().at.max(now + Duration::from_secs(5)));
             match tokio::time::timeout_at(deadline, self.stream.write_all(&out)).await {
                 Ok(r) => r.map_err(|source| SessionError::Io {
                     op: "writing reply",

@@ -1283,8 +1283,9 @@ async fn large_body_is_streamed_to_the_spool_byte_exact() {
         expected.push_str(&line.repeat(64));
         expected.push_str(&format!(".dot {i}\r\n"));
         c.send(&piece).await;
-        if i == 1 {
+        if i == 4 {
             // Mid-message the body is on disk, not in memory.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(temp_files(&h).len(), 1, "{:?}", temp_files(&h));
         }
     }
@@ -1341,8 +1342,8 @@ async fn refused_or_abandoned_data_leaves_no_file_behind() {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send("From: alice@example.com\r\n\r\nhalf a body\r\n")
-        .await;
+    c.send("From: alice@example.com\r\n\r\n").await;
+    c.send(&format!("{}\r\n", "w".repeat(998)).repeat(80)).await;
     c.expect("421 4.4.2").await;
     c.expect_closed().await;
     assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
@@ -1350,12 +1351,40 @@ async fn refused_or_abandoned_data_leaves_no_file_behind() {
     c.cmd("MAIL FROM:<alice@example.com>", "250").await;
     c.cmd("RCPT TO:<r@example.net>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send("From: alice@example.com\r\n\r\nhalf a body\r\n")
-        .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Past spool::SPILL_AT, so the body is on disk when the client goes.
+    c.send("From: alice@example.com\r\n\r\n").await;
+    c.send(&format!("{}\r\n", "w".repeat(998)).repeat(80)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(temp_files(&h).len(), 1);
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(temp_files(&h).is_empty(), "{:?}", temp_files(&h));
     assert!(h.shared.spool.scan().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_cannot_hold_a_session() {
+    let h = harness(|c| {
+        c.limits.command_timeout_secs = 0.3;
+        c.limits.max_junk_commands = 1_000_000;
+    });
+    let (mut client, server) = tokio::io::duplex(4096);
+    let sess = Session::new(
+        server,
+        h.shared.clone(),
+        ListenerKind::Submission,
+        PEER.parse().unwrap(),
+        "127.0.0.1:587".parse().unwrap(),
+        false,
+    );
+    let task = tokio::spawn(sess.run());
+    // Commands forever, replies never read: the replies fill the pipe and
+    // the session's write blocks.
+    let writer = tokio::spawn(async move {
+        let lines = b"NOOP\r\n".repeat(1000);
+        while client.write_all(&lines).await.is_ok() {}
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(ended.is_ok(), "a blocked write held the session");
+    writer.abort();
 }
