@@ -131,7 +131,11 @@ impl Agent {
         }
         let mut points = Vec::new();
         for point in &config.attach {
-            points.push(attach_or_wait(&mut datapath, point, config.missing_interface)?);
+            points.push(attach_or_wait(
+                &mut datapath,
+                point,
+                config.missing_interface,
+            )?);
         }
         datapath.reconcile()?;
         let (v4, v6) = allowlist.count_by_family();
@@ -277,8 +281,11 @@ impl Agent {
         if !self.cli_entries.iter().any(|e| e.expired(now)) {
             return;
         }
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            self.cli_entries.iter().cloned().partition(|e| e.expired(now));
+        let (gone, kept): (Vec<_>, Vec<_>) = self
+            .cli_entries
+            .iter()
+            .cloned()
+            .partition(|e| e.expired(now));
         match self.set_cli_entries(kept) {
             Ok(()) => {
                 for e in gone {
@@ -287,7 +294,9 @@ impl Agent {
             }
             // Nothing changed: the entry is still allowed, and that must be
             // loud. The next second tries again.
-            Err(e) => error!(error = %format!("{e:#}"), "removing expired allowlist entries failed"),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "removing expired allowlist entries failed")
+            }
         }
     }
 
@@ -672,10 +681,7 @@ impl Agent {
             origin: None,
         };
         if !self.config.ports.contains(&port) {
-            return answer(
-                "untouched",
-                format!("port {port} is not an SMTP port here"),
-            );
+            return answer("untouched", format!("port {port} is not an SMTP port here"));
         }
         if let IpAddr::V6(v6) = ip {
             let s = v6.segments();
@@ -790,7 +796,8 @@ fn origin_name(o: Origin) -> &'static str {
 fn allowlist_of(config: &Config, cli: &[CliEntry]) -> Allowlist {
     Allowlist::new(
         &config.allowlist,
-        cli.iter().map(|e| (&e.prefix, e.comment.as_ref(), e.expires)),
+        cli.iter()
+            .map(|e| (&e.prefix, e.comment.as_ref(), e.expires)),
     )
 }
 

@@ -213,14 +213,23 @@ fn check_capabilities() -> anyhow::Result<()> {
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()));
         // Debian puts some of these in /usr/sbin, which a plain user's PATH
         // may lack; the tests run as root.
-        let found = found || ["/usr/sbin", "/sbin"].iter().any(|d| std::path::Path::new(d).join(cmd).is_file());
+        let found = found
+            || ["/usr/sbin", "/sbin"]
+                .iter()
+                .any(|d| std::path::Path::new(d).join(cmd).is_file());
         if !found {
             missing.push(format!("command {cmd} (package {pkg})"));
         }
     }
     let support = output(Command::new("swaks").arg("--support")).unwrap_or_default();
-    for (feature, pkg) in [("TLS", "libnet-ssleay-perl"), ("IPv6", "libio-socket-inet6-perl")] {
-        if !support.lines().any(|l| l == format!("=== {feature} supported")) {
+    for (feature, pkg) in [
+        ("TLS", "libnet-ssleay-perl"),
+        ("IPv6", "libio-socket-inet6-perl"),
+    ] {
+        if !support
+            .lines()
+            .any(|l| l == format!("=== {feature} supported"))
+        {
             missing.push(format!("swaks {feature} support (package {pkg})"));
         }
     }
@@ -236,8 +245,14 @@ fn check_capabilities() -> anyhow::Result<()> {
         }
     }
     if missing.is_empty() {
-        eprintln!("bootstrap: capabilities checked (swaks TLS and IPv6, scapy, tun, {} commands)", COMMANDS.len());
+        eprintln!(
+            "bootstrap: capabilities checked (swaks TLS and IPv6, scapy, tun, {} commands)",
+            COMMANDS.len()
+        );
         return Ok(());
     }
-    bail!("bootstrap: the tests need what is missing here:\n  {}", missing.join("\n  "))
+    bail!(
+        "bootstrap: the tests need what is missing here:\n  {}",
+        missing.join("\n  ")
+    )
 }

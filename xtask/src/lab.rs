@@ -262,9 +262,13 @@ EOF",
              ip addr add {CLIENT_ALLOWED_V4}/24 dev eth0; ip addr add {CLIENT_DENIED_V4}/24 dev eth0
              ip addr add {CLIENT_ALLOWED_V6}/64 dev eth0 nodad; ip addr add {CLIENT_DENIED_V6}/64 dev eth0 nodad
              ip route add default via {GW_LAN_V4}; ip -6 route add default via 2001:db8:1::1"))?;
-        self.sh_in(&gw, &format!(
-            "ip link set lan0 up
-             ip addr add {GW_LAN_V4}/24 dev lan0; ip addr add 2001:db8:1::1/64 dev lan0 nodad"))?;
+        self.sh_in(
+            &gw,
+            &format!(
+                "ip link set lan0 up
+             ip addr add {GW_LAN_V4}/24 dev lan0; ip addr add 2001:db8:1::1/64 dev lan0 nodad"
+            ),
+        )?;
         Ok(())
     }
 

@@ -249,7 +249,11 @@ fn every_subcommand_against_a_running_agent() {
         .output()
         .unwrap();
     fails(&out, "permission denied");
-    assert_eq!(out.status.code(), Some(4), "permission denied: exit status 4");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "permission denied: exit status 4"
+    );
 
     // detach: the agent removes everything and stops; nothing is enforced.
     ok(&lab.cli(&agent, &["detach"]).unwrap());
@@ -287,7 +291,13 @@ fn cli_without_an_agent() {
     fails(&none, "no agent is running");
     assert_eq!(none.status.code(), Some(3), "no agent: exit status 3");
     // Under --output json the error is JSON, with a code scripts can test.
-    let none = run(&["--socket", "/nonexistent/control.sock", "--output", "json", "stats"]);
+    let none = run(&[
+        "--socket",
+        "/nonexistent/control.sock",
+        "--output",
+        "json",
+        "stats",
+    ]);
     assert_eq!(none.status.code(), Some(3));
     let v: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
     assert_eq!(v["error"]["code"], "no_agent", "{v}");
@@ -598,13 +608,35 @@ fn temporary_entries_expire_on_time_even_across_restarts() {
     assert_eq!(connect(&lab, denied, lab::INET_V4), "refused");
 
     let added = ok(&lab
-        .cli(&agent, &["allow", "add", denied, "--expires", "3s", "--comment", "migration"])
+        .cli(
+            &agent,
+            &[
+                "allow",
+                "add",
+                denied,
+                "--expires",
+                "3s",
+                "--comment",
+                "migration",
+            ],
+        )
         .unwrap());
-    assert!(added.contains("until") && added.contains("from now"), "{added}");
+    assert!(
+        added.contains("until") && added.contains("from now"),
+        "{added}"
+    );
     let list = ok(&lab.cli(&agent, &["allow", "list"]).unwrap());
-    let line = list.lines().find(|l| l.contains("192.0.2.20/32")).unwrap_or_default();
-    assert!(line.contains('s') && line.contains("migration"), "no time left shown: {list}");
-    let json = ok(&lab.cli(&agent, &["allow", "list", "--output", "json"]).unwrap());
+    let line = list
+        .lines()
+        .find(|l| l.contains("192.0.2.20/32"))
+        .unwrap_or_default();
+    assert!(
+        line.contains('s') && line.contains("migration"),
+        "no time left shown: {list}"
+    );
+    let json = ok(&lab
+        .cli(&agent, &["allow", "list", "--output", "json"])
+        .unwrap());
     assert!(json.contains("expires_unix"), "{json}");
     assert_eq!(connect(&lab, denied, lab::INET_V4), "connected");
     let t0 = std::time::Instant::now();
@@ -618,7 +650,9 @@ fn temporary_entries_expire_on_time_even_across_restarts() {
     assert!(!ok(&lab.cli(&agent, &["allow", "list"]).unwrap()).contains("192.0.2.20"));
 
     // Past expiry while no agent runs: gone before the next one enforces.
-    ok(&lab.cli(&agent, &["allow", "add", denied, "--expires", "2s"]).unwrap());
+    ok(&lab
+        .cli(&agent, &["allow", "add", denied, "--expires", "2s"])
+        .unwrap());
     assert_eq!(connect(&lab, denied, lab::INET_V4), "connected");
     lab.stop(agent.pid, true).unwrap();
     std::thread::sleep(Duration::from_secs(3));
@@ -628,11 +662,16 @@ fn temporary_entries_expire_on_time_even_across_restarts() {
 
     // Bad input is refused with a clear error.
     fails(
-        &lab.cli(&again, &["allow", "add", denied, "--expires", "soon"]).unwrap(),
+        &lab.cli(&again, &["allow", "add", denied, "--expires", "soon"])
+            .unwrap(),
         "invalid value",
     );
     fails(
-        &lab.cli(&again, &["allow", "add", denied, "--until", "2001-01-01T00:00:00Z"]).unwrap(),
+        &lab.cli(
+            &again,
+            &["allow", "add", denied, "--until", "2001-01-01T00:00:00Z"],
+        )
+        .unwrap(),
         "in the past",
     );
 }

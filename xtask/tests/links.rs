@@ -199,7 +199,9 @@ fn a_recreated_interface_is_reported_down_and_reattached_under_traffic(mode: TcM
     let all = attempts(&lab);
     let leaked = |from: f64, to: f64| {
         all.iter()
-            .filter(|a| denied(&a.src) && a.result == "connected" && a.start >= from && a.start < to)
+            .filter(|a| {
+                denied(&a.src) && a.result == "connected" && a.start >= from && a.start < to
+            })
             .count()
     };
     // The window: from the interface's creation to the reattach the agent
@@ -224,7 +226,10 @@ fn a_recreated_interface_is_reported_down_and_reattached_under_traffic(mode: TcM
         let after = after_reattach(from, until);
         assert!(!after.is_empty(), "no denied attempts after a reattach");
         let connected = after.iter().filter(|a| a.result == "connected").count();
-        assert_eq!(connected, 0, "denied connections got through after the reattach");
+        assert_eq!(
+            connected, 0,
+            "denied connections got through after the reattach"
+        );
         assert!(
             after.iter().filter(|a| a.result == "refused").count() * 10 >= after.len() * 9,
             "denied attempts after the reattach were not refused: {:?}",
@@ -241,7 +246,11 @@ fn a_recreated_interface_is_reported_down_and_reattached_under_traffic(mode: TcM
     }
     // Both windows are short enough that a steady 50/s load leaked nothing
     // through them here; a leak would be reported above, and fail here.
-    assert_eq!(window1 + window2, 0, "denied connections got through while reattaching");
+    assert_eq!(
+        window1 + window2,
+        0,
+        "denied connections got through while reattaching"
+    );
 }
 
 fn an_interface_missing_at_start_is_fatal_or_waited_for(mode: TcMode) {
@@ -253,7 +262,10 @@ fn an_interface_missing_at_start_is_fatal_or_waited_for(mode: TcMode) {
     lab.delete_lan().unwrap();
 
     // Default: a missing interface is a typo until proven otherwise.
-    let err = lab.start_agent("strict", &config("")).err().expect("started without lan0");
+    let err = lab
+        .start_agent("strict", &config(""))
+        .err()
+        .expect("started without lan0");
     let err = format!("{err:#}");
     assert!(
         err.contains("\"lan0\" not found") && err.contains("missing_interface = \"wait\""),
@@ -273,9 +285,13 @@ fn an_interface_missing_at_start_is_fatal_or_waited_for(mode: TcMode) {
         (lab::CLIENT_ALLOWED_V4, lab::CLIENT_DENIED_V4, lab::INET_V4),
         (lab::CLIENT_ALLOWED_V6, lab::CLIENT_DENIED_V6, lab::INET_V6),
     ] {
-        let a = lab.connect(Host::Client, allowed, inet, 25, Duration::from_secs(2)).unwrap();
+        let a = lab
+            .connect(Host::Client, allowed, inet, 25, Duration::from_secs(2))
+            .unwrap();
         assert_eq!(a.result, "connected", "{allowed}");
-        let d = lab.connect(Host::Client, denied, inet, 25, Duration::from_secs(2)).unwrap();
+        let d = lab
+            .connect(Host::Client, denied, inet, 25, Duration::from_secs(2))
+            .unwrap();
         assert_eq!(d.result, "refused", "{denied}");
     }
 }
@@ -318,8 +334,11 @@ fn a_deleted_classic_filter_is_noticed_and_attached_again() {
             .count()
     };
     assert_eq!(ours(&lab), 1);
-    lab.sh(Host::Gw, "tc filter del dev lan0 ingress pref 25 handle 0x5347 bpf")
-        .unwrap();
+    lab.sh(
+        Host::Gw,
+        "tc filter del dev lan0 ingress pref 25 handle 0x5347 bpf",
+    )
+    .unwrap();
     assert_eq!(ours(&lab), 0);
     wait_reattached(&lab, &agent, 1);
     assert_eq!(ours(&lab), 1, "the filter was not attached again");

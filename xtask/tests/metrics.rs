@@ -256,7 +256,6 @@ fn firing(lab: &Lab, alertname: &str) -> bool {
     alert_state(lab, alertname).as_deref() == Some("firing")
 }
 
-
 /// A real Prometheus in the gateway, scraping the agent every second and
 /// evaluating the shipped rules, as they are; returns once it has scraped
 /// the agent.
@@ -516,7 +515,8 @@ fn attachment_down_fires_while_an_interface_is_gone_and_resolves() {
     );
     lab.start_agent("agent", &config).unwrap();
     start_prometheus(&mut lab);
-    const UP: &str = r#"smtpgate_attachment_up{hook="tc-ingress",target="lan0",program="smtpgate_tc_ingress"}"#;
+    const UP: &str =
+        r#"smtpgate_attachment_up{hook="tc-ingress",target="lan0",program="smtpgate_tc_ingress"}"#;
     wait("attachment up", Duration::from_secs(30), || {
         (value(&lab, UP) == Some(1.0)).then_some(())
     });
@@ -524,26 +524,47 @@ fn attachment_down_fires_while_an_interface_is_gone_and_resolves() {
 
     lab.delete_lan().unwrap();
     let gone = Instant::now();
-    wait("attachment down in Prometheus", Duration::from_secs(30), || {
-        (value(&lab, UP) == Some(0.0)).then_some(())
-    });
-    wait("SmtpgateAttachmentDown pending", Duration::from_secs(30), || {
-        (alert_state(&lab, "SmtpgateAttachmentDown").as_deref() == Some("pending")).then_some(())
-    });
-    wait("SmtpgateAttachmentDown firing", Duration::from_secs(200), || {
-        firing(&lab, "SmtpgateAttachmentDown").then_some(())
-    });
-    eprintln!("SmtpgateAttachmentDown fired {:.0} s after lan0 was deleted", gone.elapsed().as_secs_f64());
+    wait(
+        "attachment down in Prometheus",
+        Duration::from_secs(30),
+        || (value(&lab, UP) == Some(0.0)).then_some(()),
+    );
+    wait(
+        "SmtpgateAttachmentDown pending",
+        Duration::from_secs(30),
+        || {
+            (alert_state(&lab, "SmtpgateAttachmentDown").as_deref() == Some("pending"))
+                .then_some(())
+        },
+    );
+    wait(
+        "SmtpgateAttachmentDown firing",
+        Duration::from_secs(200),
+        || firing(&lab, "SmtpgateAttachmentDown").then_some(()),
+    );
+    eprintln!(
+        "SmtpgateAttachmentDown fired {:.0} s after lan0 was deleted",
+        gone.elapsed().as_secs_f64()
+    );
     wait("SmtpgateNotReady firing", Duration::from_secs(30), || {
         firing(&lab, "SmtpgateNotReady").then_some(())
     });
 
     lab.create_lan().unwrap();
     let back = Instant::now();
-    wait("SmtpgateAttachmentDown resolved", Duration::from_secs(30), || {
-        alert_state(&lab, "SmtpgateAttachmentDown").is_none().then_some(())
-    });
-    eprintln!("resolved {:.1} s after lan0 was back", back.elapsed().as_secs_f64());
+    wait(
+        "SmtpgateAttachmentDown resolved",
+        Duration::from_secs(30),
+        || {
+            alert_state(&lab, "SmtpgateAttachmentDown")
+                .is_none()
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "resolved {:.1} s after lan0 was back",
+        back.elapsed().as_secs_f64()
+    );
     assert_eq!(value(&lab, UP), Some(1.0));
     assert_eq!(value(&lab, "smtpgate_ready"), Some(1.0));
 }

@@ -97,7 +97,10 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
         Command::List => {
             let d: AllowListReply = client.call(&request)?;
             client.print(&d, |d| {
-                println!("{:<44} {:<7} {:<12} COMMENT", "PREFIX", "ORIGIN", "EXPIRES IN");
+                println!(
+                    "{:<44} {:<7} {:<12} COMMENT",
+                    "PREFIX", "ORIGIN", "EXPIRES IN"
+                );
                 for e in &d.entries {
                     println!(
                         "{:<44} {:<7} {:<12} {}",

@@ -31,7 +31,10 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<bool> {
             d.verdict,
             super::as_written(origin)
         ),
-        _ => println!("{} -> port {}: {} ({})", args.ip, args.port, d.verdict, d.reason),
+        _ => println!(
+            "{} -> port {}: {} ({})",
+            args.ip, args.port, d.verdict, d.reason
+        ),
     });
     Ok(!data.allowed())
 }

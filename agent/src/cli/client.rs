@@ -31,7 +31,10 @@ impl ClientArgs {
         Ok(client::call(&self.socket, request)?)
     }
 
-    pub fn try_call<R: DeserializeOwned>(&self, request: &Request) -> Result<R, client::ClientError> {
+    pub fn try_call<R: DeserializeOwned>(
+        &self,
+        request: &Request,
+    ) -> Result<R, client::ClientError> {
         client::call(&self.socket, request)
     }
 

@@ -249,11 +249,16 @@ pub fn main() -> ExitCode {
             if json {
                 // Scripts asked for JSON: the error is JSON too (stdout),
                 // besides the line for people on stderr.
-                let v = serde_json::json!({ "error": { "code": code, "message": format!("{e:#}") } });
+                let v =
+                    serde_json::json!({ "error": { "code": code, "message": format!("{e:#}") } });
                 println!("{v}");
             }
             // A fatal error is an error in the journal too, not "info".
-            let prefix = if JOURNAL.get() == Some(&true) { "<3>" } else { "" };
+            let prefix = if JOURNAL.get() == Some(&true) {
+                "<3>"
+            } else {
+                ""
+            };
             eprintln!("{prefix}smtpgate: error: {e:#}");
             ExitCode::from(status)
         }

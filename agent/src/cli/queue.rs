@@ -89,7 +89,9 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
                 Ok(d) => client.print(&d, |d| println!("deleted {}", d.deleted)),
                 Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
                     queue::delete(spool, id)?;
-                    let d = QueueDeleteReply { deleted: id.clone() };
+                    let d = QueueDeleteReply {
+                        deleted: id.clone(),
+                    };
                     client.print(&d, |d| println!("deleted {} (no agent running)", d.deleted));
                 }
                 Err(e) => return Err(e.into()),

@@ -10,10 +10,10 @@ use anyhow::Context as _;
 use smtpgate::{
     agent::{Agent, load_config},
     config::Action,
-    owner::AgentHandle,
     control,
     datapath::redirect,
     metrics, notify,
+    owner::AgentHandle,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -33,13 +33,11 @@ pub struct Args {
     pub log_format: super::LogFormat,
 }
 
-
 /// Where redirected port-25 connections land when `[relay]
 /// intercept_listen` is not set: dual-stack, any address (the listener is
 /// transparent and steered connections keep their original destination).
 const DEFAULT_INTERCEPT: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 10025);
-
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let config = load_config(args.config.as_deref()).with_context(|| {

@@ -27,7 +27,9 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
-    #[error("another agent is running: it answers on {path} (stop it first, or give this one another [control] socket)")]
+    #[error(
+        "another agent is running: it answers on {path} (stop it first, or give this one another [control] socket)"
+    )]
     InUse { path: PathBuf },
     #[error("binding the control socket {path}")]
     Bind {
@@ -171,12 +173,17 @@ mod tests {
         // A CLI from before versioning, and one from the future.
         assert_eq!(code(r#"{"cmd":"status"}"#), Some(ErrorCode::Version));
         assert_eq!(
-            code(&format!(r#"{{"version":{},"request":{{"cmd":"status"}}}}"#, VERSION + 1)),
+            code(&format!(
+                r#"{{"version":{},"request":{{"cmd":"status"}}}}"#,
+                VERSION + 1
+            )),
             Some(ErrorCode::Version)
         );
         assert_eq!(code("not json"), Some(ErrorCode::BadRequest));
         assert_eq!(
-            code(&format!(r#"{{"version":{VERSION},"request":{{"cmd":"bogus"}}}}"#)),
+            code(&format!(
+                r#"{{"version":{VERSION},"request":{{"cmd":"bogus"}}}}"#
+            )),
             Some(ErrorCode::BadRequest)
         );
     }

@@ -35,7 +35,10 @@ pub enum Request {
     Status,
     Stats,
     /// The verdict a connection from `ip` to `port` would get.
-    Check { ip: IpAddr, port: u16 },
+    Check {
+        ip: IpAddr,
+        port: u16,
+    },
     /// The prefix travels as text so the agent's own parser judges it.
     AllowAdd {
         prefix: String,
@@ -44,16 +47,22 @@ pub enum Request {
         #[serde(default)]
         expires_unix: Option<u64>,
     },
-    AllowRemove { prefix: String },
+    AllowRemove {
+        prefix: String,
+    },
     AllowList,
     Reload,
     Detach,
     /// The sources denied most.
-    Top { limit: usize },
+    Top {
+        limit: usize,
+    },
     /// Retry every queued message now.
     QueueFlush,
     /// Delete a queued message (and stop its delivery).
-    QueueDelete { id: String },
+    QueueDelete {
+        id: String,
+    },
 }
 
 /// Why a request failed, for scripts (`--output json`) and exit statuses.
@@ -81,8 +90,13 @@ pub enum ErrorCode {
 pub enum Response {
     /// `data` is the reply type of the request (see [`Request`]'s replies
     /// below), as JSON.
-    Ok { data: serde_json::Value },
-    Error { code: ErrorCode, message: String },
+    Ok {
+        data: serde_json::Value,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// `status` and `reload`.

@@ -11,8 +11,8 @@
 use std::{collections::BTreeSet, fs::File, os::fd::AsFd as _, path::Path};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
-    SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier,
+    TcAttachType, links::FdLink, tc::TcAttachOptions,
 };
 use smtpgate_common::programs;
 use tracing::{info, warn};

@@ -59,10 +59,7 @@ pub enum Down {
     #[error("{program} is not attached (the kernel lists {found} other program(s) on this hook)")]
     NotAttached { program: &'static str, found: usize },
     #[error("the pinned link {link} is gone: {program} would stop enforcing with the agent")]
-    PinMissing {
-        program: &'static str,
-        link: String,
-    },
+    PinMissing { program: &'static str, link: String },
     #[error("asking the kernel what is attached: {error}")]
     Query { error: String },
     #[error("attaching failed: {error}")]
@@ -171,7 +168,11 @@ impl Datapath {
                 }
                 // Every program the point needs, not just the ones recorded.
                 for program in expected_programs(point) {
-                    if !self.attached.iter().any(|a| &a.point == point && a.program == *program) {
+                    if !self
+                        .attached
+                        .iter()
+                        .any(|a| &a.point == point && a.program == *program)
+                    {
                         return Err(Down::NotAttached { program, found: 0 });
                     }
                 }

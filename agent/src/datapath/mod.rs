@@ -510,7 +510,10 @@ mod tests {
     /// constants, both ways, without root.
     #[test]
     fn the_built_object_has_exactly_the_named_maps_and_programs() {
-        assert!(!OBJECT.is_empty(), "built with AYA_BUILD_SKIP: no object to check");
+        assert!(
+            !OBJECT.is_empty(),
+            "built with AYA_BUILD_SKIP: no object to check"
+        );
         let obj = aya_obj::Object::parse(OBJECT).expect("parsing the eBPF object");
         let maps: BTreeSet<&str> = obj
             .maps
@@ -522,6 +525,9 @@ mod tests {
         assert_eq!(maps, want, "maps in the object vs smtpgate_common::maps");
         let progs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
         let want: BTreeSet<&str> = common::programs::ALL.iter().copied().collect();
-        assert_eq!(progs, want, "programs in the object vs smtpgate_common::programs");
+        assert_eq!(
+            progs, want,
+            "programs in the object vs smtpgate_common::programs"
+        );
     }
 }

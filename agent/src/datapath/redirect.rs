@@ -67,11 +67,17 @@ where
 }
 
 fn is_ours(rule: &RuleMessage) -> bool {
-    rule.attributes.contains(&RuleAttribute::FwMark(REDIRECT_MARK))
-        && rule.attributes.contains(&RuleAttribute::Table(REDIRECT_TABLE))
+    rule.attributes
+        .contains(&RuleAttribute::FwMark(REDIRECT_MARK))
+        && rule
+            .attributes
+            .contains(&RuleAttribute::Table(REDIRECT_TABLE))
 }
 
-async fn our_rules(handle: &rtnetlink::Handle, v: IpVersion) -> Result<Vec<RuleMessage>, rtnetlink::Error> {
+async fn our_rules(
+    handle: &rtnetlink::Handle,
+    v: IpVersion,
+) -> Result<Vec<RuleMessage>, rtnetlink::Error> {
     let rules: Vec<_> = handle.rule().get(v).execute().try_collect().await?;
     Ok(rules.into_iter().filter(is_ours).collect())
 }
@@ -88,64 +94,73 @@ fn lo_index() -> Result<u32, DatapathError> {
 /// M lookup T`, `ip route replace local 0.0.0.0/0 dev lo table T`).
 pub fn install_routing() -> Result<(), DatapathError> {
     let lo = lo_index()?;
-    netlink("installing the policy routing for redirect", move |handle| async move {
-        for v in [IpVersion::V4, IpVersion::V6] {
-            if our_rules(&handle, v.clone()).await?.is_empty() {
-                // The action must be set: the kernel treats "unspecified"
-                // as a lookup failure, and marked packets would go nowhere.
-                let add = handle
-                    .rule()
-                    .add()
-                    .fw_mark(REDIRECT_MARK)
-                    .table_id(REDIRECT_TABLE)
-                    .action(RuleAction::ToTable);
-                match v {
-                    IpVersion::V4 => add.v4().execute().await?,
-                    IpVersion::V6 => add.v6().execute().await?,
+    netlink(
+        "installing the policy routing for redirect",
+        move |handle| async move {
+            for v in [IpVersion::V4, IpVersion::V6] {
+                if our_rules(&handle, v.clone()).await?.is_empty() {
+                    // The action must be set: the kernel treats "unspecified"
+                    // as a lookup failure, and marked packets would go nowhere.
+                    let add = handle
+                        .rule()
+                        .add()
+                        .fw_mark(REDIRECT_MARK)
+                        .table_id(REDIRECT_TABLE)
+                        .action(RuleAction::ToTable);
+                    match v {
+                        IpVersion::V4 => add.v4().execute().await?,
+                        IpVersion::V6 => add.v6().execute().await?,
+                    }
                 }
             }
-        }
-        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .kind(RouteType::Local)
-            .scope(RouteScope::Host)
-            .table_id(REDIRECT_TABLE)
-            .output_interface(lo)
-            .build();
-        handle.route().add(v4).replace().execute().await?;
-        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-            .kind(RouteType::Local)
-            .table_id(REDIRECT_TABLE)
-            .output_interface(lo)
-            .build();
-        handle.route().add(v6).replace().execute().await?;
-        Ok(())
-    })
+            let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .table_id(REDIRECT_TABLE)
+                .output_interface(lo)
+                .build();
+            handle.route().add(v4).replace().execute().await?;
+            let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .kind(RouteType::Local)
+                .table_id(REDIRECT_TABLE)
+                .output_interface(lo)
+                .build();
+            handle.route().add(v6).replace().execute().await?;
+            Ok(())
+        },
+    )
 }
 
 /// Removes the policy routing (detach): every rule of ours (one may have
 /// been added again by hand) and every route in our table. Missing pieces
 /// are fine; what cannot be removed is logged.
 pub fn remove_routing() {
-    let removed = netlink("removing the policy routing for redirect", |handle| async move {
-        for v in [IpVersion::V4, IpVersion::V6] {
-            for rule in our_rules(&handle, v.clone()).await? {
-                handle.rule().del(rule).execute().await?;
-            }
-            let all = match v {
-                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let routes: Vec<_> = handle.route().get(all).execute().try_collect().await?;
-            for route in routes {
-                if route.attributes.contains(&RouteAttribute::Table(REDIRECT_TABLE)) {
-                    handle.route().del(route).execute().await?;
+    let removed = netlink(
+        "removing the policy routing for redirect",
+        |handle| async move {
+            for v in [IpVersion::V4, IpVersion::V6] {
+                for rule in our_rules(&handle, v.clone()).await? {
+                    handle.rule().del(rule).execute().await?;
+                }
+                let all = match v {
+                    IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                    IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+                };
+                let routes: Vec<_> = handle.route().get(all).execute().try_collect().await?;
+                for route in routes {
+                    if route
+                        .attributes
+                        .contains(&RouteAttribute::Table(REDIRECT_TABLE))
+                    {
+                        handle.route().del(route).execute().await?;
+                    }
                 }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
     if let Err(e) = removed {
         tracing::warn!(error = %e, "removing the policy routing");
     }

@@ -86,7 +86,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
     if state.heartbeat.stalled() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("stalled: the main loop has not run for {} s\n", age.as_secs()),
+            format!(
+                "stalled: the main loop has not run for {} s\n",
+                age.as_secs()
+            ),
         )
             .into_response()
     } else {
@@ -139,7 +142,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
             } else {
                 down.join("; ")
             };
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+                .into_response()
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response(),
     }

@@ -476,7 +476,10 @@ async fn healthz_follows_the_heartbeat() {
     let get = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let out = exchange(addr, get).await;
     assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
-    assert!(out.contains("stalled: the main loop has not run for"), "{out}");
+    assert!(
+        out.contains("stalled: the main loop has not run for"),
+        "{out}"
+    );
     heartbeat.beat();
     let out = exchange(addr, get).await;
     assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
@@ -494,7 +497,11 @@ async fn readyz_names_what_is_down() {
         s
     });
     tokio::spawn(serve(listener, source, crate::heartbeat::Heartbeat::new()));
-    let out = exchange(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let out = exchange(
+        addr,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
     assert!(out.contains("is down"), "{out}");
 }

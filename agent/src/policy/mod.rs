@@ -52,10 +52,7 @@ impl Allowlist {
     /// The config's prefixes and the CLI's entries. A prefix in both is
     /// listed once, as the config's: removing it from the CLI leaves it
     /// allowed.
-    pub fn new<'a>(
-        config: &[Prefix],
-        cli: impl IntoIterator<Item = CliItem<'a>>,
-    ) -> Self {
+    pub fn new<'a>(config: &[Prefix], cli: impl IntoIterator<Item = CliItem<'a>>) -> Self {
         let mut entries: BTreeMap<Prefix, Entry> = cli
             .into_iter()
             .map(|(p, c, expires_unix)| {
