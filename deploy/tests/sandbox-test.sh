@@ -77,6 +77,10 @@ install -d -o smtpgate -g smtpgate -m 0700 /run/smtpgate
 # (some machines keep /tmp at 0700).
 work=/run/sandbox-test
 install -d -m 0755 "$work"
+# The binary too: the agent runs as smtpgate, which cannot reach into a
+# checkout under a 0700 /tmp (or a home directory).
+install -m 0755 "$bin" "$work/smtpgate"
+bin=$work/smtpgate
 mkdir "$cgroup"
 # The unit's syscall filter, resolved here (systemd-analyze) and applied by
 # seccomp-exec.py as the last step before the agent, as systemd does.
