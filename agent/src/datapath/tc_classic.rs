@@ -481,13 +481,7 @@ pub fn attach(
         }
         ensure_clsact(&mut nl, ifindex, hook)?;
     }
-    let mut m = tc_message(
-        ifindex,
-        hook.parent(),
-        TcHandle::from(HANDLE),
-        filter_info(PRIORITY),
-    );
-    m.attributes.push(TcAttribute::Kind("bpf".into()));
+    let mut m = our_filter(ifindex, hook);
     m.attributes.push(TcAttribute::Options(vec![
         TcOption::Bpf(TcFilterBpfOption::ProgFd(program.as_raw_fd() as u32)),
         TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_owned())),
@@ -527,13 +521,7 @@ fn detach_on(nl: &mut Netlink, ifindex: u32, hook: Hook) -> Result<bool, Classic
     if !filters_on(nl, ifindex, hook)?.iter().any(Filter::is_ours) {
         return Ok(false);
     }
-    let mut m = tc_message(
-        ifindex,
-        hook.parent(),
-        TcHandle::from(HANDLE),
-        filter_info(PRIORITY),
-    );
-    m.attributes.push(TcAttribute::Kind("bpf".into()));
+    let m = our_filter(ifindex, hook);
     match nl.request(
         RouteNetlinkMessage::DelTrafficFilter(m),
         NLM_F_ACK,
@@ -720,4 +708,17 @@ mod tests {
         payload.truncate(24);
         assert_eq!(ext_ack_message(&payload, flags), None);
     }
+}
+
+/// smtpgate's filter on a hook: our handle and priority, kind bpf. The one
+/// description that attach, replace and delete all address.
+fn our_filter(ifindex: u32, hook: Hook) -> TcMessage {
+    let mut m = tc_message(
+        ifindex,
+        hook.parent(),
+        TcHandle::from(HANDLE),
+        filter_info(PRIORITY),
+    );
+    m.attributes.push(TcAttribute::Kind("bpf".into()));
+    m
 }
