@@ -14,7 +14,7 @@ use serde_json::Value;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Action, AttachPoint, Config, MissingInterface, Mode},
+    config::{Action, AttachPoint, Config, MissingInterface},
     control::protocol::{
         self as wire, AllowAddReply, AllowListReply, AllowRemoveReply, CheckReply, DetachReply,
         ErrorCode, QueueDeleteReply, QueueFlushReply, Request, Response, StatsReply, StatusReply,
@@ -44,6 +44,8 @@ pub struct Agent {
     relay: Option<smtpgate_relay::RelayHandle>,
     /// Every configured attach point and what the kernel last said of it.
     points: Vec<PointStatus>,
+    /// cgroup ids of denied local processes, resolved for `top`.
+    cgroup_names: crate::datapath::cgroups::Names,
 }
 
 /// One configured attach point, as last observed (see `check_attachments`).
@@ -126,6 +128,20 @@ impl Agent {
         // The whole policy is in the maps before the first attach (or the
         // first program swap), so no program ever runs a half-written one.
         apply_settings(&mut datapath, &config, &allowlist, &table)?;
+        if config.relay.enabled {
+            // Before any attach: the relay's deliveries must pass from the
+            // first moment the cgroup hook blocks everyone else.
+            let root = crate::config::cgroup2_root();
+            match crate::datapath::cgroups::own_id(&root) {
+                Ok(id) => datapath.set_relay_cgroup(id)?,
+                Err(e) => {
+                    error!(error = %e, "cannot find the agent's own cgroup: the relay's own port-25 deliveries will be denied like any other process's");
+                    datapath.set_relay_cgroup(0)?;
+                }
+            }
+        } else {
+            datapath.set_relay_cgroup(0)?;
+        }
         if config.action == Action::Redirect {
             crate::datapath::redirect::install_routing()?;
         }
@@ -160,6 +176,7 @@ impl Agent {
             detached: false,
             relay: None,
             points,
+            cgroup_names: crate::datapath::cgroups::Names::new(crate::config::cgroup2_root()),
         })
     }
 
@@ -171,12 +188,17 @@ impl Agent {
         self.detached
     }
 
-    /// Hands the relay's intercept listener to the datapath (redirect).
-    pub fn set_relay_listener(
+    /// Hands the relay's intercept listeners to the datapath (redirect).
+    pub fn set_relay_listeners(
         &mut self,
-        listener: &std::net::TcpListener,
+        listeners: &crate::datapath::redirect::InterceptListeners,
     ) -> Result<(), DatapathError> {
-        self.datapath.set_relay_listener(listener)
+        self.datapath.set_relay_listeners(listeners)
+    }
+
+    /// Lets the relay's delivery sockets (marked, in cgroup `id`) out.
+    pub fn set_relay_cgroup(&mut self, id: u64) -> Result<(), DatapathError> {
+        self.datapath.set_relay_cgroup(id)
     }
 
     pub fn set_relay(&mut self, relay: smtpgate_relay::RelayHandle) {
@@ -625,21 +647,49 @@ impl Agent {
         }
     }
 
-    fn top(&self, limit: usize) -> TopReply {
+    fn top(&mut self, limit: usize) -> TopReply {
         let now_mono = monotonic_ns();
         let now = now_unix();
-        let sources = self
-            .datapath
-            .top(limit)
+        let rows = self.datapath.top(limit);
+        let sources = rows
             .into_iter()
-            .map(|(source, attempts, last_ns, verdict)| TopRow {
-                source,
-                attempts,
-                last_seen_unix: now - (now_mono.saturating_sub(last_ns)) as f64 / 1e9,
-                verdict: verdict.to_owned(),
+            .map(|r| {
+                let named = (r.cgroup != 0)
+                    .then(|| self.cgroup_names.name(r.cgroup))
+                    .flatten();
+                TopRow {
+                    source: r.source,
+                    attempts: r.attempts,
+                    last_seen_unix: now - (now_mono.saturating_sub(r.last_seen_ns)) as f64 / 1e9,
+                    verdict: r.verdict.to_owned(),
+                    // A local process whose cgroup is gone still says it was
+                    // local.
+                    cgroup: match (&named, r.cgroup) {
+                        (Some(n), _) => Some(n.path.clone()),
+                        (None, 0) => None,
+                        (None, id) => Some(format!("(gone, id {id})")),
+                    },
+                    unit: named.and_then(|n| n.unit),
+                    pid: (r.pid != 0).then_some(r.pid),
+                    comm: r.comm,
+                }
             })
             .collect();
-        TopReply { sources }
+        // The counters' view of the same, so that `top` can never say
+        // "nothing denied" while `stats` counts denials it has no row for
+        // (evasion packets, attempts the table forgot).
+        let (mut connections, mut packets) = (0, 0);
+        for c in self.datapath.counters().unwrap_or_default() {
+            if matches!(c.verdict, "dropped" | "rejected" | "redirected" | "audited") {
+                connections += c.connections;
+                packets += c.packets;
+            }
+        }
+        TopReply {
+            sources,
+            denied_connections: connections,
+            denied_packets: packets,
+        }
     }
 
     /// The datapath's ring buffer of denied attempts (see `events`).
@@ -663,47 +713,43 @@ impl Agent {
         Ok(StatsReply { counters })
     }
 
-    /// What a connection from `ip` to `port` would get, and why.
+    /// What a connection from `ip` to `port` would get, and why: the
+    /// kernel's own verdict function (`smtpgate_common::verdict::judge`) on
+    /// the settings last written to the kernel, so `check` and the counters
+    /// cannot disagree.
     fn check(&self, ip: IpAddr, port: u16) -> CheckReply {
-        let denied = match (self.config.mode, self.config.action) {
-            (Mode::Audit, _) => "audited",
-            (Mode::Enforce, Action::Drop) => "dropped",
-            (Mode::Enforce, Action::Reject) => "rejected",
-            // As the kernel counts it: the SYN is steered into the relay.
-            (Mode::Enforce, Action::Redirect) => "redirected",
-        };
-        let answer = |verdict: &str, reason: String| CheckReply {
+        use smtpgate_common::verdict::{Standing, is_disguised_v4, judge};
+        let answer = |verdict: &str, reason: &str| CheckReply {
             ip,
             port,
             verdict: verdict.to_owned(),
-            reason,
+            reason: reason.to_owned(),
             entry: None,
             origin: None,
         };
         if !self.config.ports.contains(&port) {
-            return answer("untouched", format!("port {port} is not an SMTP port here"));
+            return answer(
+                "untouched",
+                &format!("port {port} is not an SMTP port here"),
+            );
         }
-        if let IpAddr::V6(v6) = ip {
-            let s = v6.segments();
-            let head_zero = s[..5].iter().all(|w| *w == 0);
-            let mapped = head_zero && s[5] == 0xffff;
-            let compat = head_zero && s[5] == 0 && !(s[6] == 0 && s[7] <= 1);
-            if mapped || compat {
-                let verdict = if self.config.mode == Mode::Audit {
-                    "audited"
-                } else {
-                    "dropped"
-                };
-                return answer(verdict, "mapped_address".into());
+        let entry = self.allowlist.matching(ip);
+        let standing = match (ip, &entry) {
+            (IpAddr::V6(v6), _) if is_disguised_v4(&v6.octets()) => {
+                Standing::Refused(smtpgate_common::Reason::MappedAddress)
             }
-        }
-        match self.allowlist.matching(ip) {
-            Some(entry) => CheckReply {
-                entry: Some(entry.prefix),
-                origin: Some(entry.origin),
-                ..answer("allowed", "allowlisted".into())
+            (_, Some(_)) => Standing::Allowlisted,
+            (_, None) => Standing::NotAllowlisted,
+        };
+        let (verdict, reason) = judge(Some(self.datapath.settings()), port, standing);
+        let reply = answer(verdict.as_str(), reason.as_str());
+        match entry {
+            Some(e) if standing == Standing::Allowlisted => CheckReply {
+                entry: Some(e.prefix),
+                origin: Some(e.origin),
+                ..reply
             },
-            None => answer(denied, "not_allowlisted".into()),
+            _ => reply,
         }
     }
 
@@ -809,7 +855,7 @@ fn apply_settings(
     table: &Table,
 ) -> anyhow::Result<()> {
     dp.set_ports(&config.ports)?;
-    dp.set_action(config.mode, config.action)?;
+    dp.set_action(config.mode, config.action, config.other_action)?;
     dp.install(table)?;
     let (v4, v6) = local_verdicts(allowlist);
     dp.set_local_allowed(v4, v6)?;

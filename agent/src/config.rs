@@ -52,6 +52,18 @@ pub enum ConfigError {
         "action = \"redirect\" works at tc-ingress (the client-facing interface) and cgroup hooks, not at {point}"
     )]
     RedirectAtEgress { point: String },
+    #[error(
+        "action = \"redirect\" steers port 25 only, and ports = {ports:?} has no 25: nothing would be redirected (use \"reject\" or \"drop\")"
+    )]
+    RedirectWithoutPort25 { ports: Vec<u16> },
+    #[error(
+        "redirect_fallback = {fallback:?} applies only with action = \"redirect\" (it says what ports other than 25 get then); remove it, or set action = \"redirect\""
+    )]
+    FallbackWithoutRedirect { fallback: String },
+    #[error(
+        "[relay] intercept_listen = {addr}: the intercept listener binds loopback only (127.0.0.1 and ::1, so that nothing but redirected connections reaches it); give \"127.0.0.1:PORT\", or leave it out for a port the kernel picks"
+    )]
+    InterceptNotLoopback { addr: std::net::SocketAddr },
     #[error("datapath.table_nodes = {value}: must be between {min} and {max}")]
     TableNodes { value: u32, min: u32, max: u32 },
     #[error("${var} = {value:?}: must be \"auto\", \"tcx\" or \"classic\"")]
@@ -71,6 +83,12 @@ pub struct File {
     /// TCP destination ports that count as SMTP egress. Default: `[25]`.
     #[serde(default = "default_ports")]
     pub ports: Vec<u16>,
+    /// With `action = "redirect"`: what denied connections to ports other
+    /// than 25 get, `reject` (default) or `drop`. They cannot be redirected:
+    /// 465 is TLS from the first byte and 587 ends in AUTH, so an intercept
+    /// could only fail or collect a user's credentials for another server.
+    #[serde(default)]
+    pub redirect_fallback: Option<Fallback>,
     /// Source prefixes allowed to send SMTP egress: IPv4 or IPv6, with or
     /// without a prefix length (a bare address is a host).
     #[serde(default)]
@@ -157,6 +175,23 @@ pub enum Action {
     #[default]
     Reject,
     Redirect,
+}
+
+/// What `redirect_fallback` may say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    Drop,
+    Reject,
+}
+
+impl From<Fallback> for Action {
+    fn from(f: Fallback) -> Self {
+        match f {
+            Fallback::Drop => Action::Drop,
+            Fallback::Reject => Action::Reject,
+        }
+    }
 }
 
 /// One attach point.
@@ -290,7 +325,10 @@ fn default_ports() -> Vec<u16> {
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub mode: Mode,
+    /// The action on port 25 (see `smtpgate_common::verdict`).
     pub action: Action,
+    /// The action on the other SMTP ports: `action`, except under redirect.
+    pub other_action: Action,
     pub ports: BTreeSet<u16>,
     pub allowlist: Vec<Prefix>,
     pub attach: Vec<AttachPoint>,
@@ -371,6 +409,12 @@ impl File {
             }
         }
         let ports = validate_ports(&self.ports)?;
+        let other_action = other_action(self.action, self.redirect_fallback, &ports)?;
+        if let Some(addr) = self.relay.intercept_listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(ConfigError::InterceptNotLoopback { addr });
+        }
         if self.relay.enabled {
             self.relay.validate().map_err(ConfigError::Relay)?;
         }
@@ -418,6 +462,7 @@ impl File {
         Ok(Config {
             mode: self.mode,
             action: self.action,
+            other_action,
             ports,
             allowlist,
             attach,
@@ -430,6 +475,28 @@ impl File {
             metrics_listen: self.metrics.enabled.then_some(self.metrics.listen),
             relay: self.relay,
         })
+    }
+}
+
+/// The action for SMTP ports other than 25 (see `smtpgate_common::verdict`).
+fn other_action(
+    action: Action,
+    fallback: Option<Fallback>,
+    ports: &BTreeSet<u16>,
+) -> Result<Action, ConfigError> {
+    match (action, fallback) {
+        (Action::Redirect, fallback) => {
+            if !ports.contains(&smtpgate_common::verdict::REDIRECT_PORT) {
+                return Err(ConfigError::RedirectWithoutPort25 {
+                    ports: ports.iter().copied().collect(),
+                });
+            }
+            Ok(fallback.map_or(Action::Reject, Action::from))
+        }
+        (action, None) => Ok(action),
+        (_, Some(f)) => Err(ConfigError::FallbackWithoutRedirect {
+            fallback: format!("{f:?}").to_lowercase(),
+        }),
     }
 }
 
@@ -547,6 +614,31 @@ mod tests {
     }
 
     #[test]
+    fn redirect_takes_port_25_and_the_other_ports_fall_back() {
+        let c = parse(&format!("ports = [25, 587]\n{ATTACH}")).unwrap();
+        assert_eq!((c.action, c.other_action), (Action::Reject, Action::Reject));
+        let c = parse(&format!("action = \"drop\"\nports = [25, 587]\n{ATTACH}")).unwrap();
+        assert_eq!((c.action, c.other_action), (Action::Drop, Action::Drop));
+        let ports = BTreeSet::from([25, 465, 587]);
+        assert_eq!(
+            other_action(Action::Redirect, None, &ports).unwrap(),
+            Action::Reject
+        );
+        assert_eq!(
+            other_action(Action::Redirect, Some(Fallback::Drop), &ports).unwrap(),
+            Action::Drop
+        );
+        assert!(matches!(
+            other_action(Action::Redirect, None, &BTreeSet::from([587])),
+            Err(ConfigError::RedirectWithoutPort25 { .. })
+        ));
+        assert!(matches!(
+            other_action(Action::Drop, Some(Fallback::Reject), &ports),
+            Err(ConfigError::FallbackWithoutRedirect { .. })
+        ));
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         let cases = [
             (format!("mode = \"permissive\"\n{ATTACH}"), "permissive"),
@@ -592,6 +684,18 @@ mod tests {
             (
                 format!("action = \"redirect\"\n{ATTACH}"),
                 "[relay] enabled = true",
+            ),
+            (
+                format!("action = \"redirect\"\nports = [587]\n{ATTACH}[relay]\nenabled = true\n"),
+                "steers port 25 only",
+            ),
+            (
+                format!("redirect_fallback = \"drop\"\n{ATTACH}"),
+                "applies only with action = \"redirect\"",
+            ),
+            (
+                format!("{ATTACH}[relay]\nintercept_listen = \"0.0.0.0:10025\"\n"),
+                "loopback only",
             ),
             (
                 format!("[datapath]\ntable_nodes = 5\n{ATTACH}"),

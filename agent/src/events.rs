@@ -27,6 +27,7 @@ pub async fn log_denials(ring: RingBuf<MapData>) {
             return;
         }
     };
+    let mut names = crate::datapath::cgroups::Names::new(crate::config::cgroup2_root());
     loop {
         let Ok(mut guard) = fd.readable_mut().await else {
             return;
@@ -45,16 +46,43 @@ pub async fn log_denials(ring: RingBuf<MapData>) {
             let reason = Reason::ALL
                 .get(e.reason as usize)
                 .map_or("?", |r| r.as_str());
+            if e.unlogged > 0 {
+                tracing::warn!(
+                    target: "smtpgate::denied",
+                    unlogged = e.unlogged,
+                    "denial events left out: more than the per-CPU budget per second (all are counted; see smtpgate stats and top)"
+                );
+            }
+            if e.cgroup == 0 {
+                tracing::warn!(
+                    target: "smtpgate::denied",
+                    src = %addr(e.family, e.src),
+                    sport = e.sport,
+                    dst = %addr(e.family, e.dst),
+                    dport = e.dport,
+                    verdict,
+                    reason,
+                    suppressed = e.suppressed,
+                    "denied SMTP egress attempt"
+                );
+                continue;
+            }
+            // A process on this host: say which, as far as the hook knew.
+            let named = names.name(e.cgroup);
+            let src = (e.src != [0; 16]).then(|| addr(e.family, e.src));
             tracing::warn!(
                 target: "smtpgate::denied",
-                src = %addr(e.family, e.src),
-                sport = e.sport,
+                src = src.map(tracing::field::display),
                 dst = %addr(e.family, e.dst),
                 dport = e.dport,
+                cgroup = named.as_ref().map_or_else(|| format!("(gone, id {})", e.cgroup), |n| n.path.clone()),
+                unit = named.as_ref().and_then(|n| n.unit.as_deref()),
+                pid = (e.pid != 0).then_some(e.pid),
+                comm = crate::datapath::comm(&e.comm),
                 verdict,
                 reason,
                 suppressed = e.suppressed,
-                "denied SMTP egress attempt"
+                "denied SMTP egress attempt by a local process"
             );
         }
         guard.clear_ready();

@@ -71,6 +71,9 @@ pub struct Listeners {
     pub submissions: Option<std::net::TcpListener>,
     /// Port-25 connections redirected by the datapath.
     pub intercept: Option<std::net::TcpListener>,
+    /// The same for IPv6, when the agent binds one listener per family.
+    /// Never bound from the config.
+    pub intercept_v6: Option<std::net::TcpListener>,
 }
 
 /// Where the listeners ended up (useful with port 0).
@@ -203,6 +206,7 @@ impl Relay {
                 config.intercept_listen,
                 ListenerKind::Intercept,
             ),
+            (listeners.intercept_v6, None, ListenerKind::Intercept),
         ] {
             let Some(l) = to_tokio(given, addr, kind)? else {
                 continue;
@@ -211,7 +215,9 @@ impl Relay {
             match kind {
                 ListenerKind::Submission => addrs.submission = local,
                 ListenerKind::Submissions => addrs.submissions = local,
-                ListenerKind::Intercept => addrs.intercept = local,
+                ListenerKind::Intercept => {
+                    addrs.intercept = addrs.intercept.or(local);
+                }
             }
             tracing::info!(listener = ?kind, addr = ?local, "listening");
             tasks.push(tokio::spawn(listener::accept_loop(l, kind, shared.clone())));

@@ -33,12 +33,6 @@ pub struct Args {
     pub log_format: super::LogFormat,
 }
 
-/// Where redirected port-25 connections land when `[relay]
-/// intercept_listen` is not set: dual-stack, any address (the listener is
-/// transparent and steered connections keep their original destination).
-const DEFAULT_INTERCEPT: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 10025);
-
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let config = load_config(args.config.as_deref()).with_context(|| {
         format!(
@@ -80,17 +74,32 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         // nothing of eBPF.
         let mut relay_config = relay_config;
         let intercept = if agent.config().action == Action::Redirect {
-            let addr = relay_config.intercept_listen.unwrap_or(DEFAULT_INTERCEPT);
-            let intercept = redirect::intercept_listener(addr)
-                .with_context(|| format!("binding the relay's intercept listener on {addr}"))?;
-            agent.set_relay_listener(&intercept)?;
+            // Loopback only (the config refuses anything else), and by
+            // default on a port the kernel picks, which cannot clash with a
+            // local service (10025 is Postfix's content-filter port).
+            let port = relay_config.intercept_listen.map_or(0, |a| a.port());
+            let intercept = redirect::intercept_listeners(port).with_context(|| {
+                format!(
+                    "binding the relay's intercept listeners on 127.0.0.1:{port} and [::1]:{port}"
+                )
+            })?;
+            agent.set_relay_listeners(&intercept)?;
+            info!(
+                v4 = %intercept.v4.local_addr()?,
+                v6 = ?intercept.v6.as_ref().and_then(|l| l.local_addr().ok()),
+                "intercept listeners bound on loopback"
+            );
             Some(intercept)
         } else {
-            relay_config.intercept_listen = None;
             None
         };
+        relay_config.intercept_listen = None;
         let listeners = smtpgate_relay::Listeners {
-            intercept,
+            intercept_v6: intercept
+                .as_ref()
+                .and_then(|i| i.v6.as_ref().map(|l| l.try_clone()))
+                .transpose()?,
+            intercept: intercept.as_ref().map(|i| i.v4.try_clone()).transpose()?,
             ..Default::default()
         };
         let relay = rt

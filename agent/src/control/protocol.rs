@@ -220,14 +220,34 @@ pub struct DetachReply {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TopReply {
     pub sources: Vec<TopRow>,
+    /// What the counters say was denied (or audited), in all: the same
+    /// numbers as `smtpgate stats`.
+    #[serde(default)]
+    pub denied_connections: u64,
+    #[serde(default)]
+    pub denied_packets: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TopRow {
-    pub source: IpAddr,
+    /// None for a process on this host denied before its socket had a
+    /// source address.
+    pub source: Option<IpAddr>,
     pub attempts: u64,
     pub last_seen_unix: f64,
     pub verdict: String,
+    /// For this host's own processes: the cgroup, relative to the cgroup2
+    /// root (None for forwarded traffic, or a cgroup that is gone).
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// The systemd unit of that cgroup.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// The process behind the last attempt, where the hook could see it.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub comm: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 //! `config`, never the other way round.
 
 mod attach;
+pub mod cgroups;
 mod health;
 mod nodes;
 pub mod pins;
@@ -174,15 +175,82 @@ fn map_err(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathErro
 
 const MAP_NAMES: &[&str] = common::maps::ALL;
 
+/// One row of [`Datapath::top`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopEntry {
+    /// None for a local socket denied before it had a source address.
+    pub source: Option<std::net::IpAddr>,
+    /// The cgroup id of a local process; 0 for forwarded traffic.
+    pub cgroup: u64,
+    pub attempts: u64,
+    /// CLOCK_MONOTONIC.
+    pub last_seen_ns: u64,
+    pub verdict: &'static str,
+    /// 0 where the hook could not know.
+    pub pid: u32,
+    pub comm: Option<String>,
+}
+
+/// A kernel command name: NUL-padded bytes, not always UTF-8.
+#[must_use]
+pub fn comm(bytes: &[u8; 16]) -> Option<String> {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+/// The shape each pinned map must have for this agent's programs: (name,
+/// key size, value size, entries; 0 for "any"). A map an older agent pinned
+/// with another shape (a field added to the config, a counter slot more)
+/// cannot be adopted: the programs would read past its values.
+fn expected_shapes() -> [(&'static str, u32, u32, u32); 6] {
+    use common::{events, maps};
+    let size = |n: usize| n as u32;
+    [
+        (maps::CONFIG, 4, size(size_of::<common::Config>()), 1),
+        (maps::PORTS, 4, 8, common::PORT_WORDS),
+        (
+            maps::ALLOW_NODES,
+            4,
+            size(size_of::<common::table::Node>()),
+            0,
+        ),
+        (
+            maps::COUNTERS,
+            4,
+            size(size_of::<Counter>()),
+            common::counters::SLOTS,
+        ),
+        (
+            maps::TOP,
+            size(size_of::<SourceKey>()),
+            size(size_of::<SourceStats>()),
+            events::TOP_ENTRIES,
+        ),
+        (maps::RELAY, 4, 4, 2),
+    ]
+}
+
 /// Nodes per table of the pinned maps, if a complete set of this layout's
-/// maps is pinned.
+/// maps is pinned, each of the shape this agent's programs expect.
 fn pinned_capacity(pins: &PinDir) -> Option<u32> {
     if !MAP_NAMES.iter().all(|m| pins.map(m).exists()) {
         return None;
     }
+    for (name, key, value, entries) in expected_shapes() {
+        let info = MapData::from_pin(pins.map(name)).ok()?.info().ok()?;
+        let fits = info.key_size() == key
+            && info.value_size() == value
+            && (entries == 0 || info.max_entries() == entries);
+        if !fits {
+            tracing::warn!(
+                map = name,
+                "the pinned maps were made by an agent of another version; starting with fresh ones (counters restart at zero)"
+            );
+            return None;
+        }
+    }
     let nodes = MapData::from_pin(pins.map(common::maps::ALLOW_NODES)).ok()?;
-    let info = nodes.info().ok()?;
-    (info.value_size() as usize == size_of::<common::table::Node>()).then(|| info.max_entries() / 2)
+    Some(nodes.info().ok()?.max_entries() / 2)
 }
 
 impl Datapath {
@@ -257,12 +325,11 @@ impl Datapath {
                 .map_err(map_err("reading the config map"))?
         } else {
             common::Config {
-                active_table: 0,
                 nodes_per_table,
                 action: common::Action::Drop as u32,
+                other_action: common::Action::Drop as u32,
                 mode: common::Mode::Enforce as u32,
-                local_allowed: 0,
-                relay_port: 0,
+                ..common::Config::ZERO
             }
         };
         let mut dp = Self {
@@ -301,18 +368,44 @@ impl Datapath {
             .map_err(map_err("writing the config map"))
     }
 
-    /// Sets what denied sources get.
-    pub fn set_action(&mut self, mode: Mode, action: Action) -> Result<(), DatapathError> {
+    /// Sets what denied sources get: `action` on port 25, `other` on the
+    /// other SMTP ports (see `smtpgate_common::verdict`).
+    pub fn set_action(
+        &mut self,
+        mode: Mode,
+        action: Action,
+        other: Action,
+    ) -> Result<(), DatapathError> {
+        let word = |a: Action| {
+            (match a {
+                Action::Drop => common::Action::Drop,
+                Action::Reject => common::Action::Reject,
+                Action::Redirect => common::Action::Redirect,
+            }) as u32
+        };
         self.settings.mode = match mode {
             Mode::Enforce => common::Mode::Enforce,
             Mode::Audit => common::Mode::Audit,
         } as u32;
-        self.settings.action = match action {
-            Action::Drop => common::Action::Drop,
-            Action::Reject => common::Action::Reject,
-            Action::Redirect => common::Action::Redirect,
-        } as u32;
+        self.settings.action = word(action);
+        self.settings.other_action = word(other);
         self.write_settings()
+    }
+
+    /// The settings the programs enforce, as last written.
+    #[must_use]
+    pub fn settings(&self) -> &common::Config {
+        &self.settings
+    }
+
+    /// Lets the relay's delivery sockets out: those with
+    /// [`common::RELAY_MARK`] in cgroup `id` (0: none).
+    pub fn set_relay_cgroup(&mut self, id: u64) -> Result<(), DatapathError> {
+        if self.settings.relay_cgroup != id {
+            self.settings.relay_cgroup = id;
+            self.write_settings()?;
+        }
+        Ok(())
     }
 
     /// Tells the cgroup connect hooks whether any of this host's own
@@ -471,24 +564,39 @@ impl Datapath {
 
     /// The sources denied most, most first: (source, attempts, last seen as
     /// nanoseconds of CLOCK_MONOTONIC, last verdict).
-    pub fn top(&self, limit: usize) -> Vec<(std::net::IpAddr, u64, u64, &'static str)> {
+    pub fn top(&self, limit: usize) -> Vec<TopEntry> {
         let mut rows: Vec<_> = self
             .top
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| {
-                let ip = if k.family == Family::Ipv4 as u32 {
-                    std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+                let source = if k.addr == [0; 16] {
+                    None
+                } else if k.family == Family::Ipv4 as u32 {
+                    Some(std::net::IpAddr::from([
+                        k.addr[0], k.addr[1], k.addr[2], k.addr[3],
+                    ]))
                 } else {
-                    std::net::IpAddr::from(k.addr)
+                    Some(std::net::IpAddr::from(k.addr))
                 };
-                let verdict = Verdict::ALL
-                    .get(v.verdict as usize)
-                    .map_or("?", |v| v.as_str());
-                (ip, v.attempts, v.last_seen_ns, verdict)
+                TopEntry {
+                    source,
+                    cgroup: k.cgroup,
+                    attempts: v.attempts,
+                    last_seen_ns: v.last_seen_ns,
+                    verdict: Verdict::ALL
+                        .get(v.verdict as usize)
+                        .map_or("?", |v| v.as_str()),
+                    pid: v.pid,
+                    comm: comm(&v.comm),
+                }
             })
             .collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
+        rows.sort_by(|a, b| {
+            b.attempts
+                .cmp(&a.attempts)
+                .then(b.last_seen_ns.cmp(&a.last_seen_ns))
+        });
         rows.truncate(limit);
         rows
     }

@@ -17,17 +17,51 @@ use smtpgate_common::{REDIRECT_MARK, REDIRECT_TABLE};
 
 use super::{Datapath, DatapathError, map_err};
 
-/// Binds the intercept listener: dual-stack, with IP_TRANSPARENT and
-/// IPV6_TRANSPARENT, without which the stack refuses steered IPv4
-/// connections (their destination is not a local address).
-pub fn intercept_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// The relay's intercept listeners: one on 127.0.0.1 and one on ::1, on the
+/// same port (0: one the kernel picks, which then cannot clash with any
+/// local service).
+///
+/// Loopback, so that nothing from the network reaches them directly: a
+/// packet from outside to 127.0.0.1 or ::1 is a martian, and a connection to
+/// the gateway's own address on this port finds no listener. Redirected
+/// connections get there all the same: TC steering assigns their SYN to the
+/// listener itself (bpf_sk_assign), and the cgroup hooks rewrite connect()
+/// to the loopback address. With IP_TRANSPARENT (IPV6_TRANSPARENT), without
+/// which the stack refuses steered connections (their destination is not a
+/// local address).
+pub struct InterceptListeners {
+    pub v4: TcpListener,
+    /// None when this host has no IPv6 loopback (IPv6 disabled): steered
+    /// IPv6 connections then fail closed as `relay_unavailable`.
+    pub v6: Option<TcpListener>,
+}
+
+pub fn intercept_listeners(port: u16) -> std::io::Result<InterceptListeners> {
+    let v4 = transparent_listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let port = v4.local_addr()?.port();
+    let v6 = match transparent_listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        Ok(l) => Some(l),
+        // No ::1 here (IPv6 off): IPv4 works, IPv6 redirects fail closed.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            tracing::warn!(
+                "no IPv6 loopback address: redirected IPv6 connections will be dropped (relay_unavailable)"
+            );
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(InterceptListeners { v4, v6 })
+}
+
+fn transparent_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
-    socket.set_ip_transparent_v4(true)?;
     if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
+        socket.set_only_v6(true)?;
         socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
     }
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -169,11 +203,19 @@ pub fn remove_routing() {
 impl Datapath {
     /// Puts the relay's intercept listener where the programs find it, and
     /// tells the connect hooks its port.
-    pub fn set_relay_listener(&mut self, listener: &TcpListener) -> Result<(), DatapathError> {
+    pub fn set_relay_listeners(
+        &mut self,
+        listeners: &InterceptListeners,
+    ) -> Result<(), DatapathError> {
         self.relay
-            .set(0, listener, 0)
+            .set(smtpgate_common::RELAY_V4, &listeners.v4, 0)
             .map_err(map_err("writing the relay SOCKMAP"))?;
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        if let Some(v6) = &listeners.v6 {
+            self.relay
+                .set(smtpgate_common::RELAY_V6, v6, 0)
+                .map_err(map_err("writing the relay SOCKMAP"))?;
+        }
+        let port = listeners.v4.local_addr().map(|a| a.port()).unwrap_or(0);
         self.settings.relay_port = u32::from(port);
         self.write_settings()
     }

@@ -63,6 +63,9 @@ pub enum Reason {
     /// `action = "redirect"`, but the relay's listener is not there (agent
     /// down, relay stopped): the connection is dropped, never let through.
     RelayUnavailable = 10,
+    /// A delivery socket of the agent's own relay (see
+    /// [`crate::RELAY_MARK`]).
+    RelayDelivery = 11,
 }
 
 /// One counter slot.
@@ -82,7 +85,7 @@ unsafe impl aya::Pod for Counter {}
 
 pub const FAMILIES: u32 = 3;
 pub const VERDICTS: u32 = 6;
-pub const REASONS: u32 = 11;
+pub const REASONS: u32 = 12;
 
 /// Number of slots in [`crate::maps::COUNTERS`].
 pub const SLOTS: u32 = FAMILIES * VERDICTS * REASONS;
@@ -143,6 +146,7 @@ impl Reason {
         Reason::Malformed,
         Reason::NonFirstFragment,
         Reason::RelayUnavailable,
+        Reason::RelayDelivery,
     ];
 
     #[must_use]
@@ -159,6 +163,7 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::NonFirstFragment => "non_first_fragment",
             Reason::RelayUnavailable => "relay_unavailable",
+            Reason::RelayDelivery => "relay_delivery",
         }
     }
 }

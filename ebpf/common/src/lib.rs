@@ -11,6 +11,7 @@ pub mod events;
 pub mod parse;
 pub mod rst;
 pub mod table;
+pub mod verdict;
 
 pub use counters::{Counter, Family, Reason, Verdict};
 
@@ -53,14 +54,26 @@ pub mod maps {
     pub const PORTS: &str = "SMTPGATE_PORTS";
     pub const ALLOW_NODES: &str = "SMTPGATE_ALLOW_NODES";
     pub const COUNTERS: &str = "SMTPGATE_COUNTERS";
-    /// SOCKMAP holding the relay's intercept listener at index 0.
+    /// SOCKMAP of the relay's intercept listeners: IPv4 at [`RELAY_V4`],
+    /// IPv6 at [`RELAY_V6`].
     pub const RELAY: &str = "SMTPGATE_RELAY";
     /// LRU hash: denied sources, for `smtpgate top`.
     pub const TOP: &str = "SMTPGATE_TOP";
     /// Ring buffer of denied connection attempts, for the log.
     pub const EVENTS: &str = "SMTPGATE_EVENTS";
+    /// Per-CPU budget of events per second (see `events::EVENT_BUDGET`).
+    pub const EVENT_BUDGET: &str = "SMTPGATE_EVENT_BUDGET";
     /// Every map in the object; a test holds the built object to it.
-    pub const ALL: &[&str] = &[CONFIG, PORTS, ALLOW_NODES, COUNTERS, RELAY, TOP, EVENTS];
+    pub const ALL: &[&str] = &[
+        CONFIG,
+        PORTS,
+        ALLOW_NODES,
+        COUNTERS,
+        RELAY,
+        TOP,
+        EVENTS,
+        EVENT_BUDGET,
+    ];
 }
 
 /// What happens to SMTP egress from a source that is not allowlisted.
@@ -107,6 +120,30 @@ pub struct Config {
     /// The relay's intercept port, for the cgroup connect hooks' redirect
     /// (0: no relay, redirects fail closed).
     pub relay_port: u32,
+    /// The [`Action`] for SMTP ports other than
+    /// [`verdict::REDIRECT_PORT`]: the same as `action`, except under
+    /// redirect, which only port 25 can take.
+    pub other_action: u32,
+    pub _reserved: u32,
+    /// The agent's cgroup id (cgroup v2 inode number), 0 without a relay.
+    /// A socket is the relay's own only if it carries [`RELAY_MARK`] *and*
+    /// belongs to this cgroup (see [`verdict::Standing::Relay`]).
+    pub relay_cgroup: u64,
+}
+
+impl Config {
+    /// Everything zero: no relay, drop, enforce, table 0 of 0 nodes.
+    pub const ZERO: Self = Self {
+        active_table: 0,
+        nodes_per_table: 0,
+        action: 0,
+        mode: 0,
+        local_allowed: 0,
+        relay_port: 0,
+        other_action: 0,
+        _reserved: 0,
+        relay_cgroup: 0,
+    };
 }
 
 /// The mark on packets steered into the relay, which policy routing
@@ -115,10 +152,27 @@ pub const REDIRECT_MARK: u32 = 0x0534_7001;
 /// The routing table with `local 0.0.0.0/0 dev lo` (and `::/0`).
 pub const REDIRECT_TABLE: u32 = 25_225;
 
+/// SO_MARK on the embedded relay's delivery sockets, which (with the
+/// agent's cgroup) lets them out on port 25 where every other process of
+/// the host is stopped.
+///
+/// Why a mark: setting SO_MARK needs CAP_NET_ADMIN in the socket's network
+/// namespace, so no unprivileged process can forge it, and the kernel copies
+/// it to every packet of the socket, where the cgroup and TC programs read
+/// it for the price of one load. A container granted CAP_NET_ADMIN in a
+/// namespace of its own could set it too, which is why the programs also
+/// require the agent's own cgroup ([`Config::relay_cgroup`]). Distinct from
+/// [`REDIRECT_MARK`], so the redirect routing rule never matches it.
+pub const RELAY_MARK: u32 = 0x0534_7002;
+
+/// Index of the IPv4 intercept listener in [`maps::RELAY`]; IPv6 is at 1.
+pub const RELAY_V4: u32 = 0;
+pub const RELAY_V6: u32 = 1;
+
 pub const LOCAL_V4_ALLOWED: u32 = 1;
 pub const LOCAL_V6_ALLOWED: u32 = 2;
 
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 #[cfg(feature = "user")]
 // SAFETY: `Config` is `repr(C)`, has no padding and only integer fields.

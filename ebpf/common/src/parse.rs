@@ -73,6 +73,8 @@ pub struct Smtp {
     /// TCP payload length, for the RST's acknowledgement number.
     pub payload: u32,
     pub flags: u8,
+    /// TCP destination port: the verdict depends on it under redirect.
+    pub dport: u16,
 }
 
 impl Smtp {
@@ -148,8 +150,8 @@ pub enum Quick {
     /// Not SMTP egress: the full parser says [`Parsed::Other`] too.
     Other,
     /// SMTP egress that the full parser returns as [`Parsed::Smtp`] with
-    /// this source and these TCP flags.
-    Smtp(Source, u8),
+    /// this source, these TCP flags and this destination port.
+    Smtp(Source, u8, u16),
     /// Anything else: ask the full parser.
     Unsure,
 }
@@ -243,7 +245,8 @@ fn quick_network(pkt: &Bytes, l3: usize, proto: u16, ports: &impl Fn(u16) -> boo
     let Some(t) = pkt.at::<TCP_HLEN>(l4) else {
         return Quick::Unsure;
     };
-    if !ports(u16::from_be_bytes([t[2], t[3]])) {
+    let dport = u16::from_be_bytes([t[2], t[3]]);
+    if !ports(dport) {
         return Quick::Other;
     }
     // A zero length is how BIG TCP (IPv4) and jumbograms (IPv6) say
@@ -268,7 +271,7 @@ fn quick_network(pkt: &Bytes, l3: usize, proto: u16, ports: &impl Fn(u16) -> boo
             None => return Quick::Unsure,
         }
     };
-    Quick::Smtp(source, t[13])
+    Quick::Smtp(source, t[13], dport)
 }
 
 /// Parses from the network header (cgroup programs start here).
@@ -409,6 +412,7 @@ fn tcp(
         l4,
         payload,
         flags: t[13],
+        dport,
     })
 }
 
@@ -521,15 +525,8 @@ fn incomplete(first_fragment: bool) -> Parsed {
 /// honest host, and would let an IPv4 host dodge its IPv4 verdict.
 #[inline(always)]
 fn checked_v6_source(src: [u8; 16]) -> Option<Source> {
-    let head_zero = src[..10].iter().all(|b| *b == 0);
-    if head_zero {
-        let mapped = src[10] == 0xff && src[11] == 0xff;
-        let compat = src[10] == 0
-            && src[11] == 0
-            && !(src[12] == 0 && src[13] == 0 && src[14] == 0 && src[15] <= 1);
-        if mapped || compat {
-            return None;
-        }
+    if crate::verdict::is_disguised_v4(&src) {
+        return None;
     }
     Some(Source::V6(src))
 }
@@ -888,12 +885,12 @@ mod tests {
             assert!(matches!(quick_look(f), Quick::Other), "{f:02x?}");
         }
         let smtp4 = frame(&[], ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP);
-        let Quick::Smtp(Source::V4(a), TCP_SYN) = quick_look(&smtp4) else {
+        let Quick::Smtp(Source::V4(a), TCP_SYN, 25) = quick_look(&smtp4) else {
             panic!("IPv4 SMTP SYN not recognised");
         };
         assert_eq!(a, [192, 0, 2, 20]);
         let smtp6 = frame(&[], ipv6(V6_SRC, &[], &tcp(587, TCP_ACK)), ETH_P_IPV6);
-        let Quick::Smtp(Source::V6(a), TCP_ACK) = quick_look(&smtp6) else {
+        let Quick::Smtp(Source::V6(a), TCP_ACK, _) = quick_look(&smtp6) else {
             panic!("IPv6 SMTP not recognised");
         };
         assert_eq!(a, V6_SRC);
@@ -948,8 +945,8 @@ mod tests {
         match (quick, parsed) {
             (Quick::Unsure, _) => {}
             (Quick::Other, Parsed::Other) => *other += 1,
-            (Quick::Smtp(src, flags), Parsed::Smtp(s))
-                if same_source(src, &s.source) && *flags == s.flags =>
+            (Quick::Smtp(src, flags, dport), Parsed::Smtp(s))
+                if same_source(src, &s.source) && *flags == s.flags && *dport == s.dport =>
             {
                 *smtp += 1;
             }
@@ -1071,13 +1068,13 @@ mod tests {
             parse_l3(&ipv4([192, 0, 2, 20], 0, &tcp(80, TCP_SYN)), ETH_P_IP),
             Parsed::Other
         ));
-        let Quick::Smtp(Source::V4(a), TCP_SYN) =
+        let Quick::Smtp(Source::V4(a), TCP_SYN, 25) =
             quick_l3_look(&ipv4([192, 0, 2, 20], 0, &tcp(25, TCP_SYN)), ETH_P_IP)
         else {
             panic!("the quick look missed an IPv4 SMTP SYN");
         };
         assert_eq!(a, [192, 0, 2, 20]);
-        let Quick::Smtp(Source::V6(a), TCP_SYN) =
+        let Quick::Smtp(Source::V6(a), TCP_SYN, 587) =
             quick_l3_look(&ipv6(V6_SRC, &[], &tcp(587, TCP_SYN)), ETH_P_IPV6)
         else {
             panic!("the quick look missed an IPv6 SMTP SYN");

@@ -20,18 +20,25 @@ mod top;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_RDONLY_PROG, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::generated::bpf_map_lookup_elem,
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_map_lookup_elem, bpf_skb_cgroup_id,
+    },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{Array, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, TcContext},
 };
+use reject::unstash_offsets;
 use smtpgate_common::{
-    Action, Config, Counter, Family, LOCAL_V4_ALLOWED, LOCAL_V6_ALLOWED, Mode, PORT_WORDS, Reason,
+    Config, Counter, Family, LOCAL_V4_ALLOWED, LOCAL_V6_ALLOWED, PORT_WORDS, RELAY_MARK, Reason,
     Verdict,
     counters::{self, SLOTS},
-    parse::{self, Bytes, Parsed, Quick, Smtp, Source},
+    events::{Event, SourceKey},
+    parse::{self, Bytes, MAX_HEADER_BYTES, Parsed, Quick, Smtp, Source},
     table::{self, Node},
+    verdict::{Standing, judge},
 };
+use top::Who;
 
 // The settings maps are read-only for the programs (BPF_F_RDONLY_PROG): only
 // the agent writes them, and the verifier refuses a program that would.
@@ -120,59 +127,81 @@ fn allowlisted(source: &Source, cfg: &Config) -> bool {
     }
 }
 
-/// The verdict for a parsed packet.
+/// Whether a packet or socket with this mark, in this cgroup, is the
+/// relay's own (see `smtpgate_common::RELAY_MARK` for why both).
 #[inline(always)]
-fn decide(parsed: Parsed) -> Decision {
-    // Without a config the agent has not finished loading: fail closed for
-    // SMTP, and leave everything else alone.
+fn is_relay(cfg: Option<&Config>, mark: u32, cgroup: impl FnOnce() -> u64) -> bool {
+    match cfg {
+        Some(c) => mark == RELAY_MARK && c.relay_cgroup != 0 && cgroup() == c.relay_cgroup,
+        None => false,
+    }
+}
+
+/// Where a source stands before the policy speaks.
+#[inline(always)]
+fn standing(cfg: Option<&Config>, source: &Source, relay: bool) -> Standing {
+    match cfg {
+        _ if relay => Standing::Relay,
+        Some(c) if allowlisted(source, c) => Standing::Allowlisted,
+        _ => Standing::NotAllowlisted,
+    }
+}
+
+/// The verdict for a parsed packet (`relay`: it comes from the relay's own
+/// delivery socket).
+///
+/// Each arm returns on its own, rather than feeding one shared tail: paths
+/// that stay apart are paths the verifier can prune.
+#[inline(always)]
+fn decide(parsed: Parsed, relay: bool) -> Decision {
+    // Without a config the agent has not finished loading: `judge` fails
+    // closed for SMTP, and everything else is left alone.
     let cfg = SMTPGATE_CONFIG.get(0);
-    let audit = matches!(cfg, Some(c) if c.mode == Mode::Audit as u32);
     match parsed {
         Parsed::Other => Decision::Untouched,
         Parsed::Pass(family, reason) => {
             count(family, Verdict::Passed, reason, false);
             Decision::Pass
         }
-        Parsed::Deny(family, reason) => deny(family, reason, audit),
+        Parsed::Deny(family, reason) => refuse(cfg, family, reason),
         // Headers cut short in a packet that has no more: nothing honest.
-        Parsed::Truncated(family) => deny(family, Reason::Malformed, audit),
+        Parsed::Truncated(family) => refuse(cfg, family, Reason::Malformed),
         Parsed::Smtp(smtp) => {
             let syn = smtp.is_syn();
             let family = smtp.family();
-            let Some(cfg) = cfg else {
-                count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
-                return Decision::Drop;
-            };
-            if allowlisted(&smtp.source, cfg) {
-                count(family, Verdict::Allowed, Reason::Allowlisted, syn);
-                return Decision::Pass;
-            }
-            if audit {
-                count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
-                return Decision::Audited;
-            }
-            if cfg.action == Action::Reject as u32 {
-                count(family, Verdict::Rejected, Reason::NotAllowlisted, syn);
-                Decision::Reject(smtp)
-            } else if cfg.action == Action::Redirect as u32 {
-                Decision::Redirect(smtp)
-            } else {
-                count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
-                Decision::Drop
+            let (verdict, reason) = judge(cfg, smtp.dport, standing(cfg, &smtp.source, relay));
+            match verdict {
+                Verdict::Allowed | Verdict::Passed => {
+                    count(family, verdict, reason, syn);
+                    Decision::Pass
+                }
+                Verdict::Audited => {
+                    count(family, verdict, reason, syn);
+                    Decision::Audited
+                }
+                Verdict::Rejected => {
+                    count(family, verdict, reason, syn);
+                    Decision::Reject(smtp)
+                }
+                // Counted by whoever carries it out.
+                Verdict::Redirected => Decision::Redirect(smtp),
+                Verdict::Dropped => {
+                    count(family, verdict, reason, syn);
+                    Decision::Drop
+                }
             }
         }
     }
 }
 
-/// A denial that does not depend on the allowlist (evasion, malformed).
-/// These are dropped, never answered: a RST would tell a prober what we saw.
+/// A packet refused whatever the allowlist says (see `Standing::Refused`).
 #[inline(always)]
-fn deny(family: Family, reason: Reason, audit: bool) -> Decision {
-    if audit {
-        count(family, Verdict::Audited, reason, false);
+fn refuse(cfg: Option<&Config>, family: Family, reason: Reason) -> Decision {
+    let (verdict, reason) = judge(cfg, 0, Standing::Refused(reason));
+    count(family, verdict, reason, false);
+    if verdict == Verdict::Audited {
         Decision::Pass
     } else {
-        count(family, Verdict::Dropped, reason, false);
         Decision::Drop
     }
 }
@@ -182,7 +211,7 @@ fn deny(family: Family, reason: Reason, audit: bool) -> Decision {
 /// and `None` sends it to the full parser (and the table is read twice,
 /// for a packet that is about to be answered with a RST anyway).
 #[inline(always)]
-fn quick_verdict(source: &Source, flags: u8) -> Option<i32> {
+fn quick_verdict(source: &Source, flags: u8, dport: u16, relay: bool) -> Option<i32> {
     // No config: the full path fails closed.
     let cfg = SMTPGATE_CONFIG.get(0)?;
     let syn = flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
@@ -190,22 +219,22 @@ fn quick_verdict(source: &Source, flags: u8) -> Option<i32> {
         Source::V4(_) => Family::Ipv4,
         Source::V6(_) => Family::Ipv6,
     };
-    if allowlisted(source, cfg) {
-        count(family, Verdict::Allowed, Reason::Allowlisted, syn);
-        Some(TC_ACT_UNSPEC)
-    } else if syn {
+    let (verdict, reason) = judge(Some(cfg), dport, standing(Some(cfg), source, relay));
+    match verdict {
+        Verdict::Allowed => {}
         // A denied connection attempt: the full path records who and where
         // (`smtpgate top`, the log).
-        None
-    } else if cfg.mode == Mode::Audit as u32 {
-        count(family, Verdict::Audited, Reason::NotAllowlisted, syn);
-        Some(TC_ACT_UNSPEC)
-    } else if cfg.action == Action::Reject as u32 || cfg.action == Action::Redirect as u32 {
-        None
-    } else {
-        count(family, Verdict::Dropped, Reason::NotAllowlisted, syn);
-        Some(TC_ACT_SHOT as i32)
+        _ if syn => return None,
+        Verdict::Audited => {}
+        Verdict::Dropped => {
+            count(family, verdict, reason, syn);
+            return Some(TC_ACT_SHOT as i32);
+        }
+        // A RST needs the header offsets; a redirect is counted by `steer`.
+        _ => return None,
     }
+    count(family, verdict, reason, syn);
+    Some(TC_ACT_UNSPEC)
 }
 
 #[inline(always)]
@@ -268,14 +297,16 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
     } else {
         parse::quick_l3(&tc_bytes(ctx), skb_protocol(ctx), &is_smtp_port)
     };
-    match quick {
-        Quick::Other => return TC_ACT_UNSPEC,
-        Quick::Smtp(source, flags) => {
-            if let Some(verdict) = quick_verdict(&source, flags) {
-                return verdict;
-            }
+    if let Quick::Other = quick {
+        return TC_ACT_UNSPEC;
+    }
+    // The relay's own delivery leaves through egress; nothing of it is seen
+    // at ingress, where a mark could only have been set by this host.
+    let relay = !INGRESS && tc_is_relay(ctx);
+    if let Quick::Smtp(source, flags, dport) = quick {
+        if let Some(verdict) = quick_verdict(&source, flags, dport, relay) {
+            return verdict;
         }
-        Quick::Unsure => {}
     }
     let parsed = match tc_parse::<ETHERNET>(ctx) {
         Parsed::Smtp(smtp) => Parsed::Smtp(reject::stash_offsets(ctx, smtp)),
@@ -285,19 +316,10 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
         Parsed::Smtp(s) if s.is_syn() => Some(*s),
         _ => None,
     };
-    let decision = decide(parsed);
-    if let Some(smtp) = smtp {
-        let verdict = match &decision {
-            Decision::Reject(_) => Some(Verdict::Rejected),
-            Decision::Redirect(_) => Some(Verdict::Redirected),
-            Decision::Drop => Some(Verdict::Dropped),
-            // Audit lets denied attempts through: still worth knowing.
-            Decision::Audited => Some(Verdict::Audited),
-            _ => None,
-        };
-        if let Some(v) = verdict {
-            top::denied(ctx, &smtp, v);
-        }
+    let decision = decide(parsed, relay);
+    if let (Some(smtp), Some(v)) = (smtp, denied_as(&decision)) {
+        let key = source_key(0, &smtp.source);
+        top::denied(&key, v, &Who::NOBODY, |e| tc_event(ctx, &smtp, e));
     }
     match decision {
         Decision::Untouched | Decision::Pass | Decision::Audited => TC_ACT_UNSPEC,
@@ -317,6 +339,87 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
             TC_ACT_SHOT as i32
         }
     }
+}
+
+/// The verdict a denied attempt is recorded under in `top`, if denied.
+#[inline(always)]
+fn denied_as(decision: &Decision) -> Option<Verdict> {
+    match decision {
+        Decision::Reject(_) => Some(Verdict::Rejected),
+        Decision::Redirect(_) => Some(Verdict::Redirected),
+        Decision::Drop => Some(Verdict::Dropped),
+        // Audit lets denied attempts through: still worth knowing.
+        Decision::Audited => Some(Verdict::Audited),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn source_key(cgroup: u64, source: &Source) -> SourceKey {
+    let mut key = SourceKey {
+        cgroup,
+        addr: [0; 16],
+        family: 0,
+        _pad: 0,
+    };
+    match source {
+        Source::V4(a) => {
+            key.family = Family::Ipv4 as u32;
+            key.addr[..4].copy_from_slice(a);
+        }
+        Source::V6(a) => {
+            key.family = Family::Ipv6 as u32;
+            key.addr = *a;
+        }
+    }
+    key
+}
+
+/// Whether a TC packet comes from the relay's own delivery socket.
+#[inline(always)]
+fn tc_is_relay(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the program's duration.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    is_relay(SMTPGATE_CONFIG.get(0), mark, || {
+        // SAFETY: a plain helper on our own skb; 0 for a forwarded packet,
+        // which has no local socket.
+        unsafe { bpf_skb_cgroup_id(ctx.skb.skb) }
+    })
+}
+
+/// Ports and destination of a TC packet whose offsets were stashed.
+#[inline(always)]
+fn tc_event(ctx: &TcContext, smtp: &Smtp, e: &mut Event) -> bool {
+    let (l3, l4, _) = unstash_offsets(ctx);
+    packet_event(&tc_bytes(ctx), smtp, l3, l4, e)
+}
+
+/// Fills the ports and the destination of an event from the packet.
+#[inline(always)]
+fn packet_event(pkt: &Bytes, smtp: &Smtp, l3: usize, l4: usize, e: &mut Event) -> bool {
+    if l3 > MAX_HEADER_BYTES || l4 > MAX_HEADER_BYTES {
+        return false;
+    }
+    let Some(tcp) = pkt.at::<4>(l4) else {
+        return false;
+    };
+    e.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    e.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    match smtp.source {
+        Source::V4(_) => {
+            let Some(ip) = pkt.at::<20>(l3) else {
+                return false;
+            };
+            e.dst[..4].copy_from_slice(&ip[16..20]);
+        }
+        Source::V6(_) => {
+            let Some(ip) = pkt.at::<40>(l3) else {
+                return false;
+            };
+            e.dst.copy_from_slice(&ip[24..40]);
+        }
+    }
+    true
 }
 
 /// Attach to the client-facing interface's ingress: sees clients' own
@@ -355,16 +458,57 @@ const CGROUP_DROP_QUIET: i32 = 2;
 #[cgroup_skb(egress)]
 pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's duration.
-    let (start, end, proto) = unsafe {
+    let (start, end, proto, mark) = unsafe {
         let skb = &*ctx.skb.skb;
         (
             skb.data as usize,
             skb.data_end as usize,
             u16::from_be(skb.protocol as u16),
+            skb.mark,
         )
     };
-    let parsed = parse::network(&Bytes { start, end }, proto, &is_smtp_port);
-    match decide(parsed) {
+    let pkt = Bytes { start, end };
+    let parsed = parse::network(&pkt, proto, &is_smtp_port);
+    let Parsed::Smtp(smtp) = parsed else {
+        return cgroup_code(decide(parsed, false));
+    };
+    let cfg = SMTPGATE_CONFIG.get(0);
+    // SAFETY: a plain helper on our own skb.
+    let cgroup = || unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let decision = decide(parsed, is_relay(cfg, mark, cgroup));
+    // A denied SYN is recorded here only if the connect hook could not
+    // judge it (the socket had no source address yet and one of this host's
+    // could pass); otherwise the connect hook recorded it already, with the
+    // process that tried. The hook does not know the pid here.
+    let deferred = match (cfg, smtp.source) {
+        (Some(c), Source::V4(_)) => c.local_allowed & LOCAL_V4_ALLOWED != 0,
+        (Some(c), Source::V6(_)) => c.local_allowed & LOCAL_V6_ALLOWED != 0,
+        (None, _) => true,
+    };
+    if smtp.is_syn() && deferred {
+        if let Some(v) = cgroup_denied_as(&decision) {
+            let key = source_key(cgroup(), &smtp.source);
+            top::denied(&key, v, &Who::NOBODY, |e| {
+                packet_event(&pkt, &smtp, smtp.l3, smtp.l4, e)
+            });
+        }
+    }
+    cgroup_code(decision)
+}
+
+/// What a denial at cgroup egress is: a redirect that reaches it can only
+/// be dropped (see `cgroup_code`).
+#[inline(always)]
+fn cgroup_denied_as(decision: &Decision) -> Option<Verdict> {
+    match decision {
+        Decision::Redirect(_) => Some(Verdict::Dropped),
+        other => denied_as(other),
+    }
+}
+
+#[inline(always)]
+fn cgroup_code(decision: Decision) -> i32 {
+    match decision {
         Decision::Untouched | Decision::Pass | Decision::Audited => CGROUP_ALLOW,
         Decision::Drop => CGROUP_DROP_QUIET,
         Decision::Reject(_) => CGROUP_DENY,
@@ -384,11 +528,16 @@ pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// connect() from a process in the cgroup. The SYN that follows is what the
-/// egress program judges; this hook exists only because the kernel cannot
-/// answer that SYN: a denied SYN at cgroup egress leaves connect() waiting
-/// for its timeout. With `action = "reject"`, a connection that is certain
-/// to be denied fails here with EPERM instead.
+/// connect() from a process in the cgroup.
+///
+/// The SYN that follows is what the egress program judges, but this hook
+/// runs in the process's own context, so it is where a denial can name the
+/// process (pid, comm) for `top` and the log. It also acts where the egress
+/// program cannot:
+/// - reject: a denied SYN at cgroup egress leaves connect() waiting for its
+///   timeout, so a connection certain to be denied fails here with EPERM;
+/// - redirect: the connection is pointed at the relay's intercept listener
+///   before any packet exists.
 #[inline(always)]
 fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
     const ALLOW: i32 = 1;
@@ -399,18 +548,22 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     let port = u16::from_be(sa.user_port as u16);
+    if !is_smtp_port(port) {
+        return ALLOW;
+    }
+    // No config yet: the egress program fails closed on the SYN.
     let Some(cfg) = SMTPGATE_CONFIG.get(0) else {
         return ALLOW;
     };
-    let redirect = cfg.action == Action::Redirect as u32;
-    if !is_smtp_port(port)
-        || cfg.mode == Mode::Audit as u32
-        || (cfg.action != Action::Reject as u32 && !redirect)
-    {
-        return ALLOW;
-    }
     // SAFETY: `sk` is always set for connect hooks.
     let sk = unsafe { &*sa.__bindgen_anon_1.sk };
+    // SAFETY: a plain helper, in the calling process's context.
+    if is_relay(Some(cfg), sk.mark, || unsafe {
+        bpf_get_current_cgroup_id()
+    }) {
+        // Counted by the egress program, which sees the relay's SYN.
+        return ALLOW;
+    }
     let (family, bound, local_flag) = if v6 {
         let words = sk.src_ip6;
         let mut a = [0u8; 16];
@@ -451,40 +604,110 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
         };
         (Family::Ipv4, bound, LOCAL_V4_ALLOWED)
     };
-    let allowed = match bound {
-        Some(source) => allowlisted(&source, cfg),
+    let standing = match &bound {
+        Some(source) if allowlisted(source, cfg) => Standing::Allowlisted,
+        Some(_) => Standing::NotAllowlisted,
         // Unbound: the source is picked later, among this host's addresses.
-        // Refuse only when none of them could pass; otherwise the egress
+        // Judge now only when none of them could pass; otherwise the egress
         // program decides on the real SYN.
-        None => cfg.local_allowed & local_flag != 0,
+        None if cfg.local_allowed & local_flag != 0 => return ALLOW,
+        None => Standing::NotAllowlisted,
     };
-    if allowed {
+    let (verdict, reason) = judge(Some(cfg), port, standing);
+    if verdict == Verdict::Allowed {
         return ALLOW;
     }
-    if !redirect {
-        count_attempt(family, Verdict::Rejected, Reason::NotAllowlisted);
-        return REFUSE;
-    }
-    // Redirect: connect to the relay's intercept listener on loopback
-    // instead. No relay port: fail closed.
-    if cfg.relay_port == 0 || cfg.relay_port > 0xffff {
-        count_attempt(family, Verdict::Dropped, Reason::RelayUnavailable);
-        return REFUSE;
-    }
-    sa.user_port = u32::from((cfg.relay_port as u16).to_be());
-    if v6 {
-        let v4_mapped =
-            sa.user_ip6[0] == 0 && sa.user_ip6[1] == 0 && u32::from_be(sa.user_ip6[2]) == 0xffff;
-        sa.user_ip6 = if v4_mapped {
-            [0, 0, 0xffffu32.to_be(), 0x7f00_0001u32.to_be()]
-        } else {
-            [0, 0, 0, 1u32.to_be()]
-        };
+    let relay_missing =
+        verdict == Verdict::Redirected && (cfg.relay_port == 0 || cfg.relay_port > 0xffff);
+    let recorded = if relay_missing {
+        Verdict::Dropped
     } else {
-        sa.user_ip4 = 0x7f00_0001u32.to_be();
+        verdict
+    };
+    record_local(sa, family, bound, port, v6, recorded);
+    match verdict {
+        Verdict::Rejected => {
+            count_attempt(family, verdict, reason);
+            REFUSE
+        }
+        // No relay port: fail closed.
+        Verdict::Redirected if relay_missing => {
+            count_attempt(family, Verdict::Dropped, Reason::RelayUnavailable);
+            REFUSE
+        }
+        Verdict::Redirected => {
+            // Redirect: connect to the relay's intercept listener on
+            // loopback instead.
+            sa.user_port = u32::from((cfg.relay_port as u16).to_be());
+            if v6 {
+                let v4_mapped = sa.user_ip6[0] == 0
+                    && sa.user_ip6[1] == 0
+                    && u32::from_be(sa.user_ip6[2]) == 0xffff;
+                sa.user_ip6 = if v4_mapped {
+                    [0, 0, 0xffffu32.to_be(), 0x7f00_0001u32.to_be()]
+                } else {
+                    [0, 0, 0, 1u32.to_be()]
+                };
+            } else {
+                sa.user_ip4 = 0x7f00_0001u32.to_be();
+            }
+            count_attempt(family, verdict, reason);
+            ALLOW
+        }
+        // Drop and audit act on the SYN, where the egress program counts
+        // them: a drop must look like one (a timeout), not like EPERM.
+        _ => ALLOW,
     }
-    count_attempt(family, Verdict::Redirected, Reason::NotAllowlisted);
-    ALLOW
+}
+
+/// A denied connect() for `top` and the log, with the process that made it.
+#[inline(always)]
+fn record_local(
+    sa: &aya_ebpf::bindings::bpf_sock_addr,
+    family: Family,
+    bound: Option<Source>,
+    dport: u16,
+    v6: bool,
+    verdict: Verdict,
+) {
+    // SAFETY: plain helpers, in the calling process's context.
+    let (cgroup, tgid, comm) = unsafe {
+        let mut comm = [0u8; 16];
+        let _ = bpf_get_current_comm(comm.as_mut_ptr().cast(), 16);
+        (
+            bpf_get_current_cgroup_id(),
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            comm,
+        )
+    };
+    let mut key = match &bound {
+        Some(source) => source_key(cgroup, source),
+        None => SourceKey {
+            cgroup,
+            addr: [0; 16],
+            family: 0,
+            _pad: 0,
+        },
+    };
+    key.family = family as u32;
+    let who = Who { pid: tgid, comm };
+    top::denied(&key, verdict, &who, |e| {
+        e.dport = dport;
+        if v6 {
+            let d = sa.user_ip6;
+            if family == Family::Ipv4 {
+                // IPv4-mapped: the address is in the last word.
+                e.dst[..4].copy_from_slice(&d[3].to_ne_bytes());
+            } else {
+                for (i, w) in d.iter().enumerate() {
+                    e.dst[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+            }
+        } else {
+            e.dst[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+        }
+        true
+    });
 }
 
 #[cgroup_sock_addr(connect4)]

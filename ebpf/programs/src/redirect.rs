@@ -22,15 +22,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use smtpgate_common::{
-    REDIRECT_MARK, Reason, Verdict,
+    Family, REDIRECT_MARK, RELAY_V4, RELAY_V6, Reason, Verdict,
     parse::{Bytes, MAX_HEADER_BYTES, Smtp, Source},
 };
 
 use crate::{count, reject::unstash_offsets};
 
-/// Index 0: the relay's intercept listener (dual-stack).
+/// The relay's intercept listeners: IPv4 at `RELAY_V4`, IPv6 at `RELAY_V6`.
+/// Two sockets, because each is bound to its family's loopback address
+/// (127.0.0.1, ::1), where nothing from the network can reach it directly;
+/// steering hands it connections to any address all the same.
 #[map(name = "SMTPGATE_RELAY")]
-static SMTPGATE_RELAY: SockMap = SockMap::with_max_entries(1, 0);
+static SMTPGATE_RELAY: SockMap = SockMap::with_max_entries(2, 0);
 
 /// Inlined into each caller: called from two programs (the Ethernet and
 /// the L3 ingress), LLVM would otherwise make it a BPF subprogram, whose
@@ -40,7 +43,7 @@ pub fn steer(ctx: &TcContext, smtp: &Smtp) -> i32 {
     let family = smtp.family();
     let syn = smtp.is_syn();
     let ok = if syn {
-        assign_listener(ctx)
+        assign_listener(ctx, family)
     } else {
         owned_by_relay(ctx, smtp)
     };
@@ -58,8 +61,12 @@ pub fn steer(ctx: &TcContext, smtp: &Smtp) -> i32 {
 }
 
 #[inline(always)]
-fn assign_listener(ctx: &TcContext) -> bool {
-    let key: u32 = 0;
+fn assign_listener(ctx: &TcContext, family: Family) -> bool {
+    let key: u32 = if family == Family::Ipv6 {
+        RELAY_V6
+    } else {
+        RELAY_V4
+    };
     let map = (&raw const SMTPGATE_RELAY).cast_mut().cast();
     // SAFETY: a SOCKMAP lookup returns a referenced socket or null; every
     // non-null one is released below.
