@@ -7,6 +7,7 @@ Sends COUNT frames of KIND out of IFACE to GW_MAC, each a TCP packet from SRC
 to DST port 25 (or, for "syn80", port 80), wrapped in the given 802.1Q tags:
   syn           a plain SYN
   syn80         a plain SYN to port 80
+  syn587        a plain SYN to port 587
   tiny          IPv4 first fragment holding only 8 bytes of TCP (RFC 1858)
   overlap       IPv4 fragment at offset 8 bytes, overwriting TCP flags
   v6-tiny       IPv6 first fragment whose TCP header is in the next fragment
@@ -39,9 +40,9 @@ def packets(kind, src, dst):
     """The IP packets of one KIND (see above), from SRC to DST, without a
     link-layer header: lab/tun.py writes them to a tun device as they are."""
     ident = random.randint(1, 65535)
-    if kind in ("syn", "syn80"):
+    if kind in ("syn", "syn80", "syn587"):
         ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
-        return [ip / tcp(80 if kind == "syn80" else 25)]
+        return [ip / tcp({"syn": 25, "syn80": 80, "syn587": 587}[kind])]
     if kind == "tiny":
         seg = bytes(tcp())
         return [IP(src=src, dst=dst, id=ident, flags="MF", frag=0, proto=6) / Raw(seg[:8])]

@@ -196,8 +196,33 @@ impl Lab {
     /// socket is set to one in the lab directory), and waits until it
     /// answers on its control socket.
     pub fn start_agent(&mut self, name: &str, config: &str) -> anyhow::Result<Agent> {
+        self.start_agent_in(name, config, None)
+    }
+
+    /// [`Lab::start_agent`] with the agent in `cgroup` (as systemd puts it
+    /// in smtpgate.service), where a cgroup attach covers it too.
+    pub fn start_agent_in(
+        &mut self,
+        name: &str,
+        config: &str,
+        cgroup: Option<&std::path::Path>,
+    ) -> anyhow::Result<Agent> {
         let (config, socket) = self.agent_config(name, config)?;
-        let mut cmd = self.command(Host::Gw, smtpgate_bin());
+        let mut cmd = match cgroup {
+            None => self.command(Host::Gw, smtpgate_bin()),
+            Some(cg) => {
+                // The shell moves itself, then becomes nsenter and the agent.
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/run/netns/{} -- \"$0\" \"$@\"",
+                        cg.display(),
+                        self.ns(Host::Gw)
+                    ))
+                    .arg(smtpgate_bin());
+                c
+            }
+        };
         cmd.args(["run", "--config"])
             .arg(&config)
             .env("SMTPGATE_LOG", "info");

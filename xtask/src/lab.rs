@@ -547,7 +547,8 @@ impl Drop for Lab {
         for ns in [Host::Client, Host::VlanClient, Host::Gw, Host::Inet].map(|h| self.ns(h)) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
-        for cg in &self.cgroups {
+        // Innermost first: a cgroup with children cannot be removed.
+        for cg in self.cgroups.iter().rev() {
             let _ = std::fs::remove_dir(cg);
         }
         if std::env::var_os("SMTPGATE_KEEP_LAB").is_none() {

@@ -32,6 +32,17 @@ pub fn setup_with(
     action: &str,
     attach: impl FnOnce(&mut Lab) -> String,
 ) -> (Lab, Agent) {
+    setup_config(name, options, &format!("action = \"{action}\"\n"), attach)
+}
+
+/// [`setup`] with `head` (top-level TOML: action, mode, ports) at the top
+/// of the agent's config.
+pub fn setup_config(
+    name: &str,
+    options: Options,
+    head: &str,
+    attach: impl FnOnce(&mut Lab) -> String,
+) -> (Lab, Agent) {
     let mut lab = Lab::up(name, options).unwrap();
     lab.start_listeners().unwrap();
     let attach = attach(&mut lab);
@@ -68,7 +79,7 @@ pub fn setup_with(
     ]);
     lab.spawn(sink, "sink.log").unwrap();
     let config = format!(
-        "action = \"{action}\"\nallowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
+        "{head}allowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
          tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\n\
          [relay.upstream]\nhost = \"127.0.0.1\"\nport = {SINK_PORT}\ntls = \"none\"\n[relay.retry]\ninitial_backoff_secs = 0.2\n",
         lab::CLIENT_ALLOWED_V4,

@@ -20,7 +20,7 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<()> {
             d.denied_connections, d.denied_packets
         );
         if d.sources.is_empty() {
-            if d.denied_packets == 0 {
+            if d.denied_packets == 0 && d.denied_connections == 0 {
                 println!("(no denied SMTP egress seen)");
             } else {
                 // Denials without a connection attempt to show (evasion
