@@ -153,6 +153,7 @@ fn a_local_denial_names_its_cgroup_unit_and_process() {
     // The human view says who, too.
     let out = lab.cli(&agent, &["top"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("smtpgate top:\n{text}");
     assert!(
         text.contains(&format!("mailer.service (pid {pid} python3)")),
         "{text}"
@@ -169,6 +170,7 @@ fn a_local_denial_names_its_cgroup_unit_and_process() {
         .lines()
         .find(|l| l.contains("by a local process"))
         .unwrap();
+    eprintln!("log: {line}");
     for want in [
         format!("pid={pid}"),
         "comm=\"python3\"".to_owned(),
