@@ -46,7 +46,12 @@ pub struct Agent {
     points: Vec<PointStatus>,
     /// cgroup ids of denied local processes, resolved for `top`.
     cgroup_names: crate::datapath::cgroups::Names,
+    /// The event logger's inbox for a new datapath's ring buffer.
+    events_tx: Option<tokio::sync::mpsc::UnboundedSender<aya::maps::RingBuf<aya::maps::MapData>>>,
 }
+
+/// Ring buffers of datapaths that replace the first (see `Agent::make_room`).
+pub type EventRings = tokio::sync::mpsc::UnboundedReceiver<aya::maps::RingBuf<aya::maps::MapData>>;
 
 /// One configured attach point, as last observed (see `check_attachments`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -177,6 +182,7 @@ impl Agent {
             relay: None,
             points,
             cgroup_names: crate::datapath::cgroups::Names::new(crate::config::cgroup2_root()),
+            events_tx: None,
         })
     }
 
@@ -437,7 +443,7 @@ impl Agent {
         }
         let allowlist = allowlist_of(&config, &self.cli_entries);
         let table = allowlist.compile();
-        self.fits(&table)?;
+        self.make_room(&table)?;
         if (config.action == Action::Redirect) != (self.config.action == Action::Redirect) {
             bail!(
                 "action = \"redirect\" is switched on or off only when the agent restarts (the relay's intercept listener is bound at start)"
@@ -478,14 +484,59 @@ impl Agent {
         Ok(self.status())
     }
 
-    fn fits(&self, table: &Table) -> anyhow::Result<()> {
+    /// Makes sure the datapath's tables can hold `table`, growing them
+    /// live if they cannot: a successor datapath with bigger maps takes over
+    /// every attach point, holding the policy enforced now, so the change
+    /// that needed the room is applied after, like any other.
+    fn make_room(&mut self, table: &Table) -> anyhow::Result<()> {
         let capacity = self.datapath.table_capacity();
-        if table.len() > capacity {
+        if table.len() <= capacity {
+            return Ok(());
+        }
+        let configured = self.config.table_nodes;
+        if configured != 0 {
             bail!(
-                "the allowlist needs {} table nodes, the datapath has {capacity}: raise datapath.table_nodes and restart",
+                "the allowlist needs {} table nodes, and datapath.table_nodes = {configured} fixes the tables at that: raise it (or set 0 to size them by need) and restart",
                 table.len()
             );
         }
+        let max = crate::config::MAX_TABLE_NODES as usize;
+        if table.len() > max {
+            bail!(
+                "the allowlist needs {} table nodes, more than the {max} a table may have",
+                table.len()
+            );
+        }
+        let started = Instant::now();
+        let mut next = self
+            .datapath
+            .successor(table.len())
+            .context("loading a datapath with bigger tables")?;
+        // The policy of now, in the new maps, before any program swap.
+        let current = self.allowlist.compile();
+        next.install(&current)?;
+        for p in &self.points {
+            match &p.down {
+                None => next
+                    .attach(&p.point)
+                    .with_context(|| format!("moving {} to the bigger tables", p.point))?,
+                Some(_) => next.preload(&p.point)?,
+            }
+        }
+        next.reconcile()?;
+        let old = std::mem::replace(&mut self.datapath, next);
+        self.datapath.absorb(&old);
+        if let (Some(tx), Some(ring)) = (&self.events_tx, self.datapath.take_events()) {
+            let _ = tx.send(ring);
+        }
+        drop(old);
+        info!(
+            from = capacity,
+            to = self.datapath.table_capacity(),
+            needed = table.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "allowlist tables grown live"
+        );
         Ok(())
     }
 
@@ -495,7 +546,7 @@ impl Agent {
     fn set_cli_entries(&mut self, entries: Vec<CliEntry>) -> anyhow::Result<()> {
         let allowlist = allowlist_of(&self.config, &entries);
         let table = allowlist.compile();
-        self.fits(&table)?;
+        self.make_room(&table)?;
         self.state.save(&entries)?;
         if let Err(e) = self.datapath.install(&table) {
             // Put the saved state back as it was; the kernel still has the
@@ -692,9 +743,13 @@ impl Agent {
         }
     }
 
-    /// The datapath's ring buffer of denied attempts (see `events`).
-    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
-        self.datapath.take_events()
+    /// The datapath's ring buffer of denied attempts (see `events`), and
+    /// where the ring of each datapath that replaces this one will come.
+    pub fn take_events(&mut self) -> Option<(aya::maps::RingBuf<aya::maps::MapData>, EventRings)> {
+        let ring = self.datapath.take_events()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.events_tx = Some(tx);
+        Some((ring, rx))
     }
 
     fn stats(&self) -> anyhow::Result<StatsReply> {

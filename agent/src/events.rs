@@ -16,23 +16,55 @@ fn addr(family: u32, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Logs events until the ring buffer fails.
-pub async fn log_denials(ring: RingBuf<MapData>) {
-    // SAFETY: the ring buffer owns its fd and keeps it open for as long as
-    // the AsyncFd that now owns the ring buffer lives.
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the events ring buffer; denials will not be logged");
-            return;
-        }
-    };
+/// Logs events until the ring buffer fails. When the datapath is replaced
+/// by a bigger one (see `Datapath::successor`), its new ring buffer comes on
+/// `next`, and the old one is read to its end first.
+pub async fn log_denials(
+    ring: RingBuf<MapData>,
+    mut next: tokio::sync::mpsc::UnboundedReceiver<RingBuf<MapData>>,
+) {
     let mut names = crate::datapath::cgroups::Names::new(crate::config::cgroup2_root());
+    let mut ring = ring;
+    loop {
+        // SAFETY: the ring buffer owns its fd and keeps it open for as long
+        // as the AsyncFd that now owns the ring buffer lives.
+        let mut fd = match unsafe { AsyncFd::register(ring) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the events ring buffer; denials will not be logged");
+                return;
+            }
+        };
+        tokio::select! {
+            () = log_from(&mut fd, &mut names) => return,
+            new = next.recv() => match new {
+                Some(new) => {
+                    log_ready(fd.get_mut(), &mut names);
+                    ring = new;
+                }
+                // The agent is going: keep logging what this ring gets.
+                None => {
+                    log_from(&mut fd, &mut names).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn log_from(fd: &mut AsyncFd<RingBuf<MapData>>, names: &mut crate::datapath::cgroups::Names) {
     loop {
         let Ok(mut guard) = fd.readable_mut().await else {
             return;
         };
-        let ring = guard.get_inner_mut();
+        log_ready(guard.get_inner_mut(), names);
+        guard.clear_ready();
+    }
+}
+
+/// Logs every event waiting in the ring.
+fn log_ready(ring: &mut RingBuf<MapData>, names: &mut crate::datapath::cgroups::Names) {
+    {
         while let Some(item) = ring.next() {
             if item.len() < size_of::<Event>() {
                 continue;
@@ -85,6 +117,5 @@ pub async fn log_denials(ring: RingBuf<MapData>) {
                 "denied SMTP egress attempt by a local process"
             );
         }
-        guard.clear_ready();
     }
 }

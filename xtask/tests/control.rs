@@ -464,6 +464,98 @@ fn allowlist_of_100k_replaced_live_under_traffic() {
     assert!(check.contains("rejected"), "the old list is gone: {check}");
 }
 
+/// A list that outgrows the tables the agent started with: the tables grow
+/// live (a successor datapath swapped into the pinned links), with no wrong
+/// verdict under traffic, and nothing counted is lost.
+#[test]
+fn tables_grow_live_from_a_tiny_list_to_100k_under_traffic() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = Lab::up("grow", Options::default()).unwrap();
+    lab.start_listeners().unwrap();
+    // 50k IPv4 hosts, and 50k IPv6 /64s spread over 2001:db8::/32, which
+    // share few table nodes: the tables must grow a hundredfold.
+    let mut hosts: Vec<String> = (0..50_000u32)
+        .map(|i| std::net::Ipv4Addr::from((198 << 24 | 18 << 16) + i * 2).to_string())
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..50_000u32 {
+        let (a, b) = (
+            (u64::from(i) * 7919) % 65536,
+            (u64::from(i) * 104_729 + 17) % 65536,
+        );
+        if seen.insert((a, b)) {
+            hosts.push(format!("2001:db8:{a:x}:{b:x}::/64"));
+        }
+    }
+    let agent = lab.start_agent("agent", &config(&[])).unwrap();
+    let capacity = |lab: &Lab| -> u64 {
+        let out = lab.cli(&agent, &["status", "--output", "json"]).unwrap();
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        st["allowlist"]["table_capacity"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no capacity in {st}"))
+    };
+    let small = capacity(&lab);
+    // Something denied and counted before the growth.
+    lab.craft(
+        Host::Client,
+        "syn",
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        3,
+        &[],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = lab.stats(&agent).unwrap();
+    assert_eq!(before.connections("ipv4", "rejected", "not_allowlisted"), 3);
+    let path = agent.config.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    under_traffic(&mut lab, 10, |lab| {
+        let grown = text.replace(
+            "allowlist = [",
+            &format!(
+                "allowlist = [{}, ",
+                hosts
+                    .iter()
+                    .map(|h| format!("{h:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        std::fs::write(&path, grown).unwrap();
+        let start = std::time::Instant::now();
+        let out = lab.cli(&agent, &["reload"]).unwrap();
+        eprintln!(
+            "reload to 100k entries, tables grown: {:?}",
+            start.elapsed()
+        );
+        ok(&out);
+    });
+    let big = capacity(&lab);
+    eprintln!("table capacity {small} -> {big} nodes per half");
+    assert!(big > 100 * small, "capacity {small} -> {big}");
+    let check = ok(&lab.cli(&agent, &["check", "198.18.0.2"]).unwrap());
+    assert!(check.contains("allowed"), "{check}");
+    let log = lab.read_log(&agent.log);
+    assert!(log.contains("allowlist tables grown live"), "{log}");
+    // The counters carried over, and the new programs count too.
+    let after = lab.stats(&agent).unwrap();
+    assert!(
+        after.connections("ipv4", "rejected", "not_allowlisted")
+            > before.connections("ipv4", "rejected", "not_allowlisted"),
+        "{after:?}"
+    );
+    let top = ok(&lab.cli(&agent, &["top"]).unwrap());
+    assert!(top.contains(lab::CLIENT_DENIED_V4), "{top}");
+    // The status is healthy: every point runs the new programs.
+    let out = lab.cli(&agent, &["status"]).unwrap();
+    let st = ok(&out);
+    assert!(st.contains("UP") && !st.contains("DOWN"), "{st}");
+}
+
 #[test]
 fn top_ranks_denied_sources_and_the_log_is_rate_limited() {
     if !privileged() {

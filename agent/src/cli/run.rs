@@ -126,8 +126,8 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    if let Some(ring) = events {
-        rt.spawn(smtpgate::events::log_denials(ring));
+    if let Some((ring, next)) = events {
+        rt.spawn(smtpgate::events::log_denials(ring, next));
     }
     notify::ready("enforcing");
     let result = rt.block_on(async {

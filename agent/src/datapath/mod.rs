@@ -162,6 +162,12 @@ pub struct Datapath {
     /// How TC points attach; chosen by `set_tc_mode`, or on the first TC
     /// attach as `auto` would.
     tc_mode: Option<AttachMode>,
+    /// The intercept listeners in the relay SOCKMAP, by index, kept to fill
+    /// a successor's (see `successor`).
+    relay_listeners: Vec<(u32, std::net::TcpListener)>,
+    /// What predecessors counted (see `absorb`), by slot: the counters an
+    /// admin sees never go back when the maps are replaced.
+    carried: Vec<Counter>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
@@ -261,6 +267,15 @@ impl Datapath {
     /// (0: sized from `needed`). Nothing new is attached yet; fresh tables
     /// deny every SMTP source.
     pub fn load(pins: PinDir, configured: u32, needed: usize) -> Result<Self, DatapathError> {
+        Self::load_inner(pins, configured, needed, true)
+    }
+
+    fn load_inner(
+        pins: PinDir,
+        configured: u32,
+        needed: usize,
+        may_adopt: bool,
+    ) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -268,7 +283,7 @@ impl Datapath {
             path: pins.root().to_owned(),
             source,
         })?;
-        let pinned = pinned_capacity(&pins);
+        let pinned = pinned_capacity(&pins).filter(|_| may_adopt);
         let adopted =
             pinned.is_some_and(|n| n as usize >= needed && (configured == 0 || configured == n));
         let nodes_per_table = match pinned {
@@ -349,6 +364,8 @@ impl Datapath {
             adopted,
             links: std::collections::HashMap::new(),
             tc_mode: None,
+            relay_listeners: Vec::new(),
+            carried: vec![Counter::default(); counters::SLOTS as usize],
         };
         if !adopted {
             dp.write_settings()?;
@@ -449,6 +466,60 @@ impl Datapath {
         self.settings.nodes_per_table as usize
     }
 
+    /// A datapath like this one but with tables of room for `needed`
+    /// nodes: a new instance of the programs with fresh, bigger maps (pinned
+    /// in place of these), holding the same settings, ports and intercept
+    /// listeners. Nothing is attached: the caller installs the table and
+    /// attaches it at every point, which swaps the programs into the pinned
+    /// links one by one (BPF_LINK_UPDATE, as an upgrade does). Until a
+    /// link is swapped it keeps running the old programs on the old maps,
+    /// so every packet meets one whole policy or the other.
+    pub fn successor(&self, needed: usize) -> Result<Datapath, DatapathError> {
+        let mut next = Self::load_inner(self.pins.clone(), 0, needed, false)?;
+        next.settings = common::Config {
+            active_table: 0,
+            nodes_per_table: next.settings.nodes_per_table,
+            ..self.settings
+        };
+        next.write_settings()?;
+        let words: Vec<u64> = (0..PORT_WORDS)
+            .map(|i| self.ports.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading the ports map"))?;
+        for (i, w) in (0..PORT_WORDS).zip(words) {
+            next.ports
+                .set(i, w, 0)
+                .map_err(map_err("writing the ports map"))?;
+        }
+        for (i, l) in &self.relay_listeners {
+            next.relay
+                .set(*i, l, 0)
+                .map_err(map_err("writing the relay SOCKMAP"))?;
+            let clone = l.try_clone().map_err(|source| DatapathError::Pins {
+                path: self.pins.root().to_owned(),
+                source,
+            })?;
+            next.relay_listeners.push((*i, clone));
+        }
+        next.tc_mode = self.tc_mode;
+        Ok(next)
+    }
+
+    /// Takes over what a predecessor counted and who it saw denied, once
+    /// every link runs this datapath's programs.
+    pub fn absorb(&mut self, old: &Datapath) {
+        if let Ok(rows) = old.counters() {
+            for (slot, row) in self.carried.iter_mut().zip(rows) {
+                slot.packets += row.packets;
+                slot.connections += row.connections;
+            }
+        }
+        for (k, v) in old.top.iter().filter_map(Result::ok) {
+            // BPF_NOEXIST: an entry the new programs made already is newer.
+            let _ = self.top.insert(k, v, 2);
+        }
+    }
+
     /// Installs a new allowlist table atomically: it is written into the
     /// inactive half, then one word switches the programs over. A packet
     /// sees the whole old table or the whole new one.
@@ -491,9 +562,12 @@ impl Datapath {
                         .counters
                         .get(&idx, 0)
                         .map_err(map_err("reading the counters map"))?;
+                    let carried = self.carried.get(idx as usize).copied().unwrap_or_default();
                     let (packets, connections) = per_cpu
                         .iter()
-                        .fold((0, 0), |(p, c), v| (p + v.packets, c + v.connections));
+                        .fold((carried.packets, carried.connections), |(p, c), v| {
+                            (p + v.packets, c + v.connections)
+                        });
                     rows.push(CounterRow {
                         family: family.as_str(),
                         verdict: verdict.as_str(),

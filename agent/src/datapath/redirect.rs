@@ -215,6 +215,16 @@ impl Datapath {
                 .set(smtpgate_common::RELAY_V6, v6, 0)
                 .map_err(map_err("writing the relay SOCKMAP"))?;
         }
+        let keep = |l: &TcpListener| {
+            l.try_clone().map_err(|e| DatapathError::Routing {
+                what: format!("keeping the intercept listener: {e}"),
+            })
+        };
+        self.relay_listeners = vec![(smtpgate_common::RELAY_V4, keep(&listeners.v4)?)];
+        if let Some(v6) = &listeners.v6 {
+            self.relay_listeners
+                .push((smtpgate_common::RELAY_V6, keep(v6)?));
+        }
         let port = listeners.v4.local_addr().map(|a| a.port()).unwrap_or(0);
         self.settings.relay_port = u32::from(port);
         self.write_settings()
