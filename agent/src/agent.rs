@@ -46,6 +46,8 @@ pub struct Agent {
     points: Vec<PointStatus>,
     /// cgroup ids of denied local processes, resolved for `top`.
     cgroup_names: crate::datapath::cgroups::Names,
+    /// The destination exceptions, compiled, as the kernel holds them.
+    exceptions: crate::policy::Exceptions,
     /// The event logger's inbox for a new datapath's ring buffer.
     events_tx: Option<tokio::sync::mpsc::UnboundedSender<aya::maps::RingBuf<aya::maps::MapData>>>,
 }
@@ -167,6 +169,7 @@ impl Agent {
             capacity = datapath.table_capacity(),
             "allowlist installed"
         );
+        let config_exceptions = config.exceptions.clone();
         Ok(Self {
             config,
             config_path,
@@ -183,6 +186,7 @@ impl Agent {
             points,
             cgroup_names: crate::datapath::cgroups::Names::new(crate::config::cgroup2_root()),
             events_tx: None,
+            exceptions: crate::policy::Exceptions::compile(&config_exceptions)?,
         })
     }
 
@@ -343,7 +347,7 @@ impl Agent {
         let result = match request {
             Request::Status => reply(self.status()),
             Request::Stats => self.stats().and_then(reply),
-            Request::Check { ip, port } => reply(self.check(ip, port)),
+            Request::Check { ip, port, to } => reply(self.check(ip, port, to)),
             Request::AllowAdd {
                 prefix,
                 comment,
@@ -480,6 +484,7 @@ impl Agent {
         self.datapath.reconcile()?;
         self.table_nodes = table.len();
         self.allowlist = allowlist;
+        self.exceptions = crate::policy::Exceptions::compile(&config.exceptions)?;
         self.config = config;
         Ok(self.status())
     }
@@ -677,6 +682,7 @@ impl Agent {
                 table_nodes: self.table_nodes,
                 table_capacity: self.datapath.table_capacity(),
             },
+            exceptions: self.exceptions.len(),
             reloads: wire::Reloads {
                 ok: self.reloads_ok,
                 failed: self.reloads_failed,
@@ -772,7 +778,7 @@ impl Agent {
     /// kernel's own verdict function (`smtpgate_common::verdict::judge`) on
     /// the settings last written to the kernel, so `check` and the counters
     /// cannot disagree.
-    fn check(&self, ip: IpAddr, port: u16) -> CheckReply {
+    fn check(&self, ip: IpAddr, port: u16, to: Option<IpAddr>) -> CheckReply {
         use smtpgate_common::verdict::{Standing, is_disguised_v4, judge};
         let answer = |verdict: &str, reason: &str| CheckReply {
             ip,
@@ -794,6 +800,15 @@ impl Agent {
                 Standing::Refused(smtpgate_common::Reason::MappedAddress)
             }
             (_, Some(_)) => Standing::Allowlisted,
+            // The kernel asks the exceptions of a destination of the
+            // source's family only.
+            (_, None)
+                if to.is_some_and(|d| {
+                    d.is_ipv4() == ip.is_ipv4() && self.exceptions.covers(d, port)
+                }) =>
+            {
+                Standing::Excepted
+            }
             (_, None) => Standing::NotAllowlisted,
         };
         let (verdict, reason) = judge(Some(self.datapath.settings()), port, standing);
@@ -911,6 +926,8 @@ fn apply_settings(
 ) -> anyhow::Result<()> {
     dp.set_ports(&config.ports)?;
     dp.set_action(config.mode, config.action, config.other_action)?;
+    let exceptions = crate::policy::Exceptions::compile(&config.exceptions)?;
+    dp.set_exceptions(exceptions.kernel_entries())?;
     dp.install(table)?;
     let (v4, v6) = local_verdicts(allowlist);
     dp.set_local_allowed(v4, v6)?;

@@ -64,6 +64,10 @@ pub enum ConfigError {
         "[relay] intercept_listen = {addr}: the intercept listener binds loopback only (127.0.0.1 and ::1, so that nothing but redirected connections reaches it); give \"127.0.0.1:PORT\", or leave it out for a port the kernel picks"
     )]
     InterceptNotLoopback { addr: std::net::SocketAddr },
+    #[error("[[exception]] {index}: {reason}")]
+    Exception { index: usize, reason: String },
+    #[error("[[exception]]: {0}")]
+    Exceptions(#[from] crate::policy::ExceptionError),
     #[error("datapath.table_nodes = {value}: must be between {min} and {max}")]
     TableNodes { value: u32, min: u32, max: u32 },
     #[error("${var} = {value:?}: must be \"auto\", \"tcx\" or \"classic\"")]
@@ -96,6 +100,9 @@ pub struct File {
     /// Where the programs attach.
     #[serde(default)]
     pub attach: Vec<AttachPoint>,
+    /// Destinations any source may reach on the SMTP ports.
+    #[serde(default)]
+    pub exception: Vec<ExceptionFile>,
     #[serde(default)]
     pub datapath: Datapath,
     /// Where the agent keeps what it must remember: allowlist entries added
@@ -175,6 +182,19 @@ pub enum Action {
     #[default]
     Reject,
     Redirect,
+}
+
+/// One `[[exception]]` as written.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExceptionFile {
+    /// Prefixes or addresses, IPv4 or IPv6.
+    pub destinations: Vec<String>,
+    /// Which of the SMTP `ports` it covers. Default: all of them.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub comment: Option<String>,
 }
 
 /// What `redirect_fallback` may say.
@@ -331,6 +351,7 @@ pub struct Config {
     pub other_action: Action,
     pub ports: BTreeSet<u16>,
     pub allowlist: Vec<Prefix>,
+    pub exceptions: Vec<crate::policy::Exception>,
     pub attach: Vec<AttachPoint>,
     pub table_nodes: u32,
     pub pin_dir: PathBuf,
@@ -433,6 +454,7 @@ impl File {
             }
             allowlist.push(prefix);
         }
+        let exceptions = validate_exceptions(&self.exception, &ports)?;
         if self.attach.is_empty() {
             return Err(ConfigError::NoAttachPoints);
         }
@@ -465,6 +487,7 @@ impl File {
             other_action,
             ports,
             allowlist,
+            exceptions,
             attach,
             table_nodes: n,
             pin_dir: self.datapath.pin_dir,
@@ -476,6 +499,44 @@ impl File {
             relay: self.relay,
         })
     }
+}
+
+fn validate_exceptions(
+    list: &[ExceptionFile],
+    smtp_ports: &BTreeSet<u16>,
+) -> Result<Vec<crate::policy::Exception>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for (index, e) in list.iter().enumerate() {
+        let err = |reason: String| ConfigError::Exception { index, reason };
+        if e.destinations.is_empty() {
+            return Err(err("destinations is empty: an exception for nothing".into()));
+        }
+        let mut destinations = Vec::with_capacity(e.destinations.len());
+        for d in &e.destinations {
+            destinations.push(
+                d.parse::<Prefix>()
+                    .map_err(|source| err(format!("{d:?}: {source}")))?,
+            );
+        }
+        let mut ports = BTreeSet::new();
+        for &p in &e.ports {
+            if !smtp_ports.contains(&p) {
+                return Err(err(format!(
+                    "port {p} is not one of the SMTP ports ({smtp_ports:?}): nothing stops it, so there is nothing to except"
+                )));
+            }
+            if !ports.insert(p) {
+                return Err(err(format!("port {p} is listed twice")));
+            }
+        }
+        out.push(crate::policy::Exception {
+            destinations,
+            ports,
+            comment: e.comment.clone(),
+        });
+    }
+    crate::policy::Exceptions::compile(&out)?;
+    Ok(out)
 }
 
 /// The action for SMTP ports other than 25 (see `smtpgate_common::verdict`).
@@ -696,6 +757,24 @@ mod tests {
             (
                 format!("{ATTACH}[relay]\nintercept_listen = \"0.0.0.0:10025\"\n"),
                 "loopback only",
+            ),
+            (
+                format!("{ATTACH}[[exception]]\ndestinations = []\n"),
+                "an exception for nothing",
+            ),
+            (
+                format!("{ATTACH}[[exception]]\ndestinations = [\"198.51.100.0/33\"]\n"),
+                "198.51.100.0/33",
+            ),
+            (
+                format!(
+                    "{ATTACH}[[exception]]\ndestinations = [\"198.51.100.25\"]\nports = [587]\n"
+                ),
+                "not one of the SMTP ports",
+            ),
+            (
+                format!("{ATTACH}[[exception]]\ndestinations = [\"198.51.100.25\"]\nport = 25\n"),
+                "unknown field",
             ),
             (
                 format!("[datapath]\ntable_nodes = 5\n{ATTACH}"),

@@ -1,4 +1,4 @@
-//! `smtpgate check IP [--port N]`: the verdict a connection would get.
+//! `smtpgate check IP [--port N] [--to DST]`: the verdict a connection would get.
 //! Exit status 0 when it would be allowed (or the port is not SMTP), 5 when
 //! the policy denies it, so scripts can use it as a test.
 
@@ -15,6 +15,10 @@ pub struct Args {
     /// Destination port.
     #[arg(long, default_value_t = 25)]
     port: u16,
+    /// Destination address, which matters for destination exceptions.
+    /// Without it: a destination that is not an exception.
+    #[arg(long)]
+    to: Option<IpAddr>,
 }
 
 /// Returns whether the policy denies the connection (exit status 5).
@@ -22,6 +26,7 @@ pub fn execute(args: &Args, client: &ClientArgs) -> anyhow::Result<bool> {
     let data: CheckReply = client.call(&Request::Check {
         ip: args.ip,
         port: args.port,
+        to: args.to,
     })?;
     client.print(&data, |d| match (&d.entry, &d.origin) {
         (Some(entry), Some(origin)) => println!(

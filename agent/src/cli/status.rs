@@ -20,6 +20,12 @@ pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
             "allowlist: {} IPv4, {} IPv6 entries ({} of {} table nodes)",
             a.ipv4, a.ipv6, a.table_nodes, a.table_capacity
         );
+        if d.exceptions > 0 {
+            println!(
+                "exceptions: {} destination prefixes any source may reach",
+                d.exceptions
+            );
+        }
         for point in &d.attach_points {
             let (hook, target) = hook_and_target(&point.point);
             if let Some(down) = &point.down {

@@ -166,6 +166,7 @@ mod tests {
             request: Request::Check {
                 ip: "192.0.2.1".parse().unwrap(),
                 port: 25,
+                to: None,
             },
         })
         .unwrap();

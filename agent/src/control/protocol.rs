@@ -38,6 +38,10 @@ pub enum Request {
     Check {
         ip: IpAddr,
         port: u16,
+        /// The destination, for the destination exceptions; none: one
+        /// that is not an exception.
+        #[serde(default)]
+        to: Option<IpAddr>,
     },
     /// The prefix travels as text so the agent's own parser judges it.
     AllowAdd {
@@ -113,6 +117,9 @@ pub struct StatusReply {
     pub enforcing: bool,
     pub pin_dir: PathBuf,
     pub allowlist: AllowlistSize,
+    /// Destination prefixes every source may reach (`[[exception]]`).
+    #[serde(default)]
+    pub exceptions: usize,
     pub reloads: Reloads,
     pub detached: bool,
     pub relay: Option<RelayStatus>,

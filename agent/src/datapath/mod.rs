@@ -11,7 +11,7 @@ pub mod redirect;
 pub mod tc_classic;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -22,6 +22,7 @@ use aya::{
 use smtpgate_common::{
     self as common, Counter, Family, PORT_WORDS, Reason, Verdict, counters,
     events::{SourceKey, SourceStats},
+    exceptions::ExceptionPorts,
 };
 
 pub use attach::{AttachMode, Attachment, LinkLayer, remove_classic_filters, tcx_supported};
@@ -145,6 +146,9 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, Counter>,
     relay: aya::maps::SockMap<MapData>,
     top: aya::maps::HashMap<MapData, SourceKey, SourceStats>,
+    exceptions: aya::maps::LpmTrie<MapData, common::exceptions::ExceptionKey, ExceptionPorts>,
+    /// What `exceptions` holds, as last written.
+    installed_exceptions: BTreeMap<(u32, common::exceptions::ExceptionKey), ExceptionPorts>,
     /// Taken by the agent's event reader.
     events: Option<aya::maps::RingBuf<MapData>>,
     nodes: NodeRegion,
@@ -208,7 +212,7 @@ pub fn comm(bytes: &[u8; 16]) -> Option<String> {
 /// key size, value size, entries; 0 for "any"). A map an older agent pinned
 /// with another shape (a field added to the config, a counter slot more)
 /// cannot be adopted: the programs would read past its values.
-fn expected_shapes() -> [(&'static str, u32, u32, u32); 6] {
+fn expected_shapes() -> [(&'static str, u32, u32, u32); 7] {
     use common::{events, maps};
     let size = |n: usize| n as u32;
     [
@@ -233,6 +237,12 @@ fn expected_shapes() -> [(&'static str, u32, u32, u32); 6] {
             events::TOP_ENTRIES,
         ),
         (maps::RELAY, 4, 4, 2),
+        (
+            maps::EXCEPTIONS,
+            4 + size(size_of::<common::exceptions::ExceptionKey>()),
+            size(size_of::<ExceptionPorts>()),
+            common::exceptions::MAX_ENTRIES,
+        ),
     ]
 }
 
@@ -323,6 +333,16 @@ impl Datapath {
             .map_err(map_err("opening the relay SOCKMAP"))?;
         let top = aya::maps::HashMap::try_from(take_map(&mut ebpf, common::maps::TOP)?)
             .map_err(map_err("opening the top map"))?;
+        let exceptions =
+            aya::maps::LpmTrie::try_from(take_map(&mut ebpf, common::maps::EXCEPTIONS)?)
+                .map_err(map_err("opening the exceptions map"))?;
+        // Adopted: what an earlier agent left is what the programs enforce
+        // now; the new config is diffed against it.
+        let installed_exceptions = exceptions
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+            .collect();
         let events = aya::maps::RingBuf::try_from(take_map(&mut ebpf, common::maps::EVENTS)?)
             .map_err(map_err("opening the events ring buffer"))?;
         let Map::Array(node_map) = take_map(&mut ebpf, common::maps::ALLOW_NODES)? else {
@@ -354,6 +374,8 @@ impl Datapath {
             counters,
             relay,
             top,
+            exceptions,
+            installed_exceptions,
             events: Some(events),
             nodes,
             _node_map: node_map,
@@ -502,7 +524,65 @@ impl Datapath {
             next.relay_listeners.push((*i, clone));
         }
         next.tc_mode = self.tc_mode;
+        let exceptions: Vec<_> = self
+            .installed_exceptions
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        next.write_exceptions(exceptions)?;
         Ok(next)
+    }
+
+    /// Makes the exceptions map hold `exceptions` (prefix, ports): new and
+    /// changed entries first, then the count the programs check, then the
+    /// removals. Each entry changes at one instant; an entry that stays is
+    /// never absent.
+    pub fn set_exceptions(
+        &mut self,
+        exceptions: impl IntoIterator<Item = (crate::policy::Prefix, ExceptionPorts)>,
+    ) -> Result<(), DatapathError> {
+        let wanted = exceptions
+            .into_iter()
+            .map(|(prefix, ports)| {
+                let net = prefix.net();
+                let (family, bytes) = match net.addr() {
+                    std::net::IpAddr::V4(a) => (4u8, a.octets().to_vec()),
+                    std::net::IpAddr::V6(a) => (6u8, a.octets().to_vec()),
+                };
+                let key = common::exceptions::key_data(family, &bytes);
+                ((8 + u32::from(net.prefix_len()), key), ports)
+            })
+            .collect();
+        self.write_exceptions(wanted)
+    }
+
+    fn write_exceptions(
+        &mut self,
+        wanted: Vec<((u32, common::exceptions::ExceptionKey), ExceptionPorts)>,
+    ) -> Result<(), DatapathError> {
+        use aya::maps::lpm_trie::Key;
+        let wanted: BTreeMap<_, _> = wanted.into_iter().collect();
+        for (k, v) in &wanted {
+            if self.installed_exceptions.get(k) != Some(v) {
+                self.exceptions
+                    .insert(&Key::new(k.0, k.1), *v, 0)
+                    .map_err(map_err("writing the exceptions map"))?;
+            }
+        }
+        let count = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
+        if self.settings.exceptions != count {
+            self.settings.exceptions = count;
+            self.write_settings()?;
+        }
+        for k in self.installed_exceptions.keys() {
+            if !wanted.contains_key(k) {
+                self.exceptions
+                    .remove(&Key::new(k.0, k.1))
+                    .map_err(map_err("removing from the exceptions map"))?;
+            }
+        }
+        self.installed_exceptions = wanted;
+        Ok(())
     }
 
     /// Takes over what a predecessor counted and who it saw denied, once

@@ -4,6 +4,7 @@
 //! The policy knows nothing of eBPF: it compiles to a [`Table`] that the
 //! datapath copies into the kernel.
 
+mod exceptions;
 mod prefix;
 mod table;
 
@@ -11,6 +12,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Serialize;
 
+pub use exceptions::{Exception, ExceptionError, Exceptions};
 pub use prefix::{Prefix, PrefixError};
 pub use table::{Table, TableFull};
 

@@ -66,6 +66,9 @@ pub enum Reason {
     /// A delivery socket of the agent's own relay (see
     /// [`crate::RELAY_MARK`]).
     RelayDelivery = 11,
+    /// The destination is a destination exception (see
+    /// [`crate::exceptions`]): any source may reach it.
+    DestinationException = 12,
 }
 
 /// One counter slot.
@@ -85,7 +88,7 @@ unsafe impl aya::Pod for Counter {}
 
 pub const FAMILIES: u32 = 3;
 pub const VERDICTS: u32 = 6;
-pub const REASONS: u32 = 12;
+pub const REASONS: u32 = 13;
 
 /// Number of slots in [`crate::maps::COUNTERS`].
 pub const SLOTS: u32 = FAMILIES * VERDICTS * REASONS;
@@ -147,6 +150,7 @@ impl Reason {
         Reason::NonFirstFragment,
         Reason::RelayUnavailable,
         Reason::RelayDelivery,
+        Reason::DestinationException,
     ];
 
     #[must_use]
@@ -164,6 +168,7 @@ impl Reason {
             Reason::NonFirstFragment => "non_first_fragment",
             Reason::RelayUnavailable => "relay_unavailable",
             Reason::RelayDelivery => "relay_delivery",
+            Reason::DestinationException => "destination_exception",
         }
     }
 }

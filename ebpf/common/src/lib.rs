@@ -8,6 +8,7 @@
 
 pub mod counters;
 pub mod events;
+pub mod exceptions;
 pub mod parse;
 pub mod rst;
 pub mod table;
@@ -63,6 +64,8 @@ pub mod maps {
     pub const EVENTS: &str = "SMTPGATE_EVENTS";
     /// Per-CPU budget of events per second (see `events::EVENT_BUDGET`).
     pub const EVENT_BUDGET: &str = "SMTPGATE_EVENT_BUDGET";
+    /// LPM trie of destination exceptions (see [`crate::exceptions`]).
+    pub const EXCEPTIONS: &str = "SMTPGATE_EXCEPTIONS";
     /// Every map in the object; a test holds the built object to it.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -73,6 +76,7 @@ pub mod maps {
         TOP,
         EVENTS,
         EVENT_BUDGET,
+        EXCEPTIONS,
     ];
 }
 
@@ -124,7 +128,8 @@ pub struct Config {
     /// [`verdict::REDIRECT_PORT`]: the same as `action`, except under
     /// redirect, which only port 25 can take.
     pub other_action: u32,
-    pub _reserved: u32,
+    /// Entries in [`maps::EXCEPTIONS`]; 0 spares denied packets the lookup.
+    pub exceptions: u32,
     /// The agent's cgroup id (cgroup v2 inode number), 0 without a relay.
     /// A socket is the relay's own only if it carries [`RELAY_MARK`] *and*
     /// belongs to this cgroup (see [`verdict::Standing::Relay`]).
@@ -141,7 +146,7 @@ impl Config {
         local_allowed: 0,
         relay_port: 0,
         other_action: 0,
-        _reserved: 0,
+        exceptions: 0,
         relay_cgroup: 0,
     };
 }

@@ -26,6 +26,9 @@ pub enum Standing {
     Relay,
     /// The source is in the allowlist.
     Allowlisted,
+    /// The source is not in the allowlist, but the destination is a
+    /// destination exception for this port.
+    Excepted,
     /// The source is not in the allowlist.
     NotAllowlisted,
     /// Refused whatever the allowlist says (an evasion, a malformed packet),
@@ -74,6 +77,7 @@ pub const fn judge(cfg: Option<&Config>, dport: u16, standing: Standing) -> (Ver
     match standing {
         Standing::Relay => (Verdict::Allowed, Reason::RelayDelivery),
         Standing::Allowlisted => (Verdict::Allowed, Reason::Allowlisted),
+        Standing::Excepted => (Verdict::Allowed, Reason::DestinationException),
         // Never answered with a RST: it would tell a prober what we saw.
         Standing::Refused(reason) if audit => (Verdict::Audited, reason),
         Standing::Refused(reason) => (Verdict::Dropped, reason),

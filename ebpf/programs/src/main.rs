@@ -25,7 +25,7 @@ use aya_ebpf::{
         bpf_map_lookup_elem, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
-    maps::{Array, PerCpuArray},
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key as LpmKey},
     programs::{SkBuffContext, SockAddrContext, TcContext},
 };
 use reject::unstash_offsets;
@@ -34,6 +34,7 @@ use smtpgate_common::{
     Verdict,
     counters::{self, SLOTS},
     events::{Event, SourceKey},
+    exceptions::{self, ExceptionKey, ExceptionPorts},
     parse::{self, Bytes, MAX_HEADER_BYTES, Parsed, Quick, Smtp, Source},
     table::{self, Node},
     verdict::{Standing, judge},
@@ -60,6 +61,11 @@ static SMTPGATE_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, BPF_F_RD
 /// through one.
 #[map(name = "SMTPGATE_ALLOW_NODES")]
 static SMTPGATE_ALLOW_NODES: Array<Node> = Array::with_max_entries(2 * 1024, BPF_F_MMAPABLE);
+
+/// Destinations any source may reach (see `smtpgate_common::exceptions`).
+#[map(name = "SMTPGATE_EXCEPTIONS")]
+static SMTPGATE_EXCEPTIONS: LpmTrie<ExceptionKey, ExceptionPorts> =
+    LpmTrie::with_max_entries(exceptions::MAX_ENTRIES, 0);
 
 #[map(name = "SMTPGATE_COUNTERS")]
 static SMTPGATE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(SLOTS, 0);
@@ -137,14 +143,81 @@ fn is_relay(cfg: Option<&Config>, mark: u32, cgroup: impl FnOnce() -> u64) -> bo
     }
 }
 
-/// Where a source stands before the policy speaks.
+/// Where a source stands before the policy speaks. `dst` reads the
+/// destination address (IPv4 in the first 4 bytes), only when the
+/// exceptions must be asked.
 #[inline(always)]
-fn standing(cfg: Option<&Config>, source: &Source, relay: bool) -> Standing {
+fn standing(
+    cfg: Option<&Config>,
+    source: &Source,
+    relay: bool,
+    dport: u16,
+    dst: impl FnOnce() -> Option<[u8; 16]>,
+) -> Standing {
     match cfg {
         _ if relay => Standing::Relay,
         Some(c) if allowlisted(source, c) => Standing::Allowlisted,
+        Some(c) if c.exceptions != 0 && excepted(source, dport, dst) => Standing::Excepted,
         _ => Standing::NotAllowlisted,
     }
+}
+
+/// Whether the destination is a destination exception for `dport`; the
+/// family is the source's.
+#[inline(always)]
+fn excepted(source: &Source, dport: u16, dst: impl FnOnce() -> Option<[u8; 16]>) -> bool {
+    match dst() {
+        Some(addr) => excepted_addr(matches!(source, Source::V6(_)), dport, &addr),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn excepted_addr(v6: bool, dport: u16, addr: &[u8; 16]) -> bool {
+    let key = if v6 {
+        LpmKey::new(8 + 128, exceptions::key_data(6, addr))
+    } else {
+        LpmKey::new(8 + 32, exceptions::key_data(4, &addr[..4]))
+    };
+    match SMTPGATE_EXCEPTIONS.get(&key) {
+        Some(ports) => ports.covers(dport),
+        None => false,
+    }
+}
+
+/// The destination of a connect() (IPv4 in the first 4 bytes); `mapped`:
+/// an IPv4-mapped address on an IPv6 socket.
+#[inline(always)]
+///
+/// Takes the words by value: the verifier allows context fields to be read
+/// only at a constant offset from the context pointer, not through a
+/// pointer into the context that the compiler kept.
+fn connect_dst(ip4: u32, ip6: [u32; 4], v6: bool, mapped: bool) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    if !v6 {
+        a[..4].copy_from_slice(&ip4.to_ne_bytes());
+    } else if mapped {
+        a[..4].copy_from_slice(&ip6[3].to_ne_bytes());
+    } else {
+        for (i, w) in ip6.iter().enumerate() {
+            a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
+    a
+}
+
+/// The destination address of a packet whose network header is at `l3`.
+#[inline(always)]
+fn packet_dst(pkt: &Bytes, source: &Source, l3: usize) -> Option<[u8; 16]> {
+    if l3 > MAX_HEADER_BYTES {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    match source {
+        Source::V4(_) => out[..4].copy_from_slice(pkt.at::<4>(l3 + 16)?),
+        Source::V6(_) => out.copy_from_slice(pkt.at::<16>(l3 + 24)?),
+    }
+    Some(out)
 }
 
 /// The verdict for a parsed packet (`relay`: it comes from the relay's own
@@ -153,7 +226,7 @@ fn standing(cfg: Option<&Config>, source: &Source, relay: bool) -> Standing {
 /// Each arm returns on its own, rather than feeding one shared tail: paths
 /// that stay apart are paths the verifier can prune.
 #[inline(always)]
-fn decide(parsed: Parsed, relay: bool) -> Decision {
+fn decide(parsed: Parsed, relay: bool, dst: impl FnOnce(&Smtp) -> Option<[u8; 16]>) -> Decision {
     // Without a config the agent has not finished loading: `judge` fails
     // closed for SMTP, and everything else is left alone.
     let cfg = SMTPGATE_CONFIG.get(0);
@@ -169,7 +242,8 @@ fn decide(parsed: Parsed, relay: bool) -> Decision {
         Parsed::Smtp(smtp) => {
             let syn = smtp.is_syn();
             let family = smtp.family();
-            let (verdict, reason) = judge(cfg, smtp.dport, standing(cfg, &smtp.source, relay));
+            let standing = standing(cfg, &smtp.source, relay, smtp.dport, || dst(&smtp));
+            let (verdict, reason) = judge(cfg, smtp.dport, standing);
             match verdict {
                 Verdict::Allowed | Verdict::Passed => {
                     count(family, verdict, reason, syn);
@@ -211,7 +285,13 @@ fn refuse(cfg: Option<&Config>, family: Family, reason: Reason) -> Decision {
 /// and `None` sends it to the full parser (and the table is read twice,
 /// for a packet that is about to be answered with a RST anyway).
 #[inline(always)]
-fn quick_verdict(source: &Source, flags: u8, dport: u16, relay: bool) -> Option<i32> {
+fn quick_verdict(
+    source: &Source,
+    flags: u8,
+    dport: u16,
+    relay: bool,
+    dst: impl FnOnce() -> Option<[u8; 16]>,
+) -> Option<i32> {
     // No config: the full path fails closed.
     let cfg = SMTPGATE_CONFIG.get(0)?;
     let syn = flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
@@ -219,7 +299,8 @@ fn quick_verdict(source: &Source, flags: u8, dport: u16, relay: bool) -> Option<
         Source::V4(_) => Family::Ipv4,
         Source::V6(_) => Family::Ipv6,
     };
-    let (verdict, reason) = judge(Some(cfg), dport, standing(Some(cfg), source, relay));
+    let standing = standing(Some(cfg), source, relay, dport, dst);
+    let (verdict, reason) = judge(Some(cfg), dport, standing);
     match verdict {
         Verdict::Allowed => {}
         // A denied connection attempt: the full path records who and where
@@ -304,7 +385,10 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
     // at ingress, where a mark could only have been set by this host.
     let relay = !INGRESS && tc_is_relay(ctx);
     if let Quick::Smtp(source, flags, dport) = quick {
-        if let Some(verdict) = quick_verdict(&source, flags, dport, relay) {
+        // The quick look vouches for a plain header at the start.
+        let l3 = if ETHERNET { parse::ETH_HLEN } else { 0 };
+        let dst = || packet_dst(&tc_bytes(ctx), &source, l3);
+        if let Some(verdict) = quick_verdict(&source, flags, dport, relay, dst) {
             return verdict;
         }
     }
@@ -316,7 +400,10 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
         Parsed::Smtp(s) if s.is_syn() => Some(*s),
         _ => None,
     };
-    let decision = decide(parsed, relay);
+    let decision = decide(parsed, relay, |smtp| {
+        let (l3, _, _) = unstash_offsets(ctx);
+        packet_dst(&tc_bytes(ctx), &smtp.source, l3)
+    });
     if let (Some(smtp), Some(v)) = (smtp, denied_as(&decision)) {
         let key = source_key(0, &smtp.source);
         top::denied(&key, v, &Who::NOBODY, |e| tc_event(ctx, &smtp, e));
@@ -470,12 +557,14 @@ pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
     let pkt = Bytes { start, end };
     let parsed = parse::network(&pkt, proto, &is_smtp_port);
     let Parsed::Smtp(smtp) = parsed else {
-        return cgroup_code(decide(parsed, false));
+        return cgroup_code(decide(parsed, false, |_| None));
     };
     let cfg = SMTPGATE_CONFIG.get(0);
     // SAFETY: a plain helper on our own skb.
     let cgroup = || unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let decision = decide(parsed, is_relay(cfg, mark, cgroup));
+    let decision = decide(parsed, is_relay(cfg, mark, cgroup), |s| {
+        packet_dst(&pkt, &s.source, s.l3)
+    });
     // A denied SYN is recorded here only if the connect hook could not
     // judge it (the socket had no source address yet and one of this host's
     // could pass); otherwise the connect hook recorded it already, with the
@@ -564,55 +653,64 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
         // Counted by the egress program, which sees the relay's SYN.
         return ALLOW;
     }
-    let (family, bound, local_flag) = if v6 {
-        let words = sk.src_ip6;
-        let mut a = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        let dst = sa.user_ip6;
-        let v4_mapped = dst[0] == 0 && dst[1] == 0 && u32::from_be(dst[2]) == 0xffff;
-        let loopback = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && u32::from_be(dst[3]) == 1;
-        if loopback || (v4_mapped && u32::from_be(dst[3]) >> 24 == 127) {
+    let (dst4, dst6) = (sa.user_ip4, sa.user_ip6);
+    // The socket's source so far, as plain words: an enum carried across
+    // these branches made the compiler spill partial registers, which the
+    // verifier refuses.
+    let (family, local_flag, src4, src6) = if v6 {
+        let v4_mapped = dst6[0] == 0 && dst6[1] == 0 && u32::from_be(dst6[2]) == 0xffff;
+        let loopback = dst6[0] == 0 && dst6[1] == 0 && dst6[2] == 0 && u32::from_be(dst6[3]) == 1;
+        if loopback || (v4_mapped && u32::from_be(dst6[3]) >> 24 == 127) {
             return ALLOW;
         }
+        let words = sk.src_ip6;
         if v4_mapped {
             // A dual-stack socket: the SYN will be IPv4.
-            let src = [a[12], a[13], a[14], a[15]];
-            let bound = if src == [0; 4] {
-                None
-            } else {
-                Some(Source::V4(src))
-            };
-            (Family::Ipv4, bound, LOCAL_V4_ALLOWED)
+            (Family::Ipv4, LOCAL_V4_ALLOWED, words[3], [0u32; 4])
         } else {
-            let bound = if a == [0; 16] {
-                None
-            } else {
-                Some(Source::V6(a))
-            };
-            (Family::Ipv6, bound, LOCAL_V6_ALLOWED)
+            (Family::Ipv6, LOCAL_V6_ALLOWED, 0, words)
         }
     } else {
-        if u32::from_be(sa.user_ip4) >> 24 == 127 {
+        if u32::from_be(dst4) >> 24 == 127 {
             return ALLOW;
         }
-        let bound = if sk.src_ip4 == 0 {
-            None
-        } else {
-            Some(Source::V4(sk.src_ip4.to_ne_bytes()))
-        };
-        (Family::Ipv4, bound, LOCAL_V4_ALLOWED)
+        (Family::Ipv4, LOCAL_V4_ALLOWED, sk.src_ip4, [0u32; 4])
     };
-    let standing = match &bound {
-        Some(source) if allowlisted(source, cfg) => Standing::Allowlisted,
-        Some(_) => Standing::NotAllowlisted,
+    let source = if family == Family::Ipv4 {
+        Source::V4(src4.to_ne_bytes())
+    } else {
+        let mut a = [0u8; 16];
+        for (i, w) in src6.iter().enumerate() {
+            a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        Source::V6(a)
+    };
+    let bound = if family == Family::Ipv4 {
+        src4 != 0
+    } else {
+        src6 != [0; 4]
+    };
+    let standing = if bound {
+        if allowlisted(&source, cfg) {
+            Standing::Allowlisted
+        } else {
+            Standing::NotAllowlisted
+        }
+    } else if cfg.local_allowed & local_flag != 0 {
         // Unbound: the source is picked later, among this host's addresses.
         // Judge now only when none of them could pass; otherwise the egress
         // program decides on the real SYN.
-        None if cfg.local_allowed & local_flag != 0 => return ALLOW,
-        None => Standing::NotAllowlisted,
+        return ALLOW;
+    } else {
+        Standing::NotAllowlisted
     };
+    if standing == Standing::NotAllowlisted && cfg.exceptions != 0 {
+        let dst = connect_dst(dst4, dst6, v6, family == Family::Ipv4);
+        if excepted_addr(family == Family::Ipv6, port, &dst) {
+            // Counted by the egress program, which sees the SYN.
+            return ALLOW;
+        }
+    }
     let (verdict, reason) = judge(Some(cfg), port, standing);
     if verdict == Verdict::Allowed {
         return ALLOW;
@@ -624,7 +722,13 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
     } else {
         verdict
     };
-    record_local(sa, family, bound, port, v6, recorded);
+    record_local(
+        family,
+        bound.then_some(&source),
+        port,
+        (v6, dst4, dst6),
+        recorded,
+    );
     match verdict {
         Verdict::Rejected => {
             count_attempt(family, verdict, reason);
@@ -663,11 +767,10 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// A denied connect() for `top` and the log, with the process that made it.
 #[inline(always)]
 fn record_local(
-    sa: &aya_ebpf::bindings::bpf_sock_addr,
     family: Family,
-    bound: Option<Source>,
+    bound: Option<&Source>,
     dport: u16,
-    v6: bool,
+    (v6, dst4, dst6): (bool, u32, [u32; 4]),
     verdict: Verdict,
 ) {
     // SAFETY: plain helpers, in the calling process's context.
@@ -680,7 +783,7 @@ fn record_local(
             comm,
         )
     };
-    let mut key = match &bound {
+    let mut key = match bound {
         Some(source) => source_key(cgroup, source),
         None => SourceKey {
             cgroup,
@@ -693,19 +796,7 @@ fn record_local(
     let who = Who { pid: tgid, comm };
     top::denied(&key, verdict, &who, |e| {
         e.dport = dport;
-        if v6 {
-            let d = sa.user_ip6;
-            if family == Family::Ipv4 {
-                // IPv4-mapped: the address is in the last word.
-                e.dst[..4].copy_from_slice(&d[3].to_ne_bytes());
-            } else {
-                for (i, w) in d.iter().enumerate() {
-                    e.dst[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                }
-            }
-        } else {
-            e.dst[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-        }
+        e.dst = connect_dst(dst4, dst6, v6, family == Family::Ipv4);
         true
     });
 }
