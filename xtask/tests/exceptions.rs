@@ -114,7 +114,14 @@ fn exceptions_open_given_destinations_to_every_source_and_nothing_else() {
     let out = lab
         .cli(
             &agent,
-            &["check", lab::CLIENT_DENIED_V6, "--to", OTHER_V6, "--port", "587"],
+            &[
+                "check",
+                lab::CLIENT_DENIED_V6,
+                "--to",
+                OTHER_V6,
+                "--port",
+                "587",
+            ],
         )
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
