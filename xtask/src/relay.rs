@@ -43,6 +43,39 @@ pub fn setup_config(
     head: &str,
     attach: impl FnOnce(&mut Lab) -> String,
 ) -> (Lab, Agent) {
+    setup_custom(
+        name,
+        options,
+        &Custom {
+            head,
+            ..Custom::default()
+        },
+        attach,
+    )
+}
+
+/// What [`setup_custom`] varies.
+#[derive(Default)]
+pub struct Custom<'a> {
+    /// Top-level TOML (action, mode, ports).
+    pub head: &'a str,
+    /// More `[relay]` keys.
+    pub relay: &'a str,
+    /// The `[relay.upstream]` table's keys; None: smtp-sink on the
+    /// gateway's loopback; Some(""): no smarthost (delivery to MX hosts).
+    pub upstream: Option<&'a str>,
+    /// A lab cgroup (see [`Lab::cgroup`]) to start the agent in.
+    pub agent_cgroup: Option<&'a str>,
+}
+
+/// [`setup`], varied as `custom` says.
+pub fn setup_custom(
+    name: &str,
+    options: Options,
+    custom: &Custom<'_>,
+    attach: impl FnOnce(&mut Lab) -> String,
+) -> (Lab, Agent) {
+    let head = custom.head;
     let mut lab = Lab::up(name, options).unwrap();
     lab.start_listeners().unwrap();
     let attach = attach(&mut lab);
@@ -78,16 +111,24 @@ pub fn setup_config(
         "100",
     ]);
     lab.spawn(sink, "sink.log").unwrap();
+    let upstream = match custom.upstream {
+        None => {
+            format!("[relay.upstream]\nhost = \"127.0.0.1\"\nport = {SINK_PORT}\ntls = \"none\"\n")
+        }
+        Some("") => String::new(),
+        Some(keys) => format!("[relay.upstream]\n{keys}\n"),
+    };
     let config = format!(
         "{head}allowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
-         tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\n\
-         [relay.upstream]\nhost = \"127.0.0.1\"\nport = {SINK_PORT}\ntls = \"none\"\n[relay.retry]\ninitial_backoff_secs = 0.2\n",
+         tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\n{}\n\
+         {upstream}[relay.retry]\ninitial_backoff_secs = 0.2\n",
         lab::CLIENT_ALLOWED_V4,
         lab::CLIENT_ALLOWED_V6,
         dir.join("relay.crt").display().to_string(),
         dir.join("relay.key").display().to_string(),
         dir.join("users.toml").display().to_string(),
         dir.join("spool").display().to_string(),
+        custom.relay,
     );
     // The user, added with the CLI, as an admin would.
     let cfg = lab.write("users-cli.toml", &config).unwrap();
@@ -107,7 +148,10 @@ pub fn setup_config(
         "user add: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let agent = lab.start_agent("agent", &config).unwrap();
+    let cgroup = custom.agent_cgroup.map(|c| lab.cgroup(c).unwrap());
+    let agent = lab
+        .start_agent_in("agent", &config, cgroup.as_deref())
+        .unwrap();
     (lab, agent)
 }
 

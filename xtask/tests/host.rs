@@ -267,3 +267,138 @@ fn check_agrees_with_the_kernel_for_every_action_and_mode() {
         );
     }
 }
+
+/// Submits one message as alice on the relay's 587, from the allowed client.
+fn submit(lab: &Lab, marker: &str) -> String {
+    let out = lab
+        .command(Host::Client, "/usr/bin/swaks")
+        .args([
+            "--server",
+            lab::GW_LAN_V4,
+            "--port",
+            "587",
+            "--timeout",
+            "10",
+        ])
+        .args(["--tls", "--auth", "PLAIN", "--auth-user", "alice"])
+        .args(["--auth-password", xtask::relay::PASSWORD])
+        .args(["--from", "alice@client.lab", "--to", "bob@inet.lab"])
+        .args(["--header", &format!("Subject: {marker}")])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A process in the protected cgroup: its connect() to the internet host's
+/// port 25, as the errno it got (0: connected).
+fn local_connect(lab: &Lab, cgroup: &std::path::Path) -> String {
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' && exec nsenter --net=/run/netns/{} /usr/bin/python3 -c '{}'",
+        cgroup.display(),
+        lab.ns(Host::Gw),
+        "import socket\ns = socket.socket()\ns.settimeout(5)\n\
+         try:\n    s.connect((\"203.0.113.25\", 25)); print(0)\n\
+         except OSError as e:\n    print(e.errno)"
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The gateway's own port-25 connections the internet host accepted.
+fn gateway_deliveries(lab: &Lab) -> usize {
+    lab.inet_connections()
+        .iter()
+        .filter(|(port, peer)| *port == 25 && peer == lab::GW_WAN_V4)
+        .count()
+}
+
+/// With the cgroup hook over the agent's own cgroup and a shell's, the
+/// relay delivers (to a smarthost on port 25, and to an MX found through a
+/// real DNS server), while the shell beside it still gets EPERM.
+#[test]
+fn the_relay_delivers_under_a_host_cgroup_attach_and_nothing_else_does() {
+    if !privileged() {
+        return;
+    }
+    for (name, upstream, relay) in [
+        (
+            "hostrelay",
+            "host = \"203.0.113.25\"\nport = 25\ntls = \"none\"",
+            String::new(),
+        ),
+        (
+            "hostmx",
+            "",
+            "nameservers = [\"203.0.113.25:53\"]".to_owned(),
+        ),
+    ] {
+        let custom = xtask::relay::Custom {
+            head: "action = \"reject\"\n",
+            relay: &relay,
+            upstream: Some(upstream),
+            agent_cgroup: Some("host.slice/smtpgate.service"),
+        };
+        let (mut lab, agent) =
+            xtask::relay::setup_custom(name, Options::default(), &custom, |lab| {
+                let cg = lab.cgroup("host.slice").unwrap();
+                format!(
+                    "[[attach]]\nhook = \"cgroup\"\npath = {:?}\n",
+                    cg.display().to_string()
+                )
+            });
+        if upstream.is_empty() {
+            // The internet host is also the lab's DNS: inet.lab's MX is it.
+            let mut dns = lab.command(Host::Inet, "/usr/sbin/dnsmasq");
+            dns.args([
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=203.0.113.25",
+                "--port=53",
+                "--local=/lab/",
+                "--mx-host=inet.lab,mx.inet.lab,10",
+                "--host-record=mx.inet.lab,203.0.113.25",
+            ]);
+            lab.spawn(dns, "dns.log").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let shell = lab.cgroup("host.slice/shell.scope").unwrap();
+        assert_eq!(
+            local_connect(&lab, &shell),
+            "1",
+            "{name}: the shell was not refused"
+        );
+        let t = submit(&lab, name);
+        assert!(
+            t.contains("<~  250 2.0.0"),
+            "{name}: submission failed:\n{t}"
+        );
+        lab.wait_for(
+            "the relay's delivery to reach the internet host",
+            Duration::from_secs(20),
+            |lab| gateway_deliveries(lab) >= 1,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}\nagent log:\n{}", lab.read_log(&agent.log)));
+        let c = lab.stats(&agent).unwrap();
+        assert!(
+            c.connections("ipv4", "allowed", "relay_delivery") >= 1,
+            "{name}: {c:?}"
+        );
+        // The shell still cannot, after the relay did.
+        assert_eq!(
+            local_connect(&lab, &shell),
+            "1",
+            "{name}: the shell got out"
+        );
+        assert_eq!(gateway_deliveries(&lab), 1, "{name}: only the relay's one");
+        assert!(
+            c.connections("ipv4", "rejected", "not_allowlisted") >= 1,
+            "{name}: {c:?}"
+        );
+    }
+}
