@@ -46,6 +46,9 @@ pub struct Agent {
     points: Vec<PointStatus>,
     /// cgroup ids of denied local processes, resolved for `top`.
     cgroup_names: crate::datapath::cgroups::Names,
+    /// Denial events the kernel left out (its per-CPU budget), as last
+    /// reported.
+    unlogged_reported: u64,
     /// The destination exceptions, compiled, as the kernel holds them.
     exceptions: crate::policy::Exceptions,
     /// The event logger's inbox for a new datapath's ring buffer.
@@ -186,6 +189,7 @@ impl Agent {
             points,
             cgroup_names: crate::datapath::cgroups::Names::new(crate::config::cgroup2_root()),
             events_tx: None,
+            unlogged_reported: 0,
             exceptions: crate::policy::Exceptions::compile(&config_exceptions)?,
         })
     }
@@ -747,6 +751,22 @@ impl Agent {
             denied_connections: connections,
             denied_packets: packets,
         }
+    }
+
+    /// Says in the log how many denial events the kernel left out since it
+    /// last said so (a flood past the per-CPU budget). Every attempt is in
+    /// the counters and `top` all the same.
+    pub fn report_unlogged(&mut self) {
+        let total = self.datapath.unlogged_events();
+        if total > self.unlogged_reported {
+            warn!(
+                target: "smtpgate::denied",
+                unlogged = total - self.unlogged_reported,
+                "denial events left out: more than the per-CPU budget per second (all are counted; see smtpgate stats and top)"
+            );
+        }
+        // Also when it went down: a successor datapath starts from zero.
+        self.unlogged_reported = total;
     }
 
     /// The datapath's ring buffer of denied attempts (see `events`), and

@@ -78,13 +78,6 @@ fn log_ready(ring: &mut RingBuf<MapData>, names: &mut crate::datapath::cgroups::
             let reason = Reason::ALL
                 .get(e.reason as usize)
                 .map_or("?", |r| r.as_str());
-            if e.unlogged > 0 {
-                tracing::warn!(
-                    target: "smtpgate::denied",
-                    unlogged = e.unlogged,
-                    "denial events left out: more than the per-CPU budget per second (all are counted; see smtpgate stats and top)"
-                );
-            }
             if e.cgroup == 0 {
                 tracing::warn!(
                     target: "smtpgate::denied",

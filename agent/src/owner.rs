@@ -135,6 +135,7 @@ fn own(mut agent: Agent, mut rx: mpsc::Receiver<Message>, detached: &watch::Send
             Message::Tick { event, done } => {
                 agent.check_attachments(event);
                 agent.expire_entries();
+                agent.report_unlogged();
                 let _ = done.send(());
             }
             Message::RefreshAddresses => {

@@ -8,6 +8,8 @@ to DST port 25 (or, for "syn80", port 80), wrapped in the given 802.1Q tags:
   syn           a plain SYN
   syn80         a plain SYN to port 80
   syn587        a plain SYN to port 587
+  spoofed       a SYN from a random address in 198.18.0.0/15 (SRC unused):
+                a flood from spoofed sources
   tiny          IPv4 first fragment holding only 8 bytes of TCP (RFC 1858)
   overlap       IPv4 fragment at offset 8 bytes, overwriting TCP flags
   v6-tiny       IPv6 first fragment whose TCP header is in the next fragment
@@ -40,6 +42,9 @@ def packets(kind, src, dst):
     """The IP packets of one KIND (see above), from SRC to DST, without a
     link-layer header: lab/tun.py writes them to a tun device as they are."""
     ident = random.randint(1, 65535)
+    if kind == "spoofed":
+        n = random.randint(0, 2**17 - 1)
+        return [IP(src=f"198.{18 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}", dst=dst) / tcp()]
     if kind in ("syn", "syn80", "syn587"):
         ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
         return [ip / tcp({"syn": 25, "syn80": 80, "syn587": 587}[kind])]

@@ -147,6 +147,7 @@ pub struct Datapath {
     relay: aya::maps::SockMap<MapData>,
     top: aya::maps::HashMap<MapData, SourceKey, SourceStats>,
     exceptions: aya::maps::LpmTrie<MapData, common::exceptions::ExceptionKey, ExceptionPorts>,
+    budget: PerCpuArray<MapData, common::events::Budget>,
     /// What `exceptions` holds, as last written.
     installed_exceptions: BTreeMap<(u32, common::exceptions::ExceptionKey), ExceptionPorts>,
     /// Taken by the agent's event reader.
@@ -333,6 +334,8 @@ impl Datapath {
             .map_err(map_err("opening the relay SOCKMAP"))?;
         let top = aya::maps::HashMap::try_from(take_map(&mut ebpf, common::maps::TOP)?)
             .map_err(map_err("opening the top map"))?;
+        let budget = PerCpuArray::try_from(take_map(&mut ebpf, common::maps::EVENT_BUDGET)?)
+            .map_err(map_err("opening the event budget map"))?;
         let exceptions =
             aya::maps::LpmTrie::try_from(take_map(&mut ebpf, common::maps::EXCEPTIONS)?)
                 .map_err(map_err("opening the exceptions map"))?;
@@ -375,6 +378,7 @@ impl Datapath {
             relay,
             top,
             exceptions,
+            budget,
             installed_exceptions,
             events: Some(events),
             nodes,
@@ -714,6 +718,15 @@ impl Datapath {
     /// The ring buffer of denied attempts, for the one task that reads it.
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Denial events the programs left out for want of budget, summed over
+    /// the CPUs since this datapath was loaded.
+    pub fn unlogged_events(&self) -> u64 {
+        self.budget
+            .get(&0, 0)
+            .map(|v| v.iter().map(|b| u64::from(b.unlogged)).sum())
+            .unwrap_or(0)
     }
 
     /// The sources denied most, most first: (source, attempts, last seen as

@@ -56,8 +56,8 @@ pub struct Event {
     pub pid: u32,
     pub sport: u16,
     pub dport: u16,
-    /// Events this CPU left out since its previous one because its
-    /// per-second budget was spent ([`EVENT_BUDGET`]).
+    /// Events this CPU has left out in all because its per-second budget
+    /// was spent ([`EVENT_BUDGET`]).
     pub unlogged: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -72,7 +72,7 @@ pub struct Budget {
     pub window_ns: u64,
     /// Events sent in it.
     pub sent: u32,
-    /// Events left out since the last one sent.
+    /// Events left out in all (the agent reports the growth).
     pub unlogged: u32,
 }
 

@@ -102,7 +102,7 @@ pub fn denied(key: &SourceKey, verdict: Verdict, who: &Who, fill: impl FnOnce(&m
         pid: who.pid,
         sport: 0,
         dport: 0,
-        unlogged: take_unlogged(),
+        unlogged: unlogged(),
         src: key.addr,
         dst: [0; 16],
         comm: who.comm,
@@ -136,12 +136,12 @@ fn budget(now: u64) -> bool {
     true
 }
 
-/// What this CPU left out since its last event, reset as it is reported.
+/// What this CPU has left out in all. Never reset here: the agent reads
+/// the sum over the CPUs each second and logs what it had not reported.
 #[inline(always)]
-fn take_unlogged() -> u32 {
-    match SMTPGATE_EVENT_BUDGET.get_ptr_mut(0) {
-        // SAFETY: as in `budget`.
-        Some(b) => unsafe { core::mem::replace(&mut (*b).unlogged, 0) },
+fn unlogged() -> u32 {
+    match SMTPGATE_EVENT_BUDGET.get(0) {
+        Some(b) => b.unlogged,
         None => 0,
     }
 }
