@@ -402,3 +402,39 @@ fn the_relay_delivers_under_a_host_cgroup_attach_and_nothing_else_does() {
         );
     }
 }
+
+/// 300 idle bots redirected into the intercept listener, from 15
+/// addresses: an authenticated user still gets a session on 587.
+#[test]
+fn idle_redirected_bots_do_not_lock_users_out_of_submission() {
+    if !privileged() {
+        return;
+    }
+    let (mut lab, agent) = setup("bots", Options::default(), |_| LAN_INGRESS.to_owned());
+    let bots: Vec<String> = (100..115).map(|i| format!("192.0.2.{i}")).collect();
+    for b in &bots {
+        lab.sh(Host::Client, &format!("ip addr add {b}/24 dev eth0"))
+            .unwrap();
+    }
+    let mut hold = lab.command(Host::Client, "/usr/bin/python3");
+    hold.arg(lab::scripts_dir().join("hold.py"))
+        .args(["300", lab::INET_V4, "25", &bots.join(",")]);
+    lab.spawn(hold, "hold.log").unwrap();
+    lab.wait_for("the bots to connect", Duration::from_secs(60), |lab| {
+        lab.read_log("hold.log").contains("held")
+    })
+    .unwrap();
+    let held = lab.read_log("hold.log");
+    eprintln!("bots: {held}");
+    let c = lab.stats(&agent).unwrap();
+    assert!(
+        c.connections("ipv4", "redirected", "not_allowlisted") >= 300,
+        "{c:?}"
+    );
+    // The user, from the allowed client, on 587.
+    let t = submit(&lab, "past the bots");
+    assert!(
+        t.contains("<~  250 2.0.0"),
+        "the user was locked out by idle bots ({held}):\n{t}"
+    );
+}
