@@ -15,10 +15,12 @@ pub mod dsn;
 pub mod headers;
 pub mod limits;
 mod listener;
+mod lookup;
 mod mem;
 pub mod parse;
 pub mod queue;
 pub mod reply;
+mod route;
 pub mod session;
 pub mod spool;
 pub mod stats;
@@ -34,8 +36,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{
-    ConfigError, LimitsConfig, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls,
+    ConfigError, LimitsConfig, MxTls, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls,
 };
+pub use lookup::ResolverError;
 pub use session::ListenerKind;
 pub use stats::{LatencySnapshot, RelayStats, StatsSnapshot};
 pub use tls::{TlsError, generate_lab_cert, write_lab_cert};
