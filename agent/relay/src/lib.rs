@@ -5,6 +5,13 @@
 //! own from the config. Start it with [`Relay::start`] inside a tokio
 //! runtime; the returned [`RelayHandle`] reloads TLS, flushes the queue,
 //! exposes [`RelayStats`] and shuts everything down.
+//!
+//! What the agent sets beyond the `[relay]` table: [`RelayConfig::delivery_mark`]
+//! (not a file key), the SO_MARK its datapath lets out on port 25; every
+//! delivery socket carries it. Delivery to MX hosts needs no more than the
+//! config: [`RelayConfig::nameservers`] and [`RelayConfig::mx_tls`] ([`MxTls`]).
+//! A resolver that cannot be set up fails [`Relay::start`] with
+//! [`RelayError::Deliver`] (a [`ResolverError`] inside).
 
 mod client;
 pub mod config;
