@@ -715,3 +715,86 @@ fn null_mx_and_nxdomain_bounce_at_once_no_mx_uses_the_address() {
         },
     );
 }
+
+/// The delivery mark on the real delivery path, judged by the kernel: in
+/// the test's namespace an nftables rule (standing in for the agent's
+/// datapath) rejects every port-25 connection without the mark. The relay
+/// with `delivery_mark` delivers to the MX; without it the same message is
+/// deferred; and another process (swaks, unmarked) is refused.
+#[test]
+fn delivery_mark_gets_the_relay_out_where_port_25_is_closed() {
+    netns_test(
+        "delivery_mark_gets_the_relay_out_where_port_25_is_closed",
+        || async {
+            const MARK: u32 = 0x0534_7002;
+            let nft = |rules: &str| {
+                let st = Command::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .and_then(|mut c| {
+                        use std::io::Write;
+                        c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                        c.wait()
+                    });
+                assert!(st.is_ok_and(|s| s.success()), "nft -f: {rules}");
+            };
+            let dns = Dns::start();
+            let d = Lab::new();
+            // Started (and checked) before port 25 closes.
+            let mx = Sink::start_with(&d.dir.path().join("mx3"), addr("127.0.0.4:25"), &[]);
+            require_tool("/usr/sbin/nft");
+            // Standing in for the datapath: port 25 only with the mark.
+            nft(&format!(
+                "table inet lab {{\n\tchain out {{\n\t\ttype filter hook output priority 0\n\
+                 \t\ttcp dport 25 meta mark != {MARK:#x} reject with tcp reset\n\t}}\n}}\n"
+            ));
+            // Unmarked, the way any other process connects: refused.
+            assert!(
+                std::net::TcpStream::connect("127.0.0.4:25").is_err(),
+                "port 25 open without the mark"
+            );
+
+            let (lab, mut cfg) = mx_lab(&dns);
+            cfg.delivery_mark = Some(MARK);
+            let relay = Relay::start(cfg, Listeners::default()).await.unwrap();
+            swaks_submit(
+                relay.addrs().submission.unwrap(),
+                "mark@two.example.test",
+                "marked",
+            )
+            .await;
+            mx.wait_for("the marked delivery", Duration::from_secs(30), |m| {
+                m.iter().any(|d| d.contains("body of marked"))
+            })
+            .await;
+            until("empty queue", 10, || queue(&lab).is_empty()).await;
+            relay.shutdown().await;
+
+            let (lab, cfg) = mx_lab(&dns);
+            assert_eq!(cfg.delivery_mark, None);
+            let relay = Relay::start(cfg, Listeners::default()).await.unwrap();
+            swaks_submit(
+                relay.addrs().submission.unwrap(),
+                "nomark@two.example.test",
+                "unmarked",
+            )
+            .await;
+            until("a deferred attempt", 30, || {
+                queue(&lab)
+                    .first()
+                    .is_some_and(|r| r.recipients[0].attempts >= 1)
+            })
+            .await;
+            let q = queue(&lab);
+            assert_eq!(q[0].recipients[0].state, RcptState::Pending, "{q:?}");
+            assert!(
+                q[0].recipients[0].last_error.as_deref().is_some_and(|e| e
+                    .starts_with("4.4.1 connection to mx3.two.example.test[127.0.0.4:25] failed")),
+                "{q:?}"
+            );
+            assert!(!mx.messages().iter().any(|d| d.contains("body of unmarked")));
+            relay.shutdown().await;
+        },
+    );
+}
