@@ -487,7 +487,7 @@ impl RelayConfig {
 /// label that is not all digits (so an IPv4 address is not a name), and not
 /// a name that only means this host ("localhost", "*.localhost",
 /// "*.localdomain"), which receivers reject or score as spam.
-pub fn is_public_fqdn(name: &str) -> bool {
+pub(crate) fn is_public_fqdn(name: &str) -> bool {
     let labels: Vec<&str> = name.split('.').collect();
     let lower = name.to_ascii_lowercase();
     name.len() <= 253

@@ -234,9 +234,13 @@ impl Deliverer {
                                     Outcome::Delivered
                                 }
                                 (Ok(()), Some(Err(e))) => Outcome::of(e),
-                                (Ok(()), None) => {
-                                    unreachable!("DATA is sent when a recipient is accepted")
-                                }
+                                // Not produced by the client (DATA follows any
+                                // accepted RCPT); deferred rather than assumed.
+                                (Ok(()), None) => Outcome::Transient(format!(
+                                    "4.4.2 {}[{addr}] accepted RCPT but the transaction \
+                                     ended before DATA",
+                                    hop.host
+                                )),
                             };
                             out.insert(name.clone(), o);
                         }

@@ -88,6 +88,9 @@ const ZONE: &[&str] = &[
     // Postfix with a self-signed certificate.
     "--mx-host=tls.example.test,mx.tls.example.test,10",
     "--host-record=mx.tls.example.test,127.0.0.5",
+    // Postfix whose TLS no client can complete (TLS 1.0/1.1 only).
+    "--mx-host=oldtls.example.test,mx.oldtls.example.test,10",
+    "--host-record=mx.oldtls.example.test,127.0.0.9",
     // No MX at all: the domain's own address (implicit MX).
     "--host-record=implicit.example.test,127.0.0.6",
     // RFC 7505 null MX, "0 .", as raw RDATA: preference 0, root name.
@@ -153,7 +156,7 @@ impl Drop for Dns {
 }
 
 /// A private Postfix instance (its own config, queue and log under `dir`)
-/// as the MX for tls.example.test on 127.0.0.5:25, with a self-signed
+/// as the MX `mx.<domain>` on `listen`, with a self-signed
 /// certificate, relaying what it accepts to `next` (a smtp-sink).
 struct Postfix {
     etc: PathBuf,
@@ -162,7 +165,9 @@ struct Postfix {
 }
 
 impl Postfix {
-    fn start(dir: &Path, next: SocketAddr, recipient_restrictions: &str) -> Self {
+    /// `extra` is appended to main.cf.
+    fn start(dir: &Path, listen: SocketAddr, domain: &str, next: SocketAddr, extra: &str) -> Self {
+        let name = format!("mx.{domain}");
         require_tool(POSTFIX);
         let etc = dir.join("etc");
         std::fs::create_dir_all(&etc).unwrap();
@@ -182,7 +187,7 @@ impl Postfix {
             .status()
             .unwrap();
         assert!(st.success(), "chown postfix data directory");
-        let (cert, key) = smtpgate_relay::write_lab_cert(&etc, &["mx.tls.example.test"]).unwrap();
+        let (cert, key) = smtpgate_relay::write_lab_cert(&etc, &[name.as_str()]).unwrap();
         let log = dir.join("maillog");
         let d = dir.display();
         std::fs::write(
@@ -193,15 +198,14 @@ impl Postfix {
                  data_directory = {d}/data\n\
                  mail_owner = postfix\n\
                  setgid_group = postdrop\n\
-                 myhostname = mx.tls.example.test\n\
+                 myhostname = {name}\n\
                  mydestination =\n\
                  inet_interfaces = all\n\
                  inet_protocols = ipv4\n\
                  mynetworks = 127.0.0.0/8\n\
-                 relay_domains = tls.example.test\n\
+                 relay_domains = {domain}\n\
                  relayhost = [{ip}]:{port}\n\
                  smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
-                 smtpd_recipient_restrictions = {recipient_restrictions}\n\
                  smtpd_tls_cert_file = {cert}\n\
                  smtpd_tls_key_file = {key}\n\
                  smtpd_tls_security_level = may\n\
@@ -212,7 +216,8 @@ impl Postfix {
                  maillog_file_prefixes = {d}\n\
                  alias_maps =\n\
                  alias_database =\n\
-                 biff = no\n",
+                 biff = no\n\
+                 {extra}\n",
                 ip = next.ip(),
                 port = next.port(),
                 cert = cert.display(),
@@ -224,7 +229,8 @@ impl Postfix {
         // Only what an MX that relays on needs; no chroot.
         std::fs::write(
             etc.join("master.cf"),
-            "127.0.0.5:25 inet n - n - - smtpd\n\
+            format!(
+                "{listen} inet n - n - - smtpd\n\
              pickup unix n - n 60 1 pickup\n\
              cleanup unix n - n - 0 cleanup\n\
              qmgr unix n - n 300 1 qmgr\n\
@@ -244,7 +250,8 @@ impl Postfix {
              discard unix - - n - - discard\n\
              anvil unix - - n - 1 anvil\n\
              scache unix - - n - 1 scache\n\
-             postlog unix-dgram n - n - 1 postlogd\n",
+             postlog unix-dgram n - n - 1 postlogd\n"
+            ),
         )
         .unwrap();
         let out = std::fs::File::create(dir.join("postfix.out")).unwrap();
@@ -259,7 +266,7 @@ impl Postfix {
             .expect("spawning postfix");
         let me = Self { etc, log, child };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect("127.0.0.5:25").is_err() {
+        while std::net::TcpStream::connect(listen).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "postfix did not start: {}\n{}",
@@ -405,7 +412,8 @@ fn two_mx_first_down_second_busy_third_delivers() {
 
 /// An MX with a self-signed certificate. Opportunistic (the default): the
 /// message goes out at once, over STARTTLS, unverified; Postfix's Received
-/// header shows the TLS. With mx_tls = "verify" it waits in the queue
+/// header shows the TLS. An MX whose TLS cannot be completed at all gets
+/// the message in plaintext, at once. With mx_tls = "verify" it waits in the queue
 /// (typed certificate failure), and so does mail to an MX without STARTTLS.
 #[test]
 fn self_signed_mx_opportunistic_delivers_over_tls_verify_defers() {
@@ -422,8 +430,10 @@ fn self_signed_mx_opportunistic_delivers_over_tls_verify_defers() {
             );
             let postfix = Postfix::start(
                 &d.join("postfix"),
+                addr("127.0.0.5:25"),
+                "tls.example.test",
                 SocketAddr::from(([127, 0, 0, 1], after.port)),
-                "permit",
+                "",
             );
             let plain = Sink::start_with(&d.join("plain"), addr("127.0.0.8:25"), &[]);
 
@@ -453,6 +463,42 @@ fn self_signed_mx_opportunistic_delivers_over_tls_verify_defers() {
             );
             until("empty queue", 10, || queue(&lab).is_empty()).await;
             assert_eq!(relay.stats().snapshot().deliveries_deferred, 0);
+            // A TLS handshake that fails for another reason than the certificate
+            // (this Postfix offers STARTTLS but only TLS 1.0/1.1, which rustls does
+            // not speak): plaintext, at once.
+            let old = Postfix::start(
+                &d.join("postfix-old"),
+                addr("127.0.0.9:25"),
+                "oldtls.example.test",
+                SocketAddr::from(([127, 0, 0, 1], after.port)),
+                "smtpd_tls_protocols = !SSLv2, !SSLv3, !TLSv1.2, !TLSv1.3\n\
+                 smtpd_tls_mandatory_protocols = !SSLv2, !SSLv3, !TLSv1.2, !TLSv1.3",
+            );
+            swaks_submit(
+                relay.addrs().submission.unwrap(),
+                "olga@oldtls.example.test",
+                "old-tls",
+            )
+            .await;
+            let got = after
+                .wait_for("delivery in plaintext", Duration::from_secs(30), |m| {
+                    m.iter().any(|d| d.contains("body of old-tls"))
+                })
+                .await;
+            let dump = got.iter().find(|d| d.contains("body of old-tls")).unwrap();
+            let (_, msg) = common::sink_split(dump);
+            let by_old = msg
+                .split("\nReceived: ")
+                .find(|h| h.contains("by mx.oldtls.example.test (Postfix)"))
+                .unwrap_or_else(|| panic!("{msg}"));
+            assert!(
+                by_old.contains("with ESMTP ") && !by_old.contains("using TLS"),
+                "plaintext after the failed handshake: {by_old}"
+            );
+            assert!(old.log().contains("SSL_accept error"), "{}", old.log());
+            until("empty queue", 10, || queue(&lab).is_empty()).await;
+            assert_eq!(relay.stats().snapshot().deliveries_deferred, 0);
+            drop(old);
             relay.shutdown().await;
 
             // The same MX with verification required: deferred, not sent; an
@@ -539,8 +585,11 @@ fn split_recipients_deliver_once_and_5xx_bounces_at_once() {
             );
             let postfix = Postfix::start(
                 &d.join("postfix"),
+                addr("127.0.0.5:25"),
+                "tls.example.test",
                 SocketAddr::from(([127, 0, 0, 1], after.port)),
-                "check_recipient_access inline:{ { nobody@tls.example.test = 550 5.1.1 No such user here } }, permit",
+                "smtpd_recipient_restrictions = check_recipient_access \
+                 inline:{ { nobody@tls.example.test = 550 5.1.1 No such user here } }, permit",
             );
             let reject = Sink::start_with(
                 &d.join("reject"),

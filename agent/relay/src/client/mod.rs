@@ -96,7 +96,7 @@ pub(crate) struct Outbound {
 }
 
 /// The SMTP step a session was at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
     /// The greeting and our EHLO (lettre reads the one and sends the other
     /// in one call).
