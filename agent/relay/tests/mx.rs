@@ -112,12 +112,17 @@ const ZONE: &[&str] = &[
 struct Dns {
     addr: SocketAddr,
     child: Child,
+    /// dnsmasq's query log.
+    log: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Dns {
     fn start() -> Self {
         require_tool(DNSMASQ);
         let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dnsmasq.log");
         let child = Command::new(DNSMASQ)
             .args([
                 "--keep-in-foreground",
@@ -129,9 +134,11 @@ impl Dns {
                 "--user=root",
                 "--group=root",
                 "--pid-file=",
-                "--log-facility=-",
                 "--log-queries",
+                // Real zones have TTLs; dnsmasq's own data has 0 unless told.
+                "--local-ttl=300",
             ])
+            .arg(format!("--log-facility={}", log.display()))
             .arg(format!("--port={port}"))
             .args(ZONE)
             .stdin(Stdio::null())
@@ -144,7 +151,22 @@ impl Dns {
             assert!(Instant::now() < deadline, "dnsmasq did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { addr, child }
+        Self {
+            addr,
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// How many `rtype` queries for `name` reached the server.
+    fn queries(&self, rtype: &str, name: &str) -> usize {
+        let needle = format!("query[{rtype}] {name} from");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
     }
 }
 
@@ -405,6 +427,20 @@ fn two_mx_first_down_second_busy_third_delivers() {
             (1, 0),
             "{s:?}"
         );
+        // A second message: the relay's one resolver answers from its
+        // cache (a resolver per lookup, as before, asked every time).
+        swaks_submit(
+            relay.addrs().submission.unwrap(),
+            "dana@two.example.test",
+            "again",
+        )
+        .await;
+        good.wait_for("the second delivery", Duration::from_secs(30), |m| {
+            m.iter().any(|d| d.contains("body of again"))
+        })
+        .await;
+        assert_eq!(dns.queries("MX", "two.example.test"), 1);
+        assert_eq!(dns.queries("A", "mx3.two.example.test"), 1);
         assert!(busy.messages().is_empty(), "the busy MX got a transaction");
         relay.shutdown().await;
     });
