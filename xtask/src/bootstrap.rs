@@ -20,7 +20,8 @@ const PACKAGES: &[&str] = &[
     "swaks",                   // a real SMTP client...
     "libnet-ssleay-perl",      // ...with STARTTLS and implicit TLS (a Recommends)
     "libio-socket-inet6-perl", // ...and IPv6 (a Recommends)
-    "postfix",                 // smtp-sink / smtp-source: upstream and load
+    "postfix",                 // smtp-sink, smtp-source; a private one is a TLS MX
+    "dnsmasq-base",            // lab DNS for the MX tests (no service, so no port 53)
     "prometheus",              // promtool and a real Prometheus server
     "sasl2-bin",
     "jq",
@@ -45,12 +46,15 @@ const COMMANDS: &[(&str, &str)] = &[
     ("swaks", "swaks"),
     ("smtp-sink", "postfix"),
     ("smtp-source", "postfix"),
+    ("postfix", "postfix"),
+    ("dnsmasq", "dnsmasq-base"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("jq", "jq"),
     ("curl", "curl"),
     ("setpriv", "util-linux"),
     ("nsenter", "util-linux"),
+    ("unshare", "util-linux"),
     ("systemd-nspawn", "systemd-container"),
     ("debootstrap", "debootstrap"),
     ("dpkg-deb", "dpkg"),

@@ -29,8 +29,10 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
 pub struct RelayConfig {
     /// Run the relay at all. Default: false.
     pub enabled: bool,
-    /// Name used in the greeting, EHLO reply, Received headers and DSNs.
-    /// Default: "localhost" (set it: remote servers judge us by it).
+    /// Name used in the greeting, EHLO reply, Received headers and DSNs,
+    /// and as our EHLO name towards the next hop. Default: "localhost",
+    /// which is only accepted with a smarthost: without one, `validate()`
+    /// requires a dotted, fully qualified name (MX hosts judge us by it).
     pub hostname: String,
     /// Submission with STARTTLS (RFC 6409). Default: "[::]:587". Ignored when
     /// the agent hands in a pre-bound listener.
@@ -54,8 +56,62 @@ pub struct RelayConfig {
     pub delivery_workers: usize,
     /// Smarthost; without it mail goes straight to each recipient's MX.
     pub upstream: Option<UpstreamConfig>,
+    /// DNS servers for MX and address lookups ("IP:port"; a bare IP means
+    /// port 53), tried in order. Default: empty, which means the system's
+    /// /etc/resolv.conf. One resolver (with its cache) serves the whole
+    /// relay.
+    #[serde(deserialize_with = "de_nameservers")]
+    pub nameservers: Vec<SocketAddr>,
+    /// TLS towards MX hosts (not the smarthost, see `upstream.tls`).
+    /// Default: "opportunistic".
+    pub mx_tls: MxTls,
+    /// SO_MARK for every outbound delivery socket (smarthost and MX). Not a
+    /// `[relay]` setting: the agent fills it in from its datapath, whose
+    /// port-25 programs let exactly the sockets with this mark out (only
+    /// CAP_NET_ADMIN or CAP_NET_RAW can set a mark, so an unprivileged
+    /// process cannot forge it).
+    /// `None` (the default, and the relay on its own): no mark.
+    #[serde(skip)]
+    pub delivery_mark: Option<u32>,
     pub limits: LimitsConfig,
     pub retry: RetryConfig,
+}
+
+/// How the relay secures connections to MX hosts.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MxTls {
+    /// Postfix's `may`: STARTTLS whenever the MX offers it. A certificate
+    /// that does not verify (self-signed, expired, wrong name) is logged
+    /// and the message still goes out over TLS, unauthenticated; a
+    /// handshake that fails for another reason falls back to plaintext.
+    /// An MX without STARTTLS gets plaintext.
+    #[default]
+    Opportunistic,
+    /// Postfix's `verify`: STARTTLS with a certificate that verifies
+    /// against the web PKI and names the MX host, or no delivery to that
+    /// MX (the next one is tried; with none left the message waits and is
+    /// retried, as for any transient failure).
+    Verify,
+}
+
+/// `nameservers` entries as "IP:port" or a bare IP (port 53), with an error
+/// that says which entry is wrong and what is expected.
+fn de_nameservers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "nameservers: {s:?} is not an IP address with an optional port, \
+                         e.g. \"192.0.2.53\", \"127.0.0.1:5353\" or \"[2001:db8::53]:53\" \
+                         (a host name cannot be used: it would need a resolver to find the resolver)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 impl Default for RelayConfig {
@@ -73,6 +129,9 @@ impl Default for RelayConfig {
             spool_dir: "/var/spool/smtpgate/relay".into(),
             delivery_workers: 8,
             upstream: None,
+            nameservers: Vec::new(),
+            mx_tls: MxTls::default(),
+            delivery_mark: None,
             limits: LimitsConfig::default(),
             retry: RetryConfig::default(),
         }
@@ -130,6 +189,17 @@ pub struct LimitsConfig {
     /// Sessions per client network (an IPv4 address or an IPv6 /64).
     /// Default: 20.
     pub max_sessions_per_client: usize,
+    /// Sessions on the intercept listener (port-25 connections the datapath
+    /// redirected), a pool of their own: `max_sessions` and
+    /// `max_sessions_per_client` count only 587 and 465, so a flood of
+    /// redirected bots cannot take the slots of users submitting there.
+    /// `preauth_sessions_percent` applies to this pool too. Default: 100
+    /// (a host that redirects more than that at once is a spam source, not
+    /// a user).
+    pub intercept_max_sessions: usize,
+    /// Intercept sessions per client network. Default: 10 (one infected
+    /// host cannot hold the whole intercept pool).
+    pub intercept_max_sessions_per_client: usize,
     /// Share of `max_sessions` (percent) that may be unauthenticated at
     /// once; the rest is kept for authenticated users. When it is full a
     /// newcomer evicts a pre-AUTH session of the network holding the most.
@@ -186,6 +256,8 @@ impl Default for LimitsConfig {
             max_recipients: 100,
             max_sessions: 200,
             max_sessions_per_client: 20,
+            intercept_max_sessions: 100,
+            intercept_max_sessions_per_client: 10,
             preauth_sessions_percent: 50,
             preauth_timeout_secs: 60.0,
             session_lifetime_secs: 3600.0,
@@ -209,7 +281,16 @@ impl Default for LimitsConfig {
 impl LimitsConfig {
     /// `preauth_sessions_percent` of `max_sessions`, at least 1.
     pub fn max_preauth_sessions(&self) -> usize {
-        (self.max_sessions * self.preauth_sessions_percent as usize / 100).max(1)
+        self.preauth_share(self.max_sessions)
+    }
+
+    /// `preauth_sessions_percent` of `intercept_max_sessions`, at least 1.
+    pub fn intercept_max_preauth_sessions(&self) -> usize {
+        self.preauth_share(self.intercept_max_sessions)
+    }
+
+    fn preauth_share(&self, total: usize) -> usize {
+        (total * self.preauth_sessions_percent as usize / 100).max(1)
     }
 }
 
@@ -227,7 +308,8 @@ pub struct RetryConfig {
     /// does not also throw away the notice telling the sender about it.
     /// Default: 432000.
     pub bounce_lifetime_secs: f64,
-    /// Per-attempt SMTP timeout. Default: 120.
+    /// Timeout for connecting to a next hop and for each of its replies;
+    /// the message data gets one more second per 16 KiB. Default: 120.
     pub attempt_timeout_secs: f64,
 }
 
@@ -265,6 +347,36 @@ impl RelayConfig {
                 "must be a non-empty name without spaces",
             ));
         }
+        if self.enabled && self.upstream.is_none() && !is_public_fqdn(&self.hostname) {
+            return Err(invalid(
+                "hostname",
+                format!(
+                    "{:?} is not a fully qualified domain name. Without [relay.upstream] the relay \
+                     delivers to each recipient's MX itself, and MX hosts judge it by this EHLO \
+                     name: set this host's public name (e.g. \"mail.example.com\", with matching \
+                     A/AAAA and PTR records), or configure a smarthost in [relay.upstream]",
+                    self.hostname
+                ),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for ns in &self.nameservers {
+            let ip = ns.ip();
+            let problem = if ns.port() == 0 {
+                Some("port 0 is not a DNS server's port")
+            } else if ip.is_unspecified() {
+                Some("an unspecified address (0.0.0.0 or ::) names no server")
+            } else if ip.is_multicast() || ip == std::net::Ipv4Addr::BROADCAST {
+                Some("a multicast or broadcast address names no single server")
+            } else if !seen.insert(*ns) {
+                Some("listed twice")
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                return Err(invalid("nameservers", format!("{ns}: {p}")));
+            }
+        }
         if self.intercept_message.contains(['\r', '\n']) {
             return Err(invalid("intercept_message", "must be a single line"));
         }
@@ -277,6 +389,11 @@ impl RelayConfig {
             ("limits.max_recipients", l.max_recipients),
             ("limits.max_sessions", l.max_sessions),
             ("limits.max_sessions_per_client", l.max_sessions_per_client),
+            ("limits.intercept_max_sessions", l.intercept_max_sessions),
+            (
+                "limits.intercept_max_sessions_per_client",
+                l.intercept_max_sessions_per_client,
+            ),
             ("limits.auth_concurrency", l.auth_concurrency),
             ("limits.max_junk_commands", l.max_junk_commands as usize),
             ("limits.auth_max_failures", l.auth_max_failures as usize),
@@ -299,6 +416,12 @@ impl RelayConfig {
             return Err(invalid(
                 "limits.max_sessions_per_client",
                 "cannot exceed limits.max_sessions",
+            ));
+        }
+        if l.intercept_max_sessions_per_client > l.intercept_max_sessions {
+            return Err(invalid(
+                "limits.intercept_max_sessions_per_client",
+                "cannot exceed limits.intercept_max_sessions",
             ));
         }
         for (field, v) in [
@@ -357,6 +480,30 @@ impl RelayConfig {
     }
 }
 
+/// Whether `name` can stand as our EHLO name before MX hosts: a dotted,
+/// fully qualified host name (RFC 5321 4.1.4 wants the primary host name).
+/// Letters, digits and hyphens, labels of 1 to 63 characters not starting
+/// or ending with a hyphen, at most 253 in all, at least two labels, a top
+/// label that is not all digits (so an IPv4 address is not a name), and not
+/// a name that only means this host ("localhost", "*.localhost",
+/// "*.localdomain"), which receivers reject or score as spam.
+pub(crate) fn is_public_fqdn(name: &str) -> bool {
+    let labels: Vec<&str> = name.split('.').collect();
+    let lower = name.to_ascii_lowercase();
+    name.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+        && !labels
+            .last()
+            .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
+        && !(lower.ends_with(".localhost") || lower.ends_with(".localdomain"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,6 +559,124 @@ mod tests {
         assert!(
             RelayConfig::from_toml("[retry]\ninitial_backoff_secs = 10\nmax_backoff_secs = 1")
                 .is_err()
+        );
+    }
+
+    fn err(text: &str) -> String {
+        RelayConfig::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn direct_delivery_needs_a_real_ehlo_name() {
+        let direct = |h: &str| format!("enabled = true\nhostname = \"{h}\"\n");
+        for bad in [
+            "localhost",
+            "relay",
+            "LOCALHOST",
+            "mail.localdomain",
+            "a.localhost",
+            "192.0.2.1",
+            "-mx.example.com",
+            "mx-.example.com",
+            "mx..example.com",
+            "mx.example.com.",
+            "mx_1.example.com",
+            "[192.0.2.1]",
+        ] {
+            let e = err(&direct(bad));
+            assert!(
+                e.contains("hostname") && e.contains("fully qualified") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+        let long = format!("{}.example.com", "a".repeat(64));
+        assert!(err(&direct(&long)).contains("fully qualified"));
+        for good in [
+            "mail.example.com",
+            "relay.test",
+            "MX-1.Example.ORG",
+            "a.b.c.example",
+        ] {
+            RelayConfig::from_toml(&direct(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        // With a smarthost the smarthost judges us, not the MX hosts; and a
+        // disabled relay (the shipped default) validates as it is.
+        RelayConfig::from_toml("enabled = true\n[upstream]\nhost = \"smarthost.example\"\n")
+            .unwrap();
+        RelayConfig::from_toml("enabled = false\nhostname = \"localhost\"\n").unwrap();
+        assert_eq!(RelayConfig::default().hostname, "localhost");
+    }
+
+    #[test]
+    fn nameservers_parse_and_bad_entries_say_why() {
+        let c = RelayConfig::from_toml(
+            "nameservers = [\"127.0.0.1:5353\", \"192.0.2.53\", \"[2001:db8::53]:53\", \"2001:db8::54\"]",
+        )
+        .unwrap();
+        let want: Vec<SocketAddr> = [
+            "127.0.0.1:5353",
+            "192.0.2.53:53",
+            "[2001:db8::53]:53",
+            "[2001:db8::54]:53",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(c.nameservers, want);
+        assert!(RelayConfig::default().nameservers.is_empty());
+        for (text, needle) in [
+            (
+                "nameservers = [\"dns.example\"]",
+                "\"dns.example\" is not an IP address",
+            ),
+            (
+                "nameservers = [\"127.0.0.1:99999\"]",
+                "\"127.0.0.1:99999\" is not an IP address",
+            ),
+            ("nameservers = [\"\"]", "\"\" is not an IP address"),
+            ("nameservers = [\"127.0.0.1:0\"]", "port 0"),
+            ("nameservers = [\"0.0.0.0\"]", "unspecified"),
+            ("nameservers = [\"[::]:53\"]", "unspecified"),
+            ("nameservers = [\"255.255.255.255\"]", "broadcast"),
+            (
+                "nameservers = [\"192.0.2.1\", \"192.0.2.1:53\"]",
+                "listed twice",
+            ),
+            ("nameservers = \"192.0.2.1\"", "nameservers"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn mx_tls_and_intercept_limits() {
+        assert_eq!(RelayConfig::default().mx_tls, MxTls::Opportunistic);
+        assert_eq!(
+            RelayConfig::from_toml("mx_tls = \"verify\"")
+                .unwrap()
+                .mx_tls,
+            MxTls::Verify
+        );
+        assert!(err("mx_tls = \"dane\"").contains("mx_tls"));
+        // The mark is the agent's to set, never the file's.
+        assert!(err("delivery_mark = 1").contains("delivery_mark"));
+        assert_eq!(RelayConfig::default().delivery_mark, None);
+        let l = LimitsConfig::default();
+        assert_eq!(
+            (
+                l.intercept_max_sessions,
+                l.intercept_max_sessions_per_client
+            ),
+            (100, 10)
+        );
+        assert_eq!(l.intercept_max_preauth_sessions(), 50);
+        assert!(
+            err("[limits]\nintercept_max_sessions = 0").contains("limits.intercept_max_sessions")
+        );
+        assert!(
+            err("[limits]\nintercept_max_sessions = 5\nintercept_max_sessions_per_client = 6")
+                .contains("cannot exceed limits.intercept_max_sessions")
         );
     }
 }

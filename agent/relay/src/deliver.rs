@@ -5,9 +5,9 @@
 //! (rewritten atomically), and either finishes the message, bounces failed
 //! recipients, or schedules a retry with exponential backoff and jitter.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use lettre::transport::smtp::authentication::Credentials;
@@ -15,8 +15,10 @@ use lettre::transport::smtp::client::{Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::client::{HopError, HopTls, Transport};
+use crate::client::{HopTls, Outbound, Transport};
 use crate::config::{RelayConfig, UpstreamConfig, UpstreamTls, secs};
+use crate::lookup::{Resolver, ResolverError};
+use crate::route::Outcome;
 use crate::spool::{QueueRecord, RcptState, Spool, now_ms};
 use crate::stats::RelayStats;
 
@@ -38,22 +40,20 @@ pub enum DeliverError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-}
-
-/// Outcome for one recipient of one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    Delivered,
-    Transient(String),
-    Permanent(String),
+    #[error(transparent)]
+    Resolver(#[from] ResolverError),
 }
 
 pub(crate) struct Deliverer {
-    cfg: Arc<RelayConfig>,
+    pub(crate) cfg: Arc<RelayConfig>,
     spool: Spool,
     stats: Arc<RelayStats>,
     slots: Semaphore,
-    upstream: Option<Transport>,
+    pub(crate) upstream: Option<Transport>,
+    /// `None` only when nothing needs DNS (a smarthost given by address)
+    /// and the system's resolver configuration could not be read.
+    pub(crate) resolver: Option<Resolver>,
+    pub(crate) out: Outbound,
     flush: watch::Sender<u64>,
     shutdown: watch::Receiver<bool>,
     /// Ids deleted through the running handle; their tasks stop.
@@ -63,7 +63,7 @@ pub(crate) struct Deliverer {
     queued: mpsc::UnboundedSender<QueueRecord>,
 }
 
-fn build_upstream(cfg: &RelayConfig, u: &UpstreamConfig) -> Result<Transport, DeliverError> {
+fn build_upstream(u: &UpstreamConfig) -> Result<Transport, DeliverError> {
     let ca = u
         .ca_file
         .as_ref()
@@ -95,9 +95,7 @@ fn build_upstream(cfg: &RelayConfig, u: &UpstreamConfig) -> Result<Transport, De
         host: u.host.clone(),
         port: u.port,
         tls,
-        hello: ClientId::Domain(cfg.hostname.clone()),
         credentials: None,
-        timeout: secs(cfg.retry.attempt_timeout_secs),
     };
     if let (Some(user), Some(pf)) = (&u.username, &u.password_file) {
         let text = std::fs::read_to_string(pf).map_err(|source| DeliverError::Read {
@@ -118,17 +116,33 @@ impl Deliverer {
         shutdown: watch::Receiver<bool>,
         queued: mpsc::UnboundedSender<QueueRecord>,
     ) -> Result<Arc<Self>, DeliverError> {
-        let upstream = cfg
-            .upstream
+        let upstream = cfg.upstream.as_ref().map(build_upstream).transpose()?;
+        // Built once: hickory's cache then serves every attempt (a new
+        // resolver per lookup, as before, cached nothing).
+        let needs_dns = upstream
             .as_ref()
-            .map(|u| build_upstream(&cfg, u))
-            .transpose()?;
+            .is_none_or(|u| crate::lookup::ip_literal(&u.host).is_none());
+        let resolver = match Resolver::new(&cfg.nameservers) {
+            Ok(r) => Some(r),
+            Err(e) if !needs_dns => {
+                tracing::warn!(error = %e, "no DNS resolver; the smarthost is given by address, so none is needed");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let out = Outbound::new(
+            ClientId::Domain(cfg.hostname.clone()),
+            cfg.delivery_mark,
+            secs(cfg.retry.attempt_timeout_secs),
+        );
         Ok(Arc::new(Self {
             slots: Semaphore::new(cfg.delivery_workers),
             cfg,
             spool,
             stats,
             upstream,
+            resolver,
+            out,
             flush: watch::channel(0).0,
             shutdown,
             deleted: Mutex::default(),
@@ -236,25 +250,18 @@ impl Deliverer {
             }
         };
         let pending: Vec<String> = rec.pending().map(|r| r.address.clone()).collect();
-        let results = if let Some(t) = &self.upstream {
-            self.send_group(
-                t,
-                rec,
-                &pending,
-                &body,
-                secs(self.cfg.retry.attempt_timeout_secs),
-            )
-            .await
-        } else {
-            self.send_mx(rec, &pending, &body).await
-        };
+        let results = self.send(rec, &pending, &body).await;
         rec.attempts += 1;
         let expired = now_ms().saturating_sub(rec.created_unix_ms)
             > secs(self.cfg.retry.max_lifetime_secs).as_millis() as u64;
+        // `delivered` already marked the 250s (journalled at once): count
+        // every recipient this attempt was for, not just those still
+        // pending.
+        let tried: HashSet<&str> = pending.iter().map(String::as_str).collect();
         for r in rec
             .recipients
             .iter_mut()
-            .filter(|r| r.state == RcptState::Pending)
+            .filter(|r| tried.contains(r.address.as_str()))
         {
             r.attempts += 1;
             match results.get(&r.address) {
@@ -284,48 +291,27 @@ impl Deliverer {
         for r in &rec.recipients {
             tracing::info!(id = rec.id, rcpt = r.address, state = ?r.state, error = r.last_error.as_deref().unwrap_or(""), "delivery attempt");
         }
-        let failed: Vec<_> = rec
-            .recipients
-            .iter()
-            .filter(|r| r.state == RcptState::Failed)
-            .cloned()
-            .collect();
-        if rec.pending().next().is_some() {
-            RelayStats::inc(&self.stats.deliveries_deferred);
+        // Bounce what failed for good now, not when the rest is done: a
+        // recipient refused with 5xx must not wait days for another that
+        // is deferred (Postfix bounces at once too).
+        self.notify_failures(rec, &body).await;
+        let unfinished = rec.pending().next().is_some()
+            || rec
+                .recipients
+                .iter()
+                .any(|r| r.state == RcptState::Failed && !r.notified);
+        if unfinished {
+            if rec.pending().next().is_some() {
+                RelayStats::inc(&self.stats.deliveries_deferred);
+            }
             self.reschedule(rec).await;
             return false;
         }
-        // Finished: bounce failures (never bounce a bounce), then drop it.
-        if !failed.is_empty() && !rec.is_dsn && !rec.from.is_empty() {
-            let refs: Vec<_> = failed.iter().collect();
-            let (dsn, dsn_body) = crate::dsn::build_with_id(
-                crate::dsn::bounce_id(&rec.id),
-                &self.cfg.hostname,
-                rec,
-                &refs,
-                crate::dsn::header_section(&body),
-            );
-            match self.spool.commit(dsn.clone(), dsn_body).await {
-                Ok(()) => {
-                    RelayStats::inc(&self.stats.messages_bounced);
-                    RelayStats::inc(&self.stats.queue_length);
-                    tracing::info!(id = rec.id, dsn = dsn.id, "bounce queued");
-                    let _ = self.queued.send(dsn);
-                }
-                Err(e) => {
-                    // Keep the original so the bounce is not lost.
-                    tracing::error!(id = rec.id, error = %e, "could not queue bounce; keeping message");
-                    self.reschedule(rec).await;
-                    return false;
-                }
-            }
-        } else if !failed.is_empty() {
-            tracing::warn!(
-                id = rec.id,
-                "undeliverable bounce or null-sender message dropped"
-            );
-        }
-        if failed.len() < rec.recipients.len() {
+        if rec
+            .recipients
+            .iter()
+            .any(|r| r.state == RcptState::Delivered)
+        {
             RelayStats::inc(&self.stats.messages_delivered);
             let age = Duration::from_millis(now_ms().saturating_sub(rec.created_unix_ms));
             self.stats.observe_delivery_latency(age);
@@ -341,6 +327,60 @@ impl Deliverer {
             Err(e) => tracing::error!(id = rec.id, error = %e, "removing delivered message"),
         }
         true
+    }
+
+    /// Queues one bounce for the failed recipients the sender has not been
+    /// told about yet, and marks them told (the caller's rewrite or removal
+    /// of the record makes that stick). Never bounces a bounce. If the
+    /// bounce cannot be queued they stay untold, and the message stays
+    /// queued so the next attempt tries again.
+    async fn notify_failures(&self, rec: &mut QueueRecord, body: &[u8]) {
+        let failed: Vec<_> = rec
+            .recipients
+            .iter()
+            .filter(|r| r.state == RcptState::Failed && !r.notified)
+            .cloned()
+            .collect();
+        if failed.is_empty() {
+            return;
+        }
+        let mark = |rec: &mut QueueRecord| {
+            for r in &mut rec.recipients {
+                if r.state == RcptState::Failed {
+                    r.notified = true;
+                }
+            }
+        };
+        if rec.is_dsn || rec.from.is_empty() {
+            tracing::warn!(
+                id = rec.id,
+                "undeliverable bounce or null-sender message: failed recipients dropped"
+            );
+            mark(rec);
+            return;
+        }
+        let refs: Vec<_> = failed.iter().collect();
+        let addrs: Vec<&str> = failed.iter().map(|r| r.address.as_str()).collect();
+        let (dsn, dsn_body) = crate::dsn::build_with_id(
+            crate::dsn::bounce_id(&rec.id, &addrs),
+            &self.cfg.hostname,
+            rec,
+            &refs,
+            crate::dsn::header_section(body),
+        );
+        match self.spool.commit(dsn.clone(), dsn_body).await {
+            Ok(()) => {
+                RelayStats::inc(&self.stats.messages_bounced);
+                RelayStats::inc(&self.stats.queue_length);
+                tracing::info!(id = rec.id, dsn = dsn.id, recipients = ?addrs, "bounce queued");
+                let _ = self.queued.send(dsn);
+                mark(rec);
+            }
+            Err(e) => {
+                // Keep the original so the bounce is not lost.
+                tracing::error!(id = rec.id, error = %e, "could not queue bounce; keeping message");
+            }
+        }
     }
 
     async fn reschedule(&self, rec: &mut QueueRecord) {
@@ -363,124 +403,6 @@ impl Deliverer {
             Err(e) => tracing::error!(id = rec.id, error = %e, "rewriting queue record"),
         }
     }
-
-    async fn send_mx(
-        &self,
-        rec: &mut QueueRecord,
-        rcpts: &[String],
-        body: &[u8],
-    ) -> BTreeMap<String, Outcome> {
-        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for r in rcpts {
-            let domain = r.rsplit_once('@').map_or("", |(_, d)| d).to_owned();
-            by_domain.entry(domain).or_default().push(r.clone());
-        }
-        let mut out = BTreeMap::new();
-        for (domain, group) in by_domain {
-            let res = self.send_domain(&domain, rec, &group, body).await;
-            out.extend(res);
-        }
-        out
-    }
-
-    async fn send_domain(
-        &self,
-        domain: &str,
-        rec: &mut QueueRecord,
-        rcpts: &[String],
-        body: &[u8],
-    ) -> BTreeMap<String, Outcome> {
-        let all = |o: Outcome| rcpts.iter().map(|r| (r.clone(), o.clone())).collect();
-        let hosts = match mx_hosts(domain).await {
-            Ok(h) if h.is_empty() => {
-                return all(Outcome::Permanent(format!(
-                    "550 5.1.2 domain {domain} does not accept mail (null MX)"
-                )));
-            }
-            Ok(h) => h,
-            Err(e) => return all(e),
-        };
-        let timeout = secs(self.cfg.retry.attempt_timeout_secs);
-        let mut last = Outcome::Transient(format!("451 4.4.1 no MX for {domain} reachable"));
-        for host in hosts {
-            // Opportunistic STARTTLS, as MTA-to-MTA SMTP does without
-            // MTA-STS/DANE; the hostname is the MX name.
-            let tls = match TlsParameters::new_rustls(host.clone()) {
-                Ok(p) => HopTls::Opportunistic(p),
-                Err(_) => HopTls::None,
-            };
-            let t = Transport {
-                host: host.clone(),
-                port: 25,
-                tls,
-                hello: ClientId::Domain(self.cfg.hostname.clone()),
-                credentials: None,
-                timeout,
-            };
-            let res = self.send_group(&t, rec, rcpts, body, timeout).await;
-            // Try the next MX only when this one could not be talked to.
-            let unreachable = res
-                .values()
-                .all(|o| matches!(o, Outcome::Transient(e) if e.starts_with("connection")));
-            if !unreachable {
-                return res;
-            }
-            last = res.into_values().next().unwrap_or(last);
-        }
-        all(last)
-    }
-}
-
-/// MX hosts by preference; an empty list means a null MX. Falls back to the
-/// domain itself (implicit MX, RFC 5321 5.1) when there is no MX record.
-async fn mx_hosts(domain: &str) -> Result<Vec<String>, Outcome> {
-    use hickory_resolver::proto::rr::RData;
-    let resolver = hickory_resolver::TokioResolver::builder_tokio()
-        .and_then(hickory_resolver::ResolverBuilder::build)
-        .map_err(|e| Outcome::Transient(format!("451 4.4.3 resolver setup: {e}")))?;
-    match resolver.mx_lookup(format!("{domain}.")).await {
-        Ok(l) => {
-            let mut mx: Vec<(u16, String)> = l
-                .answers()
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::MX(m) => Some((
-                        m.preference,
-                        m.exchange.to_utf8().trim_end_matches('.').to_owned(),
-                    )),
-                    _ => None,
-                })
-                .collect();
-            mx.sort();
-            if mx.len() == 1 && mx[0].1.is_empty() {
-                return Ok(vec![]);
-            }
-            Ok(mx.into_iter().map(|(_, h)| h).collect())
-        }
-        Err(e) if e.is_nx_domain() => Err(Outcome::Permanent(format!(
-            "550 5.1.2 domain {domain} does not exist"
-        ))),
-        Err(e) if e.is_no_records_found() => Ok(vec![domain.to_owned()]),
-        Err(e) => Err(Outcome::Transient(format!(
-            "451 4.4.3 DNS lookup for {domain}: {e}"
-        ))),
-    }
-}
-
-fn classify(e: &HopError) -> Outcome {
-    let e = match e {
-        HopError::Connect { .. } => return Outcome::Transient(format!("connection: {e}")),
-        HopError::Smtp(e) => e,
-    };
-    let text = e.to_string();
-    if e.is_permanent() {
-        Outcome::Permanent(text)
-    } else if e.is_transient() || e.is_response() {
-        Outcome::Transient(text)
-    } else {
-        // Connection refused, TLS failure, timeout: all worth retrying.
-        Outcome::Transient(format!("connection: {text}"))
-    }
 }
 
 impl Deliverer {
@@ -490,7 +412,7 @@ impl Deliverer {
     /// record's unlink is the commit point); otherwise "delivered" lines are
     /// appended to its journal. Either takes one syscall to survive a
     /// kill -9 (the fsyncs that follow are for power loss).
-    async fn delivered(&self, rec: &mut QueueRecord, addrs: &[String]) {
+    pub(crate) async fn delivered(&self, rec: &mut QueueRecord, addrs: &[String]) {
         for r in rec
             .recipients
             .iter_mut()
@@ -529,109 +451,5 @@ impl Deliverer {
             Ok(()) | Err(crate::spool::SpoolError::NotFound { .. }) => {}
             Err(e) => tracing::error!(id = rec.id, error = %e, "recording delivery"),
         }
-    }
-
-    /// Sends one transaction for all `rcpts`, journalling each 250 as it
-    /// comes (`delivered`). lettre reports one error per transaction, so
-    /// when a multi-recipient send fails permanently we retry recipient by
-    /// recipient to learn which ones are at fault.
-    async fn send_group(
-        &self,
-        t: &Transport,
-        rec: &mut QueueRecord,
-        rcpts: &[String],
-        body: &[u8],
-        timeout: Duration,
-    ) -> BTreeMap<String, Outcome> {
-        let mut out = BTreeMap::new();
-        let from = rec.from.clone();
-        let sender = if from.is_empty() {
-            None
-        } else {
-            match from.parse::<lettre::Address>() {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    return rcpts
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.clone(),
-                                Outcome::Permanent(format!("550 5.1.7 bad sender {from}: {e}")),
-                            )
-                        })
-                        .collect();
-                }
-            }
-        };
-        let mut to = Vec::new();
-        for r in rcpts {
-            match r.parse::<lettre::Address>() {
-                Ok(a) => to.push((r.clone(), a)),
-                Err(e) => {
-                    out.insert(
-                        r.clone(),
-                        Outcome::Permanent(format!("550 5.1.3 bad recipient {r}: {e}")),
-                    );
-                }
-            }
-        }
-        if to.is_empty() {
-            return out;
-        }
-        let res = send_one(
-            t,
-            sender.clone(),
-            to.iter().map(|(_, a)| a.clone()).collect(),
-            body,
-            timeout,
-        )
-        .await;
-        match res {
-            Outcome::Permanent(_) if to.len() > 1 => {
-                for (r, a) in to {
-                    let o = send_one(t, sender.clone(), vec![a], body, timeout).await;
-                    if o == Outcome::Delivered {
-                        self.delivered(rec, std::slice::from_ref(&r)).await;
-                    }
-                    out.insert(r, o);
-                }
-            }
-            o => {
-                if o == Outcome::Delivered {
-                    let addrs: Vec<String> = to.iter().map(|(r, _)| r.clone()).collect();
-                    self.delivered(rec, &addrs).await;
-                }
-                for (r, _) in to {
-                    out.insert(r, o.clone());
-                }
-            }
-        }
-        out
-    }
-}
-
-async fn send_one(
-    t: &Transport,
-    from: Option<lettre::Address>,
-    to: Vec<lettre::Address>,
-    body: &[u8],
-    timeout: Duration,
-) -> Outcome {
-    let env = match lettre::address::Envelope::new(from, to) {
-        Ok(e) => e,
-        Err(e) => return Outcome::Permanent(format!("550 5.1.3 envelope: {e}")),
-    };
-    // lettre always writes CRLF "." CRLF after the data; our spooled bodies
-    // end with CRLF already, so drop it here or the recipient would get an
-    // extra blank line and the message would not arrive byte-exact.
-    let body = body.strip_suffix(b"\r\n").unwrap_or(body);
-    let started = Instant::now();
-    match tokio::time::timeout(timeout + Duration::from_secs(5), t.send(&env, body)).await {
-        Ok(Ok(())) => {
-            tracing::debug!(elapsed = ?started.elapsed(), "sent");
-            Outcome::Delivered
-        }
-        Ok(Err(e)) => classify(&e),
-        Err(_) => Outcome::Transient("connection: attempt timed out".into()),
     }
 }

@@ -17,20 +17,40 @@ pub fn build(
     build_with_id(new_id(), hostname, original, failed, headers)
 }
 
-/// The queue id of the bounce for `original`: derived from it, so that a
-/// crash between queueing the bounce and removing the original, which
-/// makes the restart bounce again, replaces the queued bounce instead of
-/// adding a second one. Same time prefix, random part flipped.
-pub fn bounce_id(original: &str) -> String {
+/// The queue id of the bounce for `recipients` of `original`: derived from
+/// both, so that a crash between queueing a bounce and recording it in the
+/// original, which makes the restart bounce the same recipients again,
+/// replaces the queued bounce instead of adding a second one; while a later
+/// bounce for other recipients of the same message (one fails at once,
+/// another after days of retries) gets an id of its own. Same time prefix,
+/// random part flipped and mixed with a hash of the addresses.
+pub fn bounce_id(original: &str, recipients: &[&str]) -> String {
     match (
         original.get(..12),
         original
             .get(12..)
             .and_then(|r| u64::from_str_radix(r, 16).ok()),
     ) {
-        (Some(t), Some(r)) if original.len() == 28 => format!("{t}{:016x}", !r),
+        (Some(t), Some(r)) if original.len() == 28 => {
+            format!("{t}{:016x}", !r ^ fnv1a(recipients))
+        }
         _ => new_id(),
     }
+}
+
+/// FNV-1a over the sorted addresses: stable across builds and Rust
+/// versions, unlike std's hasher, since the ids live on disk.
+fn fnv1a(recipients: &[&str]) -> u64 {
+    let mut sorted = recipients.to_vec();
+    sorted.sort_unstable();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for a in sorted {
+        for b in a.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// `build` with a given queue id (see `bounce_id`).
@@ -118,6 +138,7 @@ pub fn build_with_id(
             state: RcptState::Pending,
             attempts: 0,
             last_error: None,
+            notified: false,
         }],
         created_unix_ms: now,
         next_attempt_unix_ms: now,
@@ -126,6 +147,10 @@ pub fn build_with_id(
         client: "localhost".into(),
         is_dsn: true,
         size: body.len() as u64,
+        // The bounce is ours and ASCII but for the original's headers it
+        // quotes, which need 8BITMIME at most: no SMTPUTF8 demand, so it
+        // reaches even a sender whose next hop lacks SMTPUTF8.
+        smtputf8: false,
     };
     (record, body)
 }
@@ -186,12 +211,14 @@ mod tests {
             client: "127.0.0.1".into(),
             is_dsn: false,
             size: 0,
+            smtputf8: false,
         };
         let failed = RecipientStatus {
             address: "bob@example.net".into(),
             state: RcptState::Failed,
             attempts: 3,
             last_error: Some("550 5.1.1 no such user\r\nsecond".into()),
+            notified: false,
         };
         let (rec, body) = build(
             "relay.test",
@@ -214,9 +241,14 @@ mod tests {
         // The bounce id is a function of the original's: a second bounce
         // for the same message replaces the first in the spool.
         let orig = new_id();
-        let b = bounce_id(&orig);
-        assert_eq!(b, bounce_id(&orig));
+        let b = bounce_id(&orig, &["a@example.test", "b@example.test"]);
+        assert_eq!(b, bounce_id(&orig, &["b@example.test", "a@example.test"]));
         assert_ne!(b, orig);
+        assert_ne!(b, bounce_id(&orig, &["a@example.test"]));
+        assert_ne!(
+            b,
+            bounce_id(&new_id(), &["a@example.test", "b@example.test"])
+        );
         assert_eq!((b.len(), &b[..12]), (28, &orig[..12]));
         assert!(b.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(status_of("451 4.3.0 try later"), "4.4.7");

@@ -5,6 +5,13 @@
 //! own from the config. Start it with [`Relay::start`] inside a tokio
 //! runtime; the returned [`RelayHandle`] reloads TLS, flushes the queue,
 //! exposes [`RelayStats`] and shuts everything down.
+//!
+//! What the agent sets beyond the `[relay]` table: [`RelayConfig::delivery_mark`]
+//! (not a file key), the SO_MARK its datapath lets out on port 25; every
+//! delivery socket carries it. Delivery to MX hosts needs no more than the
+//! config: [`RelayConfig::nameservers`] and [`RelayConfig::mx_tls`] ([`MxTls`]).
+//! A resolver that cannot be set up fails [`Relay::start`] with
+//! [`RelayError::Deliver`] (a [`ResolverError`] inside).
 
 mod client;
 pub mod config;
@@ -15,10 +22,12 @@ pub mod dsn;
 pub mod headers;
 pub mod limits;
 mod listener;
+mod lookup;
 mod mem;
 pub mod parse;
 pub mod queue;
 pub mod reply;
+mod route;
 pub mod session;
 pub mod spool;
 pub mod stats;
@@ -34,8 +43,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{
-    ConfigError, LimitsConfig, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls,
+    ConfigError, LimitsConfig, MxTls, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls,
 };
+pub use lookup::ResolverError;
 pub use session::ListenerKind;
 pub use stats::{LatencySnapshot, RelayStats, StatsSnapshot};
 pub use tls::{TlsError, generate_lab_cert, write_lab_cert};

@@ -410,7 +410,13 @@ impl RateLimiter {
 /// Everything a session needs to enforce limits.
 #[derive(Debug)]
 pub struct Limits {
+    /// Session slots of the submission listeners (587 and 465).
     pub conns: Arc<ConnLimiter>,
+    /// Session slots of the intercept listener: a pool of its own, so that
+    /// redirected port-25 connections (mostly bots that never authenticate)
+    /// cannot take, nor count against a client's share of, the slots of
+    /// users submitting on 587/465 (issue 11).
+    pub intercept_conns: Arc<ConnLimiter>,
     pub auth: AuthLockout,
     pub rate: RateLimiter,
 }
@@ -423,12 +429,26 @@ impl Limits {
                 cfg.max_sessions_per_client,
                 cfg.max_preauth_sessions(),
             ),
+            intercept_conns: ConnLimiter::new(
+                cfg.intercept_max_sessions,
+                cfg.intercept_max_sessions_per_client,
+                cfg.intercept_max_preauth_sessions(),
+            ),
             auth: AuthLockout::new(
                 cfg.auth_max_failures,
                 cfg.auth_max_failures_per_client,
                 secs(cfg.auth_lockout_secs),
             ),
             rate: RateLimiter::new(cfg.messages_per_hour, cfg.recipients_per_hour),
+        }
+    }
+
+    /// The session pool a listener's connections take their slots from.
+    pub fn pool(&self, kind: crate::session::ListenerKind) -> &Arc<ConnLimiter> {
+        match kind {
+            crate::session::ListenerKind::Intercept => &self.intercept_conns,
+            crate::session::ListenerKind::Submission
+            | crate::session::ListenerKind::Submissions => &self.conns,
         }
     }
 }
@@ -522,6 +542,39 @@ mod tests {
         let mut cx = std::task::Context::from_waker(waker);
         let mut f = std::pin::pin!(f);
         f.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn intercept_listener_has_its_own_pool() {
+        use crate::session::ListenerKind;
+        let cfg = LimitsConfig {
+            max_sessions: 4,
+            max_sessions_per_client: 2,
+            intercept_max_sessions: 3,
+            intercept_max_sessions_per_client: 3,
+            // No eviction in the way: this is about which pool counts.
+            preauth_sessions_percent: 100,
+            ..LimitsConfig::default()
+        };
+        let l = Limits::new(&cfg);
+        let me = ip("192.0.2.7");
+        // The intercept pool full from one address...
+        let held: Vec<_> = (0..3)
+            .map(|_| l.pool(ListenerKind::Intercept).try_acquire(me).unwrap())
+            .collect();
+        assert!(l.pool(ListenerKind::Intercept).try_acquire(me).is_err());
+        // ...leaves that same address its whole share on 587/465.
+        let a = l.pool(ListenerKind::Submission).try_acquire(me).unwrap();
+        let _b = l.pool(ListenerKind::Submissions).try_acquire(me).unwrap();
+        assert_eq!(
+            l.pool(ListenerKind::Submission)
+                .try_acquire(me)
+                .unwrap_err(),
+            Refused::PerClient { max: 2 }
+        );
+        assert_eq!(l.conns.counts().0, 2);
+        assert_eq!(l.intercept_conns.counts().0, 3);
+        drop((held, a));
     }
 
     #[test]

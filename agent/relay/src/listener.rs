@@ -36,7 +36,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, kind: ListenerKind, share
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
         );
         let peer = canonical(peer);
-        let guard = match shared.limits.conns.try_acquire(peer.ip()) {
+        let guard = match shared.limits.pool(kind).try_acquire(peer.ip()) {
             Ok(g) => g,
             Err(why) => {
                 RelayStats::inc(&shared.stats.sessions_refused);

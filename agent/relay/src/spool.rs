@@ -73,6 +73,13 @@ pub struct RecipientStatus {
     pub state: RcptState,
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// `Failed` and the sender told: its bounce is queued (or none is due,
+    /// for a bounce or a null sender). A recipient fails at once on a 5xx
+    /// while others may wait for days; this keeps it from being bounced a
+    /// second time when the message finishes. Left out of the file when
+    /// false (records of older relays have no such field).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub notified: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,6 +97,12 @@ pub struct QueueRecord {
     /// A bounce we generated: its own failures are dropped, never bounced.
     pub is_dsn: bool,
     pub size: u64,
+    /// Submitted with SMTPUTF8 (RFC 6531): passed on to the next hop, and a
+    /// next hop without it cannot take the message if its headers are
+    /// UTF-8. Left out of the file when false, so records stay readable by
+    /// relays from before the field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub smtputf8: bool,
 }
 
 impl QueueRecord {
@@ -775,6 +788,7 @@ mod tests {
                 state: RcptState::Pending,
                 attempts: 0,
                 last_error: None,
+                notified: false,
             }],
             created_unix_ms: now_ms(),
             next_attempt_unix_ms: 0,
@@ -783,6 +797,7 @@ mod tests {
             client: "127.0.0.1".into(),
             is_dsn: false,
             size: 5,
+            smtputf8: false,
         }
     }
 
@@ -846,6 +861,7 @@ mod tests {
             state: RcptState::Pending,
             attempts: 0,
             last_error: Some("earlier".into()),
+            notified: false,
         });
         s.commit(r.clone(), b"x".to_vec()).await.unwrap();
         s.journal_delivered(&id, &["c@example.org".into()]).unwrap();

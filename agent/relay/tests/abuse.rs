@@ -304,6 +304,93 @@ async fn flood_of_slow_and_idle_connections_does_not_stop_an_authenticated_user(
     relay.shutdown_with(Duration::from_secs(1)).await;
 }
 
+/// Issue 11: redirected bots shared one session pool with real users. 300
+/// idle connections on the intercept listener, from 30 addresses (the last
+/// 20 from the very address the user submits from: a user's own infected
+/// machine behind the gateway). The intercept pool holds its unauthenticated
+/// share (50 of 100) and the flood evicts only itself; the user on 587, from
+/// the same address, logs in and sends at once, and takes nobody's slot:
+/// with one pool for all listeners, each of the user's sessions had to
+/// evict a bot (the pre-AUTH share was full of them) and counted against
+/// the same per-address limit as that address's bots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_intercept_connections_do_not_stop_a_user_on_587() {
+    let lab = Lab::new();
+    let sink = Sink::start(&lab.dir.path().join("sink"), free_port());
+    let mut cfg = lab.config(Some(sink.port));
+    cfg.intercept_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.limits.messages_per_hour = 0;
+    let l = &cfg.limits;
+    assert_eq!(
+        (
+            l.intercept_max_sessions,
+            l.intercept_max_sessions_per_client,
+            l.intercept_max_preauth_sessions()
+        ),
+        (100, 10, 50),
+        "the defaults"
+    );
+    let relay = Relay::start(cfg, Listeners::default()).await.unwrap();
+    let a = relay.addrs();
+    let intercept = a.intercept.unwrap();
+    let mut held = Vec::new();
+    let sources = (2..30u8)
+        .flat_map(|h| std::iter::repeat_n(Ipv4Addr::new(127, 0, 0, h), 10))
+        .chain(std::iter::repeat_n(Ipv4Addr::LOCALHOST, 20));
+    for src in sources {
+        let mut s = connect_from(src, intercept).await.unwrap();
+        let mut buf = [0u8; 128];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a greeting")
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"220 "),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(s);
+    }
+    let t = Instant::now();
+    let flooded = loop {
+        let s = relay.stats().snapshot();
+        if s.sessions_active == 50 && s.sessions_evicted + s.sessions_refused == 250 {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pem = lab.cert_pem();
+    for round in 0..3 {
+        let t = Instant::now();
+        let mut c = Client::login_587(a.submission.unwrap(), &pem, "alice", "alice-pw").await;
+        c.cmd("MAIL FROM:<alice@example.com>", "250").await;
+        c.cmd("RCPT TO:<r@example.net>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(&stuff(&format!(
+            "From: alice@example.com\r\nSubject: past the bots {round}\r\n\r\npast the bots\r\n"
+        )))
+        .await;
+        c.expect("250 2.0.0 Ok: queued").await;
+        let s = relay.stats().snapshot();
+        assert_eq!(s.sessions_active, 51, "the 50 bots and alice: {s:?}");
+        c.cmd("QUIT", "221").await;
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+    let after = relay.stats().snapshot();
+    assert_eq!(
+        (after.sessions_evicted, after.sessions_refused),
+        (flooded.sessions_evicted, flooded.sessions_refused),
+        "alice's sessions took no bot's slot"
+    );
+    sink.wait_for("alice's 3 messages", Duration::from_secs(30), |m| {
+        m.iter().filter(|d| d.contains("past the bots")).count() == 3
+    })
+    .await;
+    drop(held);
+    relay.shutdown_with(Duration::from_secs(1)).await;
+}
+
 /// One storm: `relay-lab` with `auth_concurrency = slots`, `clients`
 /// concurrent logins (each from its own 127.0.0.x, over 465) with a real
 /// argon2id hash: a third right, a third wrong, a third unknown users

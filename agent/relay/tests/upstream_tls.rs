@@ -131,9 +131,10 @@ async fn upstream_with_untrusted_certificate_is_retried_not_sent() {
         q[0].recipients[0]
             .last_error
             .as_deref()
-            .unwrap_or("")
-            .contains("connection"),
-        "{q:?}"
+            .is_some_and(|e| e.starts_with("4.7.5 ")
+                && e.contains("failed (certificate)")
+                && e.contains("UnknownIssuer")),
+        "the typed certificate failure, deferred: {q:?}"
     );
     // And the handle can delete it.
     relay_a.delete(&q[0].id).unwrap();

@@ -94,6 +94,9 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             None
         };
         relay_config.intercept_listen = None;
+        // The relay's delivery sockets carry the mark the programs let out
+        // on port 25 (with the agent's cgroup): see RELAY_MARK.
+        relay_config.delivery_mark = Some(smtpgate_common::RELAY_MARK);
         let listeners = smtpgate_relay::Listeners {
             intercept_v6: intercept
                 .as_ref()

@@ -161,7 +161,8 @@ pub const REDIRECT_TABLE: u32 = 25_225;
 /// agent's cgroup) lets them out on port 25 where every other process of
 /// the host is stopped.
 ///
-/// Why a mark: setting SO_MARK needs CAP_NET_ADMIN in the socket's network
+/// Why a mark: setting SO_MARK needs CAP_NET_ADMIN (or, since Linux 5.17,
+/// CAP_NET_RAW) in the socket's network
 /// namespace, so no unprivileged process can forge it, and the kernel copies
 /// it to every packet of the socket, where the cgroup and TC programs read
 /// it for the price of one load. A container granted CAP_NET_ADMIN in a

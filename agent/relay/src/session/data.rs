@@ -187,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     state: RcptState::Pending,
                     attempts: 0,
                     last_error: None,
+                    notified: false,
                 })
                 .collect(),
             created_unix_ms: now,
@@ -196,6 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client: self.peer.ip().to_string(),
             is_dsn: false,
             size: body.len(),
+            smtputf8: txn.smtputf8,
         };
         match self
             .shared

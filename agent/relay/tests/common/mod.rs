@@ -127,30 +127,31 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, SocketAddr::from(([127, 0, 0, 1], port)), &[])
+    }
+
+    /// On `addr` (e.g. an MX host's 127.0.0.x:25 in a test's own network
+    /// namespace), with extra smtp-sink options (`-r MAIL`, `-f RCPT`, `-8`).
+    pub fn start_with(dir: &Path, addr: SocketAddr, extra: &[&str]) -> Self {
         require_tool(SMTP_SINK);
         std::fs::create_dir_all(dir).unwrap();
         let child = Command::new(SMTP_SINK)
-            .args([
-                "-u",
-                "root",
-                "-d",
-                &format!("{}/msg.", dir.display()),
-                &format!("127.0.0.1:{port}"),
-                "100",
-            ])
+            .args(["-u", "root", "-d", &format!("{}/msg.", dir.display())])
+            .args(extra)
+            .args([&addr.to_string(), "100"])
             .stdin(Stdio::null())
             .spawn()
             .expect("spawning smtp-sink");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(addr).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "smtp-sink did not start on port {port}"
+                "smtp-sink did not start on {addr}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         Self {
-            port,
+            port: addr.port(),
             dir: dir.into(),
             child,
         }
