@@ -143,81 +143,82 @@ fn is_relay(cfg: Option<&Config>, mark: u32, cgroup: impl FnOnce() -> u64) -> bo
     }
 }
 
-/// Where a source stands before the policy speaks. `dst` reads the
-/// destination address (IPv4 in the first 4 bytes), only when the
-/// exceptions must be asked.
+/// Where a source stands before the policy speaks. `excepted` asks the
+/// destination exceptions, only when the allowlist said no and there are
+/// exceptions at all.
 #[inline(always)]
 fn standing(
     cfg: Option<&Config>,
     source: &Source,
-    relay: bool,
-    dport: u16,
-    dst: impl FnOnce() -> Option<[u8; 16]>,
+    relay: impl FnOnce() -> bool,
+    excepted: impl FnOnce() -> bool,
 ) -> Standing {
+    // `relay` is asked here, late, and not before the parse: a flag known
+    // from the start doubles every path the verifier walks after it.
     match cfg {
-        _ if relay => Standing::Relay,
+        _ if relay() => Standing::Relay,
         Some(c) if allowlisted(source, c) => Standing::Allowlisted,
-        Some(c) if c.exceptions != 0 && excepted(source, dport, dst) => Standing::Excepted,
+        Some(c) if c.exceptions != 0 && excepted() => Standing::Excepted,
         _ => Standing::NotAllowlisted,
     }
 }
 
-/// Whether the destination is a destination exception for `dport`; the
-/// family is the source's.
+/// Whether the destination of the packet whose network header is at `l3`
+/// is a destination exception for `dport`.
+///
+/// The key is filled straight from the packet: an address handed around as
+/// an `Option` of an array made the compiler spill parts of registers,
+/// which the verifier refuses.
 #[inline(always)]
-fn excepted(source: &Source, dport: u16, dst: impl FnOnce() -> Option<[u8; 16]>) -> bool {
-    match dst() {
-        Some(addr) => excepted_addr(matches!(source, Source::V6(_)), dport, &addr),
-        None => false,
+fn excepted_packet(pkt: &Bytes, v6: bool, l3: usize, dport: u16) -> bool {
+    if l3 > MAX_HEADER_BYTES {
+        return false;
     }
+    let mut key = LpmKey::new(0, [0u8; 17]);
+    if v6 {
+        let Some(a) = pkt.at::<16>(l3 + 24) else {
+            return false;
+        };
+        key.prefix_len = 8 + 128;
+        key.data[0] = 6;
+        key.data[1..17].copy_from_slice(a);
+    } else {
+        let Some(a) = pkt.at::<4>(l3 + 16) else {
+            return false;
+        };
+        key.prefix_len = 8 + 32;
+        key.data[0] = 4;
+        key.data[1..5].copy_from_slice(a);
+    }
+    covers(&key, dport)
 }
 
 #[inline(always)]
-fn excepted_addr(v6: bool, dport: u16, addr: &[u8; 16]) -> bool {
-    let key = if v6 {
-        LpmKey::new(8 + 128, exceptions::key_data(6, addr))
-    } else {
-        LpmKey::new(8 + 32, exceptions::key_data(4, &addr[..4]))
-    };
-    match SMTPGATE_EXCEPTIONS.get(&key) {
+fn covers(key: &LpmKey<ExceptionKey>, dport: u16) -> bool {
+    match SMTPGATE_EXCEPTIONS.get(key) {
         Some(ports) => ports.covers(dport),
         None => false,
     }
 }
 
-/// The destination of a connect() (IPv4 in the first 4 bytes); `mapped`:
-/// an IPv4-mapped address on an IPv6 socket.
+/// [`excepted_packet`] for a connect(): the destination words as the
+/// context holds them (IPv4 in `ip4`, or IPv6, or IPv4-mapped IPv6).
 #[inline(always)]
-///
-/// Takes the words by value: the verifier allows context fields to be read
-/// only at a constant offset from the context pointer, not through a
-/// pointer into the context that the compiler kept.
-fn connect_dst(ip4: u32, ip6: [u32; 4], v6: bool, mapped: bool) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    if !v6 {
-        a[..4].copy_from_slice(&ip4.to_ne_bytes());
-    } else if mapped {
-        a[..4].copy_from_slice(&ip6[3].to_ne_bytes());
-    } else {
+fn excepted_connect(ip4: u32, ip6: [u32; 4], v6: bool, mapped: bool, dport: u16) -> bool {
+    let mut key = LpmKey::new(0, [0u8; 17]);
+    if v6 && !mapped {
+        key.prefix_len = 8 + 128;
+        key.data[0] = 6;
         for (i, w) in ip6.iter().enumerate() {
-            a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            key.data[1 + i * 4..5 + i * 4].copy_from_slice(&w.to_ne_bytes());
         }
+    } else {
+        let w = if v6 { ip6[3] } else { ip4 };
+        key.prefix_len = 8 + 32;
+        key.data[0] = 4;
+        key.data[1..5].copy_from_slice(&w.to_ne_bytes());
     }
-    a
-}
-
-/// The destination address of a packet whose network header is at `l3`.
-#[inline(always)]
-fn packet_dst(pkt: &Bytes, source: &Source, l3: usize) -> Option<[u8; 16]> {
-    if l3 > MAX_HEADER_BYTES {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    match source {
-        Source::V4(_) => out[..4].copy_from_slice(pkt.at::<4>(l3 + 16)?),
-        Source::V6(_) => out.copy_from_slice(pkt.at::<16>(l3 + 24)?),
-    }
-    Some(out)
+    covers(&key, dport)
 }
 
 /// The verdict for a parsed packet (`relay`: it comes from the relay's own
@@ -226,7 +227,11 @@ fn packet_dst(pkt: &Bytes, source: &Source, l3: usize) -> Option<[u8; 16]> {
 /// Each arm returns on its own, rather than feeding one shared tail: paths
 /// that stay apart are paths the verifier can prune.
 #[inline(always)]
-fn decide(parsed: Parsed, relay: bool, dst: impl FnOnce(&Smtp) -> Option<[u8; 16]>) -> Decision {
+fn decide(
+    parsed: Parsed,
+    relay: impl FnOnce() -> bool,
+    excepted: impl FnOnce(&Smtp) -> bool,
+) -> Decision {
     // Without a config the agent has not finished loading: `judge` fails
     // closed for SMTP, and everything else is left alone.
     let cfg = SMTPGATE_CONFIG.get(0);
@@ -242,7 +247,7 @@ fn decide(parsed: Parsed, relay: bool, dst: impl FnOnce(&Smtp) -> Option<[u8; 16
         Parsed::Smtp(smtp) => {
             let syn = smtp.is_syn();
             let family = smtp.family();
-            let standing = standing(cfg, &smtp.source, relay, smtp.dport, || dst(&smtp));
+            let standing = standing(cfg, &smtp.source, relay, || excepted(&smtp));
             let (verdict, reason) = judge(cfg, smtp.dport, standing);
             match verdict {
                 Verdict::Allowed | Verdict::Passed => {
@@ -289,8 +294,8 @@ fn quick_verdict(
     source: &Source,
     flags: u8,
     dport: u16,
-    relay: bool,
-    dst: impl FnOnce() -> Option<[u8; 16]>,
+    relay: impl FnOnce() -> bool,
+    excepted: impl FnOnce() -> bool,
 ) -> Option<i32> {
     // No config: the full path fails closed.
     let cfg = SMTPGATE_CONFIG.get(0)?;
@@ -299,7 +304,7 @@ fn quick_verdict(
         Source::V4(_) => Family::Ipv4,
         Source::V6(_) => Family::Ipv6,
     };
-    let standing = standing(Some(cfg), source, relay, dport, dst);
+    let standing = standing(Some(cfg), source, relay, excepted);
     let (verdict, reason) = judge(Some(cfg), dport, standing);
     match verdict {
         Verdict::Allowed => {}
@@ -383,12 +388,13 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
     }
     // The relay's own delivery leaves through egress; nothing of it is seen
     // at ingress, where a mark could only have been set by this host.
-    let relay = !INGRESS && tc_is_relay(ctx);
+    let relay = || !INGRESS && tc_is_relay(ctx);
     if let Quick::Smtp(source, flags, dport) = quick {
         // The quick look vouches for a plain header at the start.
         let l3 = if ETHERNET { parse::ETH_HLEN } else { 0 };
-        let dst = || packet_dst(&tc_bytes(ctx), &source, l3);
-        if let Some(verdict) = quick_verdict(&source, flags, dport, relay, dst) {
+        let v6 = matches!(source, Source::V6(_));
+        let excepted = || excepted_packet(&tc_bytes(ctx), v6, l3, dport);
+        if let Some(verdict) = quick_verdict(&source, flags, dport, relay, excepted) {
             return verdict;
         }
     }
@@ -402,7 +408,8 @@ fn tc_verdict<const INGRESS: bool, const ETHERNET: bool>(ctx: &TcContext) -> i32
     };
     let decision = decide(parsed, relay, |smtp| {
         let (l3, _, _) = unstash_offsets(ctx);
-        packet_dst(&tc_bytes(ctx), &smtp.source, l3)
+        let v6 = matches!(smtp.source, Source::V6(_));
+        excepted_packet(&tc_bytes(ctx), v6, l3, smtp.dport)
     });
     if let (Some(smtp), Some(v)) = (smtp, denied_as(&decision)) {
         let key = source_key(0, &smtp.source);
@@ -557,14 +564,16 @@ pub fn smtpgate_cgroup(ctx: SkBuffContext) -> i32 {
     let pkt = Bytes { start, end };
     let parsed = parse::network(&pkt, proto, &is_smtp_port);
     let Parsed::Smtp(smtp) = parsed else {
-        return cgroup_code(decide(parsed, false, |_| None));
+        return cgroup_code(decide(parsed, || false, |_| false));
     };
     let cfg = SMTPGATE_CONFIG.get(0);
     // SAFETY: a plain helper on our own skb.
     let cgroup = || unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let decision = decide(parsed, is_relay(cfg, mark, cgroup), |s| {
-        packet_dst(&pkt, &s.source, s.l3)
-    });
+    let decision = decide(
+        parsed,
+        || is_relay(cfg, mark, cgroup),
+        |s| excepted_packet(&pkt, matches!(s.source, Source::V6(_)), s.l3, s.dport),
+    );
     // A denied SYN is recorded here only if the connect hook could not
     // judge it (the socket had no source address yet and one of this host's
     // could pass); otherwise the connect hook recorded it already, with the
@@ -705,8 +714,7 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
         Standing::NotAllowlisted
     };
     if standing == Standing::NotAllowlisted && cfg.exceptions != 0 {
-        let dst = connect_dst(dst4, dst6, v6, family == Family::Ipv4);
-        if excepted_addr(family == Family::Ipv6, port, &dst) {
+        if excepted_connect(dst4, dst6, v6, family == Family::Ipv4, port) {
             // Counted by the egress program, which sees the SYN.
             return ALLOW;
         }
@@ -762,6 +770,26 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
         // them: a drop must look like one (a timeout), not like EPERM.
         _ => ALLOW,
     }
+}
+
+/// The destination of a connect() (IPv4 in the first 4 bytes); `mapped`:
+/// an IPv4-mapped address on an IPv6 socket. Takes the words by value: the
+/// verifier allows context fields to be read only at a constant offset from
+/// the context pointer, not through a pointer into the context that the
+/// compiler kept.
+#[inline(always)]
+fn connect_dst(ip4: u32, ip6: [u32; 4], v6: bool, mapped: bool) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    if !v6 {
+        a[..4].copy_from_slice(&ip4.to_ne_bytes());
+    } else if mapped {
+        a[..4].copy_from_slice(&ip6[3].to_ne_bytes());
+    } else {
+        for (i, w) in ip6.iter().enumerate() {
+            a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
+    a
 }
 
 /// A denied connect() for `top` and the log, with the process that made it.
