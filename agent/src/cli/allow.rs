@@ -91,23 +91,43 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
                 println!("removed {}", d.removed);
                 if d.still_allowed_by_config {
                     println!("note: the config file allowlists it too, so it stays allowed");
+                } else if !d.still_allowed_by.is_empty() {
+                    let by: Vec<String> =
+                        d.still_allowed_by.iter().map(ToString::to_string).collect();
+                    println!("note: still allowed by {}", by.join(", "));
                 }
             });
         }
         Command::List => {
             let d: AllowListReply = client.call(&request)?;
             client.print(&d, |d| {
+                // The origin column is as wide as its longest value (a
+                // file path and line, a name), so the rest stays aligned.
+                let width = d
+                    .entries
+                    .iter()
+                    .map(|e| e.origin.to_string().len())
+                    .max()
+                    .unwrap_or(0)
+                    .max("ORIGIN".len());
                 println!(
-                    "{:<44} {:<7} {:<12} COMMENT",
+                    "{:<44} {:<width$} {:<12} COMMENT",
                     "PREFIX", "ORIGIN", "EXPIRES IN"
                 );
                 for e in &d.entries {
+                    let mut comment = e.comment.clone().unwrap_or_default();
+                    if !e.also.is_empty() {
+                        let also: Vec<String> = e.also.iter().map(ToString::to_string).collect();
+                        if !comment.is_empty() {
+                            comment.push_str("; ");
+                        }
+                        comment.push_str(&format!("also {}", also.join(", ")));
+                    }
                     println!(
-                        "{:<44} {:<7} {:<12} {}",
+                        "{:<44} {:<width$} {:<12} {comment}",
                         e.prefix.to_string(),
-                        super::as_written(&e.origin),
+                        e.origin.to_string(),
                         e.expires_unix.map_or_else(|| "-".to_owned(), left),
-                        e.comment.as_deref().unwrap_or("")
                     );
                 }
             });
