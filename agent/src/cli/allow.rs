@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use smtpgate::{
     control::protocol::{AllowAddReply, AllowListReply, AllowRemoveReply, Request},
-    policy::Prefix,
+    policy::{Item, Prefix},
 };
 
 use super::client::ClientArgs;
@@ -42,8 +42,15 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
         } => {
             // Refuse bad input here, with the same parser the agent uses,
             // so the message does not depend on an agent being up.
-            cidr.parse::<Prefix>()
-                .map_err(|e| anyhow::anyhow!("{cidr:?}: {e}"))?;
+            cidr.parse::<Prefix>().map_err(|e| {
+                let hint = match cidr.parse::<Item>() {
+                    Ok(Item::Named(_)) => {
+                        " (a name goes in the config's `allowlist` or an allowlist file, where it is kept resolved)"
+                    }
+                    _ => "",
+                };
+                anyhow::anyhow!("{cidr:?}: {e}{hint}")
+            })?;
             let at = match (expires, until) {
                 (Some(d), _) => Some(SystemTime::now() + *d),
                 (None, Some(t)) => Some(*t),

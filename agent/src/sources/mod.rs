@@ -217,6 +217,9 @@ impl Sources {
             install_error: None,
         };
         s.apply_scan(scan, now);
+        // Only what is listed at start is restored: a name added later
+        // (a reload) is new, and allows nothing until it resolves.
+        s.restored.clear();
         s
     }
 
