@@ -107,9 +107,12 @@ fn print_sources(s: &SourcesStatus) {
             let since = n
                 .failing_since_unix
                 .map_or(String::new(), |t| format!(" for {}", ago(t)));
+            let failures = match n.failures {
+                1 => "1 failure".to_owned(),
+                k => format!("{k} failures"),
+            };
             println!(
-                "           FAILING{since} ({} failures): {e}; keeping the last good addresses",
-                n.failures
+                "           FAILING{since} ({failures}): {e}; keeping the last good addresses"
             );
         }
     }

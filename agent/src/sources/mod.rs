@@ -406,7 +406,8 @@ impl Sources {
             Err(e) => {
                 state.failures += 1;
                 if state.error.as_ref().is_none_or(|(was, _)| *was != e) {
-                    warn!(%name, error = %e, kept = state.addresses.len(), retry_unix = answer.next_unix, "DNS lookup failed; the last good addresses stay in force");
+                    let retry_in_secs = format!("{:.0}", (answer.next_unix - now).max(0.0));
+                    warn!(%name, error = %e, kept = state.addresses.len(), retry_in_secs, "DNS lookup failed; the last good addresses stay in force");
                 }
                 let since = state.error.as_ref().map_or(now, |(_, t)| *t);
                 state.error = Some((e, since));
