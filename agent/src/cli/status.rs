@@ -139,7 +139,10 @@ fn print_sources(s: &SourcesStatus) {
             }
         }
     }
-    if s.files.is_empty() && !s.patterns.is_empty() {
+    for e in &s.dir_errors {
+        println!("files:     {e}");
+    }
+    if s.files.is_empty() && s.dir_errors.is_empty() && !s.patterns.is_empty() {
         println!("files:     none match {}", s.patterns.join(", "));
     }
     if let Some(e) = &s.install_error {

@@ -101,6 +101,9 @@ pub struct SourcesStatus {
     pub files: Vec<FileStatus>,
     /// The `allowlist_files` patterns.
     pub patterns: Vec<String>,
+    /// Their directories that cannot be listed, and why.
+    #[serde(default)]
+    pub dir_errors: Vec<String>,
     /// Why the sources' last change could not be installed (the table was
     /// full, say): the running policy is the one before it.
     pub install_error: Option<String>,
@@ -524,6 +527,7 @@ impl Sources {
                 })
                 .collect(),
             patterns: self.patterns.iter().map(ToString::to_string).collect(),
+            dir_errors: self.dir_errors.values().cloned().collect(),
             install_error: self.install_error.clone(),
         }
     }
