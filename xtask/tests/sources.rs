@@ -277,6 +277,26 @@ fn a_name_follows_its_dns_records_within_the_ttl() {
         "{}",
         lab.read_log(&agent.log)
     );
+
+    // Files that a reload brings in are watched from then on (this agent
+    // had none, so no inotify instance, until now).
+    let dir = lab.dir.join("later.d");
+    std::fs::create_dir(&dir).unwrap();
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        format!("allowlist_files = [\"{}/*.txt\"]\n{text}", dir.display()),
+    )
+    .unwrap();
+    cli(&lab, &agent, &["reload"]);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(dir.join("a.txt"), format!("{a}\n")).unwrap();
+    let took = wait(
+        "a allowed by a file added by reload",
+        Duration::from_secs(5),
+        || connect(&lab, a) == "connected",
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
 }
 
 #[test]

@@ -206,17 +206,25 @@ use inotify::{Inotify, WatchDescriptor, WatchMask};
 /// them) and sends every scan that differs from the last to the agent.
 /// Runs until the agent stops.
 pub async fn run(mut patterns: watch::Receiver<Vec<FilePattern>>, agent: AgentHandle) {
-    let mut stream = match Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; 8192])) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            error!(error = %e, every_secs = POLL_EVERY.as_secs(), "cannot use inotify for the allowlist files; polling them instead");
-            None
-        }
-    };
+    let mut stream: Option<Events> = None;
+    // Set once inotify failed: the files are polled from then on.
+    let mut polling = false;
     let mut watched: HashMap<PathBuf, WatchDescriptor> = HashMap::new();
     let mut last: Option<Scan> = None;
     loop {
         let list = patterns.borrow_and_update().clone();
+        // Only once there are files to watch: an agent without any needs
+        // no inotify instance (and must not complain that it has none).
+        if stream.is_none() && !polling && !list.is_empty() {
+            match Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; 8192])) {
+                Ok(s) => stream = Some(s),
+                Err(e) => {
+                    error!(error = %e, every_secs = POLL_EVERY.as_secs(), "cannot use inotify for the allowlist files; polling them instead");
+                    polling = true;
+                }
+            }
+        }
+        let empty = list.is_empty();
         let scan = match tokio::task::spawn_blocking(move || scan(&list)).await {
             Ok(s) => s,
             Err(e) => {
@@ -237,7 +245,10 @@ pub async fn run(mut patterns: watch::Receiver<Vec<FilePattern>>, agent: AgentHa
         if added {
             continue;
         }
-        let timeout = if stream.is_some() {
+        let timeout = if empty {
+            // Nothing to read until a reload brings patterns.
+            Duration::MAX
+        } else if stream.is_some() {
             RESCAN_EVERY
         } else {
             POLL_EVERY
@@ -250,6 +261,7 @@ pub async fn run(mut patterns: watch::Receiver<Vec<FilePattern>>, agent: AgentHa
                     None => {
                         error!("the inotify stream ended; polling the allowlist files instead");
                         stream = None;
+                        polling = true;
                         watched.clear();
                     }
                 }
@@ -263,12 +275,21 @@ pub async fn run(mut patterns: watch::Receiver<Vec<FilePattern>>, agent: AgentHa
                 }
             }
             r = patterns.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(timeout) => {}
+            () = sleep(timeout) => {}
         }
     }
 }
 
 type Events = inotify::EventStream<Vec<u8>>;
+
+/// `tokio::time::sleep`, where `Duration::MAX` is forever (tokio's would
+/// overflow the deadline).
+async fn sleep(d: Duration) {
+    if d == Duration::MAX {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(d).await;
+}
 
 async fn next(stream: &mut Option<Events>) -> Option<std::io::Result<inotify::EventOwned>> {
     use futures_util::StreamExt as _;
