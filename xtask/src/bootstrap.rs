@@ -28,10 +28,6 @@ const PACKAGES: &[&str] = &[
     "curl",       // the metrics tests scrape with it
     "util-linux", // setpriv, nsenter
     "kmod",       // modprobe tun
-    // A real DNS server for the allowlist's names (xtask/tests/sources.rs).
-    // The -base package: the binary alone, without the dnsmasq service
-    // that would start on this host's port 53.
-    "dnsmasq-base",
     // deploy/tests: the package, the sandbox and a systemd boot in a container
     "dpkg",
     "adduser",
@@ -56,7 +52,6 @@ const COMMANDS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("jq", "jq"),
     ("curl", "curl"),
-    ("dnsmasq", "dnsmasq-base"),
     ("setpriv", "util-linux"),
     ("nsenter", "util-linux"),
     ("unshare", "util-linux"),
