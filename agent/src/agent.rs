@@ -21,8 +21,9 @@ use crate::{
         TopReply, TopRow,
     },
     datapath::{Datapath, DatapathError, Down, PinDir, expected_programs},
-    metrics::{AttachmentState, RelaySnapshot, Snapshot},
-    policy::{Allowlist, Origin, Prefix, Table},
+    metrics::{AttachmentState, DnsNameSnapshot, RelaySnapshot, Snapshot},
+    policy::{Allowlist, Builder, Origin, Prefix, Table},
+    sources::{self, DnsAnswer, Scan, Sources, Store},
     state::{CliEntry, State},
 };
 
@@ -32,6 +33,12 @@ pub struct Agent {
     config_path: Option<PathBuf>,
     state: State,
     cli_entries: Vec<CliEntry>,
+    /// Names and allowlist files, with their last good state.
+    sources: Sources,
+    sources_store: Store,
+    sources_tx: sources::Senders,
+    /// For `run` to hand to the tasks that keep the sources current.
+    sources_rx: Option<sources::Watches>,
     allowlist: Allowlist,
     table_nodes: usize,
     datapath: Datapath,
@@ -121,7 +128,22 @@ impl Agent {
             cli_entries.retain(|e| !e.expired(now));
             state.save(&cli_entries)?;
         }
-        let allowlist = allowlist_of(&config, &cli_entries);
+        // The files as they are, names with the addresses the last agent
+        // resolved: the first table already holds both, so a restart
+        // never drops an entry that a source still lists.
+        let sources_store = Store::new(&config.state_dir);
+        let stored = sources_store.load().unwrap_or_else(|e| {
+            error!(error = %e, "ignoring the sources' saved state: names allow nothing until they resolve, broken files nothing until fixed");
+            sources::Stored::default()
+        });
+        let sources = Sources::new(
+            &config,
+            stored,
+            sources::files::scan(&config.allowlist_files),
+            now_unix(),
+        );
+        let (sources_tx, sources_rx) = sources.channels();
+        let allowlist = allowlist_of(&config, &cli_entries, &sources);
         let table = allowlist.compile();
         let mut datapath = Datapath::load(
             PinDir::new(&config.pin_dir),
@@ -173,11 +195,17 @@ impl Agent {
             "allowlist installed"
         );
         let config_exceptions = config.exceptions.clone();
+        // Names and files no longer configured leave the saved state.
+        sources.save(&sources_store);
         Ok(Self {
             config,
             config_path,
             state,
             cli_entries,
+            sources,
+            sources_store,
+            sources_tx,
+            sources_rx: Some(sources_rx),
             allowlist,
             table_nodes: table.len(),
             datapath,
@@ -200,6 +228,61 @@ impl Agent {
 
     pub fn detached(&self) -> bool {
         self.detached
+    }
+
+    /// What the source tasks watch (see `sources::spawn`); once.
+    pub fn take_source_watches(&mut self) -> Option<sources::Watches> {
+        self.sources_rx.take()
+    }
+
+    /// A DNS answer for a name in the allowlist.
+    pub fn apply_dns(&mut self, answer: DnsAnswer) {
+        if !self.detached && self.sources.apply_dns(answer, now_unix()) {
+            self.install_sources();
+        }
+    }
+
+    /// The allowlist files, as the watcher read them.
+    pub fn apply_files(&mut self, scan: Scan) {
+        if !self.detached && self.sources.apply_scan(scan, now_unix()) {
+            self.sources_tx.update(&self.sources);
+            self.install_sources();
+        }
+    }
+
+    /// Installs the allowlist after a source changed, as a reload would:
+    /// a whole new table, or, if it cannot be, the old one stays and the
+    /// sources' status says why until a later change fits.
+    fn install_sources(&mut self) {
+        let allowlist = allowlist_of(&self.config, &self.cli_entries, &self.sources);
+        let table = allowlist.compile();
+        // Grown live if the new list needs more room, as for a reload.
+        let result = self
+            .make_room(&table)
+            .and_then(|()| self.datapath.install(&table).map_err(anyhow::Error::new));
+        match result {
+            Ok(()) => {
+                let (v4, v6) = allowlist.count_by_family();
+                info!(
+                    ipv4 = v4,
+                    ipv6 = v6,
+                    nodes = table.len(),
+                    "allowlist updated from its sources"
+                );
+                self.allowlist = allowlist;
+                self.table_nodes = table.len();
+                self.sources.install_error = None;
+                self.sources.save(&self.sources_store);
+                if let Err(e) = self.refresh_local_addresses() {
+                    warn!(error = %e, "refreshing local addresses");
+                }
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                error!(error = %e, "the allowlist's sources changed but the new table cannot be installed; the running policy is unchanged");
+                self.sources.install_error = Some(e);
+            }
+        }
     }
 
     /// Hands the relay's intercept listeners to the datapath (redirect).
@@ -449,7 +532,15 @@ impl Agent {
         for point in &config.attach {
             check_attach_point(point, config.missing_interface)?;
         }
-        let allowlist = allowlist_of(&config, &self.cli_entries);
+        // The files are read now, so the reply says what they hold; a
+        // broken one keeps its last good entries, as it would live.
+        let mut sources = self.sources.clone();
+        sources.set_config(
+            &config,
+            sources::files::scan(&config.allowlist_files),
+            now_unix(),
+        );
+        let allowlist = allowlist_of(&config, &self.cli_entries, &sources);
         let table = allowlist.compile();
         self.make_room(&table)?;
         if (config.action == Action::Redirect) != (self.config.action == Action::Redirect) {
@@ -490,6 +581,10 @@ impl Agent {
         self.allowlist = allowlist;
         self.exceptions = crate::policy::Exceptions::compile(&config.exceptions)?;
         self.config = config;
+        sources.install_error = None;
+        self.sources = sources;
+        self.sources.save(&self.sources_store);
+        self.sources_tx.update(&self.sources);
         Ok(self.status())
     }
 
@@ -553,7 +648,7 @@ impl Agent {
     /// first: an entry is never enforced without being saved, and a change
     /// that cannot be enforced is not saved.
     fn set_cli_entries(&mut self, entries: Vec<CliEntry>) -> anyhow::Result<()> {
-        let allowlist = allowlist_of(&self.config, &entries);
+        let allowlist = allowlist_of(&self.config, &entries, &self.sources);
         let table = allowlist.compile();
         self.make_room(&table)?;
         self.state.save(&entries)?;
@@ -586,12 +681,19 @@ impl Agent {
                 anyhow::anyhow!("{prefix}: the expiry time is in the past"),
             ));
         }
-        if let Some(e) = self.allowlist.get(&prefix) {
+        // Already listed by the config or the CLI: nothing to add. An entry
+        // from a file or from DNS can be added, since those change by
+        // themselves (pinning a host whose name is about to move).
+        if let Some(o) = self.allowlist.get(&prefix).and_then(|e| {
+            std::iter::once(&e.origin)
+                .chain(&e.also)
+                .find(|o| matches!(o, Origin::Config | Origin::Cli))
+        }) {
             return Err(coded(
                 ErrorCode::Conflict,
                 anyhow::anyhow!(
                     "{prefix} is already allowlisted (from the {})",
-                    origin_name(e.origin)
+                    origin_name(o)
                 ),
             ));
         }
@@ -629,6 +731,16 @@ impl Agent {
                     ),
                 ));
             }
+            if let Some(e) = self.allowlist.get(&prefix) {
+                let how = match &e.origin {
+                    Origin::File { .. } => "remove it from that file (applied live)",
+                    _ => "it is an address that name resolves to",
+                };
+                return Err(coded(
+                    ErrorCode::Refused,
+                    anyhow::anyhow!("{prefix} comes from {}: {how}", e.origin),
+                ));
+            }
             return Err(coded(
                 ErrorCode::NotFound,
                 anyhow::anyhow!("{prefix} is not in the allowlist"),
@@ -640,6 +752,11 @@ impl Agent {
         Ok(AllowRemoveReply {
             removed: prefix,
             still_allowed_by_config: in_config,
+            still_allowed_by: self
+                .allowlist
+                .get(&prefix)
+                .map(|e| std::iter::once(&e.origin).chain(&e.also).cloned().collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -692,6 +809,7 @@ impl Agent {
                 failed: self.reloads_failed,
             },
             detached: self.detached,
+            sources: self.sources.status(),
             relay: self.relay.as_ref().map(|r| {
                 let a = r.addrs();
                 let s = r.stats().snapshot();
@@ -836,7 +954,7 @@ impl Agent {
         match entry {
             Some(e) if standing == Standing::Allowlisted => CheckReply {
                 entry: Some(e.prefix),
-                origin: Some(e.origin),
+                origin: Some(e.origin.clone()),
                 ..reply
             },
             _ => reply,
@@ -890,6 +1008,27 @@ impl Agent {
             reloads_failed: self.reloads_failed,
             last_reload_unix: self.last_reload_unix,
             ready: !self.detached && self.all_up(),
+            dns: self
+                .sources
+                .status()
+                .names
+                .into_iter()
+                .map(|n| DnsNameSnapshot {
+                    name: n.name.to_string(),
+                    failures: n.failures,
+                    addresses: n.addresses.len(),
+                    last_success_age_secs: n
+                        .last_success_unix
+                        .map_or(f64::INFINITY, |t| (now_unix() - t).max(0.0)),
+                })
+                .collect(),
+            allowlist_files: self
+                .sources
+                .status()
+                .files
+                .into_iter()
+                .map(|f| (f.path.display().to_string(), f.error.is_none()))
+                .collect(),
             relay: self.relay.as_ref().map(|r| {
                 let stats = r.stats();
                 RelaySnapshot {
@@ -922,19 +1061,26 @@ fn reply<T: serde::Serialize>(t: T) -> anyhow::Result<Value> {
     serde_json::to_value(t).context("encoding the reply")
 }
 
-fn origin_name(o: Origin) -> &'static str {
+fn origin_name(o: &Origin) -> String {
     match o {
-        Origin::Config => "config file",
-        Origin::Cli => "CLI (smtpgate allow add)",
+        Origin::Config => "config file".into(),
+        Origin::Cli => "CLI (smtpgate allow add)".into(),
+        other => other.to_string(),
     }
 }
 
-fn allowlist_of(config: &Config, cli: &[CliEntry]) -> Allowlist {
-    Allowlist::new(
-        &config.allowlist,
-        cli.iter()
-            .map(|e| (&e.prefix, e.comment.as_ref(), e.expires)),
-    )
+/// The allowlist of every source: the config's prefixes, the CLI's
+/// entries, the files' prefixes and the addresses the names resolve to.
+fn allowlist_of(config: &Config, cli: &[CliEntry], sources: &Sources) -> Allowlist {
+    let mut b = Builder::default();
+    for p in &config.allowlist {
+        b.add(*p, Origin::Config, None, None);
+    }
+    for e in cli {
+        b.add(e.prefix, Origin::Cli, e.comment.clone(), e.expires);
+    }
+    sources.contribute(&mut b);
+    b.build()
 }
 
 /// Writes ports, mode, action, the host's own verdicts and the table.

@@ -10,7 +10,11 @@ use std::{collections::BTreeSet, fmt, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{paths, policy::Prefix};
+use crate::{
+    paths,
+    policy::{Item, Named, Prefix},
+    sources::FilePattern,
+};
 
 /// The config the agent runs with when given none: protect this host itself.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -34,10 +38,18 @@ pub enum ConfigError {
         index: usize,
         entry: String,
         #[source]
-        source: crate::policy::PrefixError,
+        source: crate::policy::ItemError,
     },
     #[error("allowlist entry {entry:?} is listed twice")]
     DuplicateEntry { entry: String },
+    #[error("allowlist_files entry {index} ({pattern:?}): {reason}")]
+    AllowlistFile {
+        index: usize,
+        pattern: String,
+        reason: String,
+    },
+    #[error("[resolver] {reason}")]
+    Resolver { reason: String },
     #[error("ports: {reason}")]
     Ports { reason: String },
     #[error("attach point {index}: {reason}")]
@@ -94,9 +106,19 @@ pub struct File {
     #[serde(default)]
     pub redirect_fallback: Option<Fallback>,
     /// Source prefixes allowed to send SMTP egress: IPv4 or IPv6, with or
-    /// without a prefix length (a bare address is a host).
+    /// without a prefix length (a bare address is a host); or a host name
+    /// (its A and AAAA records), or `mx:` and a domain (its MX hosts'),
+    /// re-resolved as their TTLs run out.
     #[serde(default)]
     pub allowlist: Vec<String>,
+    /// Files with one allowlist entry (prefix or name) per line, watched
+    /// and applied live: absolute paths, with shell wildcards in the file
+    /// name (`/etc/smtpgate/allow.d/*.txt`).
+    #[serde(default)]
+    pub allowlist_files: Vec<String>,
+    /// How names in the allowlist are resolved.
+    #[serde(default)]
+    pub resolver: ResolverFile,
     /// Where the programs attach.
     #[serde(default)]
     pub attach: Vec<AttachPoint>,
@@ -116,6 +138,120 @@ pub struct File {
     /// The embedded submission relay (off by default).
     #[serde(default)]
     pub relay: smtpgate_relay::RelayConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverFile {
+    /// DNS servers as "address" or "address:port" (UDP, and TCP for long
+    /// answers). Default: the nameservers of /etc/resolv.conf, read at
+    /// start and at each reload.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// A name is resolved again when its records' TTL runs out, but never
+    /// sooner than this (a TTL of 0 must not become a query loop)...
+    #[serde(default = "default_min_ttl")]
+    pub min_ttl_secs: u64,
+    /// ...and never later than this (a week-long TTL must not keep a moved
+    /// mail server's old address). A failed lookup is retried after
+    /// `min_ttl_secs`.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_secs: u64,
+    /// How long one query waits for an answer.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl Default for ResolverFile {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_ttl_secs: default_min_ttl(),
+            max_ttl_secs: default_max_ttl(),
+            timeout_secs: default_dns_timeout(),
+        }
+    }
+}
+
+fn default_min_ttl() -> u64 {
+    30
+}
+
+fn default_max_ttl() -> u64 {
+    3600
+}
+
+fn default_dns_timeout() -> u64 {
+    5
+}
+
+/// `[resolver]`, validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResolverConfig {
+    /// None: /etc/resolv.conf's.
+    pub nameservers: Option<Vec<std::net::SocketAddr>>,
+    pub min_ttl: std::time::Duration,
+    pub max_ttl: std::time::Duration,
+    pub timeout: std::time::Duration,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverFile::default()
+            .validate()
+            .expect("the default [resolver] is valid")
+    }
+}
+
+/// A day: the longest any bound may be.
+const MAX_DNS_SECS: u64 = 86_400;
+
+impl ResolverFile {
+    fn validate(&self) -> Result<ResolverConfig, ConfigError> {
+        let bad = |reason: String| ConfigError::Resolver { reason };
+        let mut nameservers = Vec::new();
+        for ns in &self.nameservers {
+            let addr = ns
+                .parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    ns.parse::<std::net::IpAddr>()
+                        .map(|ip| std::net::SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    bad(format!(
+                        "nameservers: {ns:?} is not an address or address:port (\"192.0.2.53\", \"[2001:db8::53]:53\")"
+                    ))
+                })?;
+            if addr.port() == 0 {
+                return Err(bad(format!("nameservers: {ns:?}: port 0")));
+            }
+            nameservers.push(addr);
+        }
+        if self.min_ttl_secs == 0 || self.min_ttl_secs > MAX_DNS_SECS {
+            return Err(bad(format!(
+                "min_ttl_secs = {}: must be 1 to {MAX_DNS_SECS}",
+                self.min_ttl_secs
+            )));
+        }
+        if self.max_ttl_secs < self.min_ttl_secs || self.max_ttl_secs > MAX_DNS_SECS {
+            return Err(bad(format!(
+                "max_ttl_secs = {}: must be between min_ttl_secs ({}) and {MAX_DNS_SECS}",
+                self.max_ttl_secs, self.min_ttl_secs
+            )));
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > 60 {
+            return Err(bad(format!(
+                "timeout_secs = {}: must be 1 to 60",
+                self.timeout_secs
+            )));
+        }
+        Ok(ResolverConfig {
+            nameservers: (!nameservers.is_empty()).then_some(nameservers),
+            min_ttl: std::time::Duration::from_secs(self.min_ttl_secs),
+            max_ttl: std::time::Duration::from_secs(self.max_ttl_secs),
+            timeout: std::time::Duration::from_secs(self.timeout_secs),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -350,8 +486,13 @@ pub struct Config {
     /// The action on the other SMTP ports: `action`, except under redirect.
     pub other_action: Action,
     pub ports: BTreeSet<u16>,
+    /// The `allowlist` entries that are prefixes...
     pub allowlist: Vec<Prefix>,
     pub exceptions: Vec<crate::policy::Exception>,
+    /// ...and those that are names.
+    pub allowlist_names: Vec<Named>,
+    pub allowlist_files: Vec<FilePattern>,
+    pub resolver: ResolverConfig,
     pub attach: Vec<AttachPoint>,
     pub table_nodes: u32,
     pub pin_dir: PathBuf,
@@ -441,20 +582,43 @@ impl File {
         }
         let mut seen = BTreeSet::new();
         let mut allowlist = Vec::with_capacity(self.allowlist.len());
+        let mut allowlist_names = Vec::new();
         for (index, entry) in self.allowlist.iter().enumerate() {
-            let prefix: Prefix = entry.parse().map_err(|source| ConfigError::Allowlist {
+            let item: Item = entry.parse().map_err(|source| ConfigError::Allowlist {
                 index,
                 entry: entry.clone(),
                 source,
             })?;
-            if !seen.insert(prefix) {
+            if !seen.insert(item.clone()) {
                 return Err(ConfigError::DuplicateEntry {
                     entry: entry.clone(),
                 });
             }
-            allowlist.push(prefix);
+            match item {
+                Item::Prefix(p) => allowlist.push(p),
+                Item::Named(n) => allowlist_names.push(n),
+            }
         }
         let exceptions = validate_exceptions(&self.exception, &ports)?;
+        let mut allowlist_files: Vec<FilePattern> = Vec::new();
+        for (index, pattern) in self.allowlist_files.iter().enumerate() {
+            let p: FilePattern = pattern.parse().map_err(|e: crate::sources::PatternError| {
+                ConfigError::AllowlistFile {
+                    index,
+                    pattern: pattern.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            if allowlist_files.contains(&p) {
+                return Err(ConfigError::AllowlistFile {
+                    index,
+                    pattern: pattern.clone(),
+                    reason: "listed twice".into(),
+                });
+            }
+            allowlist_files.push(p);
+        }
+        let resolver = self.resolver.validate()?;
         if self.attach.is_empty() {
             return Err(ConfigError::NoAttachPoints);
         }
@@ -488,6 +652,9 @@ impl File {
             ports,
             allowlist,
             exceptions,
+            allowlist_names,
+            allowlist_files,
+            resolver,
             attach,
             table_nodes: n,
             pin_dir: self.datapath.pin_dir,
@@ -663,6 +830,33 @@ mod tests {
     }
 
     #[test]
+    fn names_files_and_the_resolver() {
+        let c = parse(&format!(
+            "allowlist = [\"192.0.2.10\", \"Mail.Example.com\", \"mx:example.org\"]\nallowlist_files = [\"/etc/smtpgate/allow.d/*.txt\"]\n{ATTACH}[resolver]\nnameservers = [\"192.0.2.53\", \"[2001:db8::53]:5353\"]\nmin_ttl_secs = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.allowlist.len(), 1);
+        let names: Vec<String> = c.allowlist_names.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["mail.example.com", "mx:example.org"]);
+        assert_eq!(
+            c.allowlist_files[0].to_string(),
+            "/etc/smtpgate/allow.d/*.txt"
+        );
+        assert_eq!(
+            c.resolver.nameservers,
+            Some(vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:5353".parse().unwrap()
+            ])
+        );
+        assert_eq!(c.resolver.min_ttl.as_secs(), 5);
+        assert_eq!(c.resolver.max_ttl.as_secs(), 3600);
+        let d = parse(ATTACH).unwrap();
+        assert_eq!(d.resolver, ResolverConfig::default());
+        assert_eq!(d.resolver.nameservers, None);
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let e = parse(&format!("alowlist = []\n{ATTACH}"))
             .unwrap_err()
@@ -779,6 +973,46 @@ mod tests {
             (
                 format!("[datapath]\ntable_nodes = 5\n{ATTACH}"),
                 "table_nodes",
+            ),
+            (
+                format!("allowlist = [\"mail_host.example.com\"]\n{ATTACH}"),
+                "only letters, digits and hyphens",
+            ),
+            (
+                format!("allowlist = [\"mailhost\"]\n{ATTACH}"),
+                "single label",
+            ),
+            (
+                format!("allowlist = [\"mx:example.org\", \"MX:Example.org.\"]\n{ATTACH}"),
+                "twice",
+            ),
+            (
+                format!("allowlist_files = [\"allow.d/*.txt\"]\n{ATTACH}"),
+                "absolute",
+            ),
+            (
+                format!("allowlist_files = [\"/etc/*/allow.txt\"]\n{ATTACH}"),
+                "file name only",
+            ),
+            (
+                format!("allowlist_files = [\"/etc/smtpgate/allow.d/[.txt\"]\n{ATTACH}"),
+                "pattern",
+            ),
+            (
+                format!("{ATTACH}[resolver]\nnameservers = [\"dns.example\"]\n"),
+                "not an address",
+            ),
+            (
+                format!("{ATTACH}[resolver]\nmin_ttl_secs = 0\n"),
+                "min_ttl_secs = 0",
+            ),
+            (
+                format!("{ATTACH}[resolver]\nmin_ttl_secs = 60\nmax_ttl_secs = 30\n"),
+                "max_ttl_secs = 30",
+            ),
+            (
+                format!("{ATTACH}[resolver]\nnameserver = [\"192.0.2.53\"]\n"),
+                "nameserver",
             ),
             (
                 format!("{ATTACH}[datapath]\ntc_mode = \"netlink\"\n"),

@@ -14,4 +14,5 @@ pub mod notify;
 pub mod owner;
 pub mod paths;
 pub mod policy;
+pub mod sources;
 pub mod state;

@@ -28,6 +28,10 @@ enum Message {
         done: oneshot::Sender<()>,
     },
     RefreshAddresses,
+    /// An answer from the DNS task (see `sources::dns`).
+    Dns(crate::sources::DnsAnswer),
+    /// The allowlist files, as the watcher read them.
+    Files(crate::sources::Scan),
     /// SIGHUP.
     Reload(oneshot::Sender<()>),
     /// Stop: hand back the relay, for a clean shutdown.
@@ -93,6 +97,14 @@ impl AgentHandle {
         let _ = self.tx.send(Message::RefreshAddresses).await;
     }
 
+    pub async fn dns_answer(&self, answer: crate::sources::DnsAnswer) {
+        let _ = self.tx.send(Message::Dns(answer)).await;
+    }
+
+    pub async fn files_scanned(&self, scan: crate::sources::Scan) {
+        let _ = self.tx.send(Message::Files(scan)).await;
+    }
+
     pub async fn reload(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Message::Reload(tx)).await.is_ok() {
@@ -145,6 +157,8 @@ fn own(mut agent: Agent, mut rx: mpsc::Receiver<Message>, detached: &watch::Send
                     tracing::warn!(error = %e, "refreshing local addresses");
                 }
             }
+            Message::Dns(answer) => agent.apply_dns(answer),
+            Message::Files(scan) => agent.apply_files(scan),
             Message::Reload(done) => {
                 // Errors are logged and counted by reload itself.
                 if !agent.detached() {

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use smtpgate::{
     control::protocol::{AllowAddReply, AllowListReply, AllowRemoveReply, Request},
-    policy::Prefix,
+    policy::{Item, Prefix},
 };
 
 use super::client::ClientArgs;
@@ -42,8 +42,15 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
         } => {
             // Refuse bad input here, with the same parser the agent uses,
             // so the message does not depend on an agent being up.
-            cidr.parse::<Prefix>()
-                .map_err(|e| anyhow::anyhow!("{cidr:?}: {e}"))?;
+            cidr.parse::<Prefix>().map_err(|e| {
+                let hint = match cidr.parse::<Item>() {
+                    Ok(Item::Named(_)) => {
+                        " (a name goes in the config's `allowlist` or an allowlist file, where it is kept resolved)"
+                    }
+                    _ => "",
+                };
+                anyhow::anyhow!("{cidr:?}: {e}{hint}")
+            })?;
             let at = match (expires, until) {
                 (Some(d), _) => Some(SystemTime::now() + *d),
                 (None, Some(t)) => Some(*t),
@@ -91,23 +98,43 @@ pub fn execute(cmd: &Command, client: &ClientArgs) -> anyhow::Result<()> {
                 println!("removed {}", d.removed);
                 if d.still_allowed_by_config {
                     println!("note: the config file allowlists it too, so it stays allowed");
+                } else if !d.still_allowed_by.is_empty() {
+                    let by: Vec<String> =
+                        d.still_allowed_by.iter().map(ToString::to_string).collect();
+                    println!("note: still allowed by {}", by.join(", "));
                 }
             });
         }
         Command::List => {
             let d: AllowListReply = client.call(&request)?;
             client.print(&d, |d| {
+                // The origin column is as wide as its longest value (a
+                // file path and line, a name), so the rest stays aligned.
+                let width = d
+                    .entries
+                    .iter()
+                    .map(|e| e.origin.to_string().len())
+                    .max()
+                    .unwrap_or(0)
+                    .max("ORIGIN".len());
                 println!(
-                    "{:<44} {:<7} {:<12} COMMENT",
+                    "{:<44} {:<width$} {:<12} COMMENT",
                     "PREFIX", "ORIGIN", "EXPIRES IN"
                 );
                 for e in &d.entries {
+                    let mut comment = e.comment.clone().unwrap_or_default();
+                    if !e.also.is_empty() {
+                        let also: Vec<String> = e.also.iter().map(ToString::to_string).collect();
+                        if !comment.is_empty() {
+                            comment.push_str("; ");
+                        }
+                        comment.push_str(&format!("also {}", also.join(", ")));
+                    }
                     println!(
-                        "{:<44} {:<7} {:<12} {}",
+                        "{:<44} {:<width$} {:<12} {comment}",
                         e.prefix.to_string(),
-                        super::as_written(&e.origin),
+                        e.origin.to_string(),
                         e.expires_unix.map_or_else(|| "-".to_owned(), left),
-                        e.comment.as_deref().unwrap_or("")
                     );
                 }
             });

@@ -23,11 +23,43 @@ pub fn execute(args: &Args) -> anyhow::Result<()> {
         config.mode, config.action, config.ports
     );
     println!(
-        "  allowlist: {v4} IPv4 and {v6} IPv6 entries ({} table nodes)",
+        "  allowlist: {v4} IPv4 and {v6} IPv6 prefixes ({} table nodes)",
         table.len()
     );
+    if !config.allowlist_names.is_empty() {
+        let names: Vec<String> = config
+            .allowlist_names
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        println!("  names (resolved by the agent): {}", names.join(", "));
+    }
+    let mut broken = 0;
+    for pattern in &config.allowlist_files {
+        // Read as the agent would, so a bad line shows up here first.
+        let scan = smtpgate::sources::files::scan(std::slice::from_ref(pattern));
+        println!("  allowlist files {pattern}: {} match", scan.files.len());
+        for (path, result) in &scan.files {
+            match result {
+                Ok(items) => println!("    {}: {} entries", path.display(), items.len()),
+                Err(e) => {
+                    broken += 1;
+                    println!("    {}: BROKEN: {e}", path.display());
+                }
+            }
+        }
+        for e in scan.dir_errors.values() {
+            broken += 1;
+            println!("    {e}");
+        }
+    }
     for point in &config.attach {
         println!("  attach: {point}");
+    }
+    if broken > 0 {
+        anyhow::bail!(
+            "{broken} allowlist file(s) or directories cannot be used (a running agent keeps their last good entries)"
+        );
     }
     Ok(())
 }

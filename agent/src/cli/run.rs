@@ -116,7 +116,13 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     // between attach and now is DOWN from the first scrape on.
     agent.check_attachments(None);
     let events = agent.take_events();
+    let source_watches = agent.take_source_watches();
     let agent = AgentHandle::spawn(agent).context("starting the agent's thread")?;
+    if let Some(w) = source_watches {
+        // Names re-resolved at their TTL, allowlist files watched.
+        let _guard = rt.enter();
+        smtpgate::sources::spawn(w, agent.clone());
+    }
     let heartbeat = Heartbeat::new();
     heartbeat.beat();
     if let Some(l) = metrics_listener {

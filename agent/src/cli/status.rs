@@ -4,6 +4,7 @@ use smtpgate::{
     config::AttachPoint,
     control::protocol::{Request, StatusReply},
     datapath::AttachMode,
+    sources::SourcesStatus,
 };
 
 use super::client::ClientArgs;
@@ -59,6 +60,7 @@ pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
             };
             println!("attached:  {hook} {target}: UP ({}{reattached})", programs.join(", "));
         }
+        print_sources(&d.sources);
         if !d.enforcing && !d.detached {
             println!("WARNING:   not every attach point enforces: see above; /readyz says 503");
         }
@@ -67,6 +69,94 @@ pub fn execute(client: &ClientArgs) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+/// One line per name and per allowlist file: what it allows now, and
+/// what is wrong with it, if anything.
+fn print_sources(s: &SourcesStatus) {
+    let now = now_unix();
+    let ago = |t: f64| humantime::format_duration(secs(now - t)).to_string();
+    for n in &s.names {
+        let listed: Vec<String> = n.listed_in.iter().map(ToString::to_string).collect();
+        let addrs = if n.addresses.is_empty() {
+            "no addresses".to_owned()
+        } else {
+            n.addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let when = match (n.last_success_unix, n.restored) {
+            (None, _) => "never resolved, allows nothing".to_owned(),
+            (Some(t), false) => format!("resolved {} ago", ago(t)),
+            (Some(t), true) => format!(
+                "from the state file, resolved {} ago by an earlier agent",
+                ago(t)
+            ),
+        };
+        let next = n
+            .next_unix
+            .map_or(String::new(), |t| format!(", next in {}", left(t - now)));
+        println!(
+            "name:      {} ({}): {addrs} ({when}{next})",
+            n.name,
+            listed.join(", ")
+        );
+        if let Some(e) = &n.error {
+            let since = n
+                .failing_since_unix
+                .map_or(String::new(), |t| format!(" for {}", ago(t)));
+            let failures = match n.failures {
+                1 => "1 failure".to_owned(),
+                k => format!("{k} failures"),
+            };
+            println!(
+                "           FAILING{since} ({failures}): {e}; keeping the last good addresses"
+            );
+        }
+    }
+    for f in &s.files {
+        let loaded = f.loaded_unix.map_or_else(
+            || "never read good".to_owned(),
+            |t| format!("read {} ago", ago(t)),
+        );
+        match &f.error {
+            None => println!(
+                "file:      {}: {} entries ({loaded})",
+                f.path.display(),
+                f.entries
+            ),
+            Some(e) => {
+                let since = f
+                    .error_since_unix
+                    .map_or(String::new(), |t| format!(" for {}", ago(t)));
+                println!(
+                    "file:      {}: BROKEN{since}: {e}; keeping its last good {} entries ({loaded})",
+                    f.path.display(),
+                    f.entries
+                );
+            }
+        }
+    }
+    for e in &s.dir_errors {
+        println!("files:     {e}");
+    }
+    if s.files.is_empty() && s.dir_errors.is_empty() && !s.patterns.is_empty() {
+        println!("files:     none match {}", s.patterns.join(", "));
+    }
+    if let Some(e) = &s.install_error {
+        println!("WARNING:   the sources' last change is not installed: {e}");
+    }
+}
+
+/// Whole seconds: a status line has no use for milliseconds.
+fn secs(s: f64) -> std::time::Duration {
+    std::time::Duration::from_secs(s.max(0.0).round() as u64)
+}
+
+fn left(s: f64) -> String {
+    humantime::format_duration(secs(s)).to_string()
 }
 
 fn hook_and_target(point: &AttachPoint) -> (&'static str, String) {

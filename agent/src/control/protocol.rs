@@ -122,6 +122,9 @@ pub struct StatusReply {
     pub exceptions: usize,
     pub reloads: Reloads,
     pub detached: bool,
+    /// Names and allowlist files.
+    #[serde(default)]
+    pub sources: crate::sources::SourcesStatus,
     pub relay: Option<RelayStatus>,
 }
 
@@ -207,6 +210,9 @@ pub struct AllowAddReply {
 pub struct AllowRemoveReply {
     pub removed: Prefix,
     pub still_allowed_by_config: bool,
+    /// Every source that still lists the prefix.
+    #[serde(default)]
+    pub still_allowed_by: Vec<Origin>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -123,6 +123,30 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
         names::READY,
         [(vec![], f64::from(u8::from(s.ready)))],
     ));
+    out.push(family(
+        names::DNS_FAILURES,
+        s.dns
+            .iter()
+            .map(|n| (vec![n.name.clone()], n.failures as f64)),
+    ));
+    out.push(family(
+        names::DNS_LAST_SUCCESS_AGE,
+        s.dns
+            .iter()
+            .map(|n| (vec![n.name.clone()], n.last_success_age_secs)),
+    ));
+    out.push(family(
+        names::DNS_ADDRESSES,
+        s.dns
+            .iter()
+            .map(|n| (vec![n.name.clone()], n.addresses as f64)),
+    ));
+    out.push(family(
+        names::ALLOWLIST_FILE_VALID,
+        s.allowlist_files
+            .iter()
+            .map(|(p, ok)| (vec![p.clone()], f64::from(u8::from(*ok)))),
+    ));
 
     if let Some(relay) = &s.relay {
         self::relay(relay, &mut out);

@@ -28,7 +28,7 @@ use crate::heartbeat::Heartbeat;
 pub use collector::{SnapshotCollector, families, registry};
 use listener::{Limited, Limits};
 pub use names::RELAY_METRICS;
-pub use snapshot::{AttachmentState, RelaySnapshot, Snapshot};
+pub use snapshot::{AttachmentState, DnsNameSnapshot, RelaySnapshot, Snapshot};
 
 /// Takes a snapshot of the agent at scrape time.
 pub type SnapshotFn = Arc<dyn Fn() -> Snapshot + Send + Sync>;

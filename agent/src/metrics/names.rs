@@ -38,6 +38,10 @@ pub const BUILD_INFO: &str = "smtpgate_build_info";
 pub const CONFIG_RELOADS: &str = "smtpgate_config_reloads_total";
 pub const CONFIG_LAST_RELOAD: &str = "smtpgate_config_last_reload_timestamp_seconds";
 pub const READY: &str = "smtpgate_ready";
+pub const DNS_FAILURES: &str = "smtpgate_dns_failures_total";
+pub const DNS_LAST_SUCCESS_AGE: &str = "smtpgate_dns_last_success_age_seconds";
+pub const DNS_ADDRESSES: &str = "smtpgate_dns_addresses";
+pub const ALLOWLIST_FILE_VALID: &str = "smtpgate_allowlist_file_valid";
 
 pub const RELAY_SESSIONS: &str = "smtpgate_relay_sessions_total";
 pub const RELAY_SESSIONS_ACTIVE: &str = "smtpgate_relay_sessions_active";
@@ -105,6 +109,30 @@ pub const AGENT: &[Def] = &[
         GAUGE,
         "Whether the agent enforces: programs attached and maps loaded (1) or not (0).",
         &[],
+    ),
+    def(
+        DNS_FAILURES,
+        COUNTER,
+        "Failed DNS lookups of an allowlist name since the agent started; the name keeps its last good addresses meanwhile.",
+        &["name"],
+    ),
+    def(
+        DNS_LAST_SUCCESS_AGE,
+        GAUGE,
+        "Seconds since an allowlist name last resolved (+Inf: never, so it allows nothing).",
+        &["name"],
+    ),
+    def(
+        DNS_ADDRESSES,
+        GAUGE,
+        "Addresses an allowlist name allows now (its last good answer).",
+        &["name"],
+    ),
+    def(
+        ALLOWLIST_FILE_VALID,
+        GAUGE,
+        "Whether an allowlist file is in force as it is on disk (1), or is broken and its last good entries are (0).",
+        &["path"],
     ),
 ];
 

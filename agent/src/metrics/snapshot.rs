@@ -18,7 +18,22 @@ pub struct Snapshot {
     pub last_reload_unix: f64,
     /// Programs attached and maps loaded.
     pub ready: bool,
+    /// Every name in the allowlist.
+    pub dns: Vec<DnsNameSnapshot>,
+    /// Every allowlist file, and whether it is in force as it is now
+    /// (false: it is broken and its last good entries are).
+    pub allowlist_files: Vec<(String, bool)>,
     pub relay: Option<RelaySnapshot>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DnsNameSnapshot {
+    /// As written: `mail.example.com`, `mx:example.org`.
+    pub name: String,
+    pub failures: u64,
+    pub addresses: usize,
+    /// Infinite for a name that never resolved.
+    pub last_success_age_secs: f64,
 }
 
 #[derive(Clone, Debug)]

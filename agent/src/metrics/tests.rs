@@ -7,7 +7,7 @@ use smtpgate_common::{Family, Reason, Verdict};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{
-    AttachmentState, RelaySnapshot, Snapshot, SnapshotFn, families,
+    AttachmentState, DnsNameSnapshot, RelaySnapshot, Snapshot, SnapshotFn, families,
     names::{self, RELAY_METRICS},
     registry, serve, serve_with,
 };
@@ -56,6 +56,24 @@ fn snapshot() -> Snapshot {
         reloads_failed: 1,
         last_reload_unix: 1_700_000_000.5,
         ready: true,
+        dns: vec![
+            DnsNameSnapshot {
+                name: "mail.example.com".into(),
+                failures: 2,
+                addresses: 1,
+                last_success_age_secs: 12.5,
+            },
+            DnsNameSnapshot {
+                name: "mx:example.org".into(),
+                failures: 1,
+                addresses: 0,
+                last_success_age_secs: f64::INFINITY,
+            },
+        ],
+        allowlist_files: vec![
+            ("/etc/smtpgate/allow.d/a.txt".into(), true),
+            ("/etc/smtpgate/allow.d/b.txt".into(), false),
+        ],
         relay: None,
     }
 }
@@ -184,6 +202,24 @@ fn counts_land_on_their_own_series_and_unknown_rows_survive() {
         .filter(|(n, ..)| n == names::EGRESS_PACKETS)
         .count();
     assert_eq!(n, total);
+}
+
+#[test]
+fn names_and_files_have_their_own_series() {
+    let text = render(&snapshot());
+    for line in [
+        "smtpgate_dns_failures_total{name=\"mail.example.com\"} 2\n",
+        "smtpgate_dns_failures_total{name=\"mx:example.org\"} 1\n",
+        "smtpgate_dns_last_success_age_seconds{name=\"mail.example.com\"} 12.5\n",
+        // Never resolved: infinitely old, which any age alert catches.
+        // (the encoder writes "inf", which Prometheus parses as +Inf)
+        "smtpgate_dns_last_success_age_seconds{name=\"mx:example.org\"} inf\n",
+        "smtpgate_dns_addresses{name=\"mx:example.org\"} 0\n",
+        "smtpgate_allowlist_file_valid{path=\"/etc/smtpgate/allow.d/a.txt\"} 1\n",
+        "smtpgate_allowlist_file_valid{path=\"/etc/smtpgate/allow.d/b.txt\"} 0\n",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
 }
 
 #[test]

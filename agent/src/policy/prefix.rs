@@ -41,6 +41,13 @@ impl Prefix {
     pub fn prefix_len(&self) -> u8 {
         self.0.prefix_len()
     }
+
+    /// The host prefix of one address (/32 or /128). IPv4-mapped IPv6
+    /// addresses become their IPv4 form; IPv4-compatible ones are refused
+    /// as in a config.
+    pub fn host(ip: IpAddr) -> Result<Self, PrefixError> {
+        ip.to_canonical().to_string().parse()
+    }
 }
 
 impl FromStr for Prefix {
