@@ -550,6 +550,24 @@ fn tables_grow_live_from_a_tiny_list_to_100k_under_traffic() {
     );
     let top = ok(&lab.cli(&agent, &["top"]).unwrap());
     assert!(top.contains(lab::CLIENT_DENIED_V4), "{top}");
+    // The programs at lan0 are the new ones: what they count now shows.
+    let now = lab.stats(&agent).unwrap();
+    lab.craft(
+        Host::Client,
+        "syn",
+        lab::CLIENT_DENIED_V4,
+        lab::INET_V4,
+        3,
+        &[],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let delta = lab.stats(&agent).unwrap().since(&now);
+    assert_eq!(
+        delta.connections("ipv4", "rejected", "not_allowlisted"),
+        3,
+        "{delta:?}"
+    );
     // The status is healthy: every point runs the new programs.
     let out = lab.cli(&agent, &["status"]).unwrap();
     let st = ok(&out);

@@ -599,8 +599,9 @@ impl Datapath {
             }
         }
         for (k, v) in old.top.iter().filter_map(Result::ok) {
-            // BPF_NOEXIST: an entry the new programs made already is newer.
-            let _ = self.top.insert(k, v, 2);
+            // BPF_NOEXIST (1): an entry the new programs made already is
+            // newer.
+            let _ = self.top.insert(k, v, 1);
         }
     }
 
