@@ -5,6 +5,12 @@
 //! own from the config. Start it with [`Relay::start`] inside a tokio
 //! runtime; the returned [`RelayHandle`] reloads TLS, flushes the queue,
 //! exposes [`RelayStats`] and shuts everything down.
+//!
+//! Features: `legacy-hashes` (default) verifies bcrypt and SHA-512-crypt
+//! hashes from migrated users files; `lab-cert` adds `write_lab_cert`
+//! for tests and lab setups.
+
+#![forbid(unsafe_code)]
 
 mod client;
 pub mod config;
@@ -18,6 +24,7 @@ mod listener;
 mod mem;
 pub mod parse;
 pub mod queue;
+mod random;
 pub mod reply;
 pub mod session;
 pub mod spool;
@@ -25,6 +32,11 @@ pub mod stats;
 pub mod tls;
 pub mod users;
 pub mod verifier;
+
+/// Helpers shared with the integration tests (tests/common), one copy.
+#[cfg(test)]
+#[path = "../tests/common/fast_hash.rs"]
+mod test_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +50,9 @@ pub use config::{
 };
 pub use session::ListenerKind;
 pub use stats::{LatencySnapshot, RelayStats, StatsSnapshot};
-pub use tls::{TlsError, generate_lab_cert, write_lab_cert};
+pub use tls::TlsError;
+#[cfg(feature = "lab-cert")]
+pub use tls::{LabCert, generate_lab_cert, write_lab_cert};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {

@@ -27,7 +27,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use argon2::password_hash::rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -112,7 +111,7 @@ pub fn new_id() -> String {
     format!(
         "{:012x}{:016x}",
         now_ms() & 0xffff_ffff_ffff,
-        OsRng.next_u64()
+        crate::random::u64()
     )
 }
 
@@ -159,10 +158,12 @@ pub fn write_atomic_owned(
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other("path has no file name"))?;
+    let mut r = [0u8; 8];
+    crate::random::fill(&mut r)?;
     let tmp = dir.join(format!(
         ".tmp-{}-{:x}",
         name.to_string_lossy(),
-        OsRng.next_u64()
+        u64::from_ne_bytes(r)
     ));
     let written = write_synced(&tmp, bytes, mode).and_then(|()| match owner {
         Some((uid, gid)) => std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)),
