@@ -26,6 +26,7 @@ pub mod parse;
 pub mod queue;
 mod random;
 pub mod reply;
+pub mod safeio;
 pub mod session;
 pub mod spool;
 pub mod stats;

@@ -143,7 +143,7 @@ pub fn write_lab_cert(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf), 
         path: cert.clone(),
         source,
     })?;
-    crate::spool::write_atomic(&key, c.key_pem.as_bytes(), 0o600).map_err(|source| {
+    crate::safeio::write_atomic(&key, c.key_pem.as_bytes(), 0o600).map_err(|source| {
         TlsError::Write {
             path: key.clone(),
             source,

@@ -371,7 +371,7 @@ impl UsersFile {
             }
             Err(_) => (0o600, None),
         };
-        crate::spool::write_atomic_owned(path, text.as_bytes(), mode, owner).map_err(|source| {
+        crate::safeio::write_atomic_owned(path, text.as_bytes(), mode, owner).map_err(|source| {
             UsersError::Io {
                 op: "writing",
                 path: path.into(),
