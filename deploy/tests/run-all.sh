@@ -27,7 +27,7 @@ if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
 fi
 # helm-sdkpy declares Python >= 3.12 but runs on 3.11 (the CI machines'):
 # it only dlopens its bundled Helm library through cffi.
-python3 -m pip install -q --disable-pip-version-check pyyaml kubernetes-validate==1.37.0 cffi
+python3 -m pip install -q --disable-pip-version-check pyyaml kubernetes-validate==1.37.0 cffi jsonschema
 python3 -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python helm-sdkpy==0.1.32
 
 cargo build --release -p smtpgate
