@@ -7,13 +7,15 @@
 #   SMTPGATE_SKIP_SYSTEMD_TEST=1 deploy/tests/run-all.sh
 #                                      # without the nspawn boot (saves the
 #                                      # one-off 3-minute debootstrap)
+#   SMTPGATE_SKIP_CONTAINER_TEST=1 deploy/tests/run-all.sh
+#                                      # without the image build and run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 [[ $EUID -eq 0 ]] || { echo "run-all: must run as root" >&2; exit 1; }
 
 missing=()
-for pkg in dpkg adduser systemd python3-seccomp; do
+for pkg in dpkg adduser systemd python3-seccomp podman runc debootstrap; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -45,5 +47,8 @@ deploy/tests/sandbox-test.sh "$bin"
 deploy/tests/package-test.sh "$deb"
 if [[ -z ${SMTPGATE_SKIP_SYSTEMD_TEST:-} ]]; then
     deploy/tests/systemd-test.sh "$deb"
+fi
+if [[ -z ${SMTPGATE_SKIP_CONTAINER_TEST:-} ]]; then
+    deploy/tests/container-test.sh "$bin"
 fi
 echo "run-all: every deploy test passed"

@@ -34,6 +34,11 @@ const PACKAGES: &[&str] = &[
     "systemd-container", // systemd-nspawn
     "debootstrap",
     "python3-seccomp",
+    // deploy/tests/container-test.sh: builds and runs the image (rootful,
+    // host network, vfs storage: the rootless and overlay helpers podman
+    // recommends are not used). runc: crun refuses hybrid cgroup trees.
+    "podman",
+    "runc",
 ];
 
 /// Commands the tests call, each with the package that brings it.
@@ -53,6 +58,8 @@ const COMMANDS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("systemd-nspawn", "systemd-container"),
     ("debootstrap", "debootstrap"),
+    ("podman", "podman"),
+    ("runc", "runc"),
     ("dpkg-deb", "dpkg"),
 ];
 
