@@ -3,10 +3,7 @@
 //! directory), so a crash leaves the old file or the new one, never a torn
 //! one.
 
-use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -115,7 +112,9 @@ impl State {
 }
 
 /// Writes `path` so that it holds either its old contents or `data`, even
-/// across a crash or power loss.
+/// across a crash or power loss (the relay's `safeio`, shared with the
+/// spool and the users file). Mode 0644 less the umask, as before (the
+/// unit's UMask=0077 makes it 0600).
 pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let io = |op, p: &Path| {
@@ -127,20 +126,7 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StateError> {
         }
     };
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-    f.write_all(data).map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("syncing", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("renaming into", path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing", dir))?;
-    Ok(())
+    smtpgate_relay::safeio::write_atomic(path, data, 0o644).map_err(io("writing", path))
 }
 
 #[cfg(test)]

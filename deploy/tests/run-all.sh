@@ -7,13 +7,15 @@
 #   SMTPGATE_SKIP_SYSTEMD_TEST=1 deploy/tests/run-all.sh
 #                                      # without the nspawn boot (saves the
 #                                      # one-off 3-minute debootstrap)
+#   SMTPGATE_SKIP_CONTAINER_TEST=1 deploy/tests/run-all.sh
+#                                      # without the image build and run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 [[ $EUID -eq 0 ]] || { echo "run-all: must run as root" >&2; exit 1; }
 
 missing=()
-for pkg in dpkg adduser systemd python3-seccomp; do
+for pkg in dpkg adduser systemd python3-seccomp podman runc debootstrap; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -27,7 +29,7 @@ if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
 fi
 # helm-sdkpy declares Python >= 3.12 but runs on 3.11 (the CI machines'):
 # it only dlopens its bundled Helm library through cffi.
-python3 -m pip install -q --disable-pip-version-check pyyaml kubernetes-validate==1.37.0 cffi
+python3 -m pip install -q --disable-pip-version-check pyyaml kubernetes-validate==1.37.0 cffi jsonschema
 python3 -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python helm-sdkpy==0.1.32
 
 cargo build --release -p smtpgate
@@ -45,5 +47,8 @@ deploy/tests/sandbox-test.sh "$bin"
 deploy/tests/package-test.sh "$deb"
 if [[ -z ${SMTPGATE_SKIP_SYSTEMD_TEST:-} ]]; then
     deploy/tests/systemd-test.sh "$deb"
+fi
+if [[ -z ${SMTPGATE_SKIP_CONTAINER_TEST:-} ]]; then
+    deploy/tests/container-test.sh "$bin"
 fi
 echo "run-all: every deploy test passed"

@@ -308,16 +308,14 @@ if ctr smtpgate --help | grep -qE '^ +user' && command -v openssl >/dev/null; th
     cp "$work/rootfs/etc/smtpgate/smtpgate.toml" "$work/good.toml"
     # action = "redirect": the agent also sets up its transparent intercept
     # listener and policy routes (netlink), all under the unit's sandbox.
+    # No path keys in [relay]: the built-in defaults (users file, spool, TLS
+    # files) must be what the package created and the unit lets it use.
     sed -i 's/^action = "reject"/action = "redirect"/' "$work/rootfs/etc/smtpgate/smtpgate.toml"
     cat >> "$work/rootfs/etc/smtpgate/smtpgate.toml" <<'EOF'
 
 [relay]
 enabled = true
 hostname = "relay.test"
-users_file = "/etc/smtpgate/users.toml"
-spool_dir = "/var/lib/smtpgate/spool"
-tls_cert = "/etc/smtpgate/relay.crt"
-tls_key = "/etc/smtpgate/relay.key"
 EOF
     ctr systemctl restart smtpgate || fail "restart with the relay enabled failed: $(journal | tail -10)"
     # The submission listeners are below 1024 (CAP_NET_BIND_SERVICE) and the
@@ -333,6 +331,10 @@ print(s.recv(512).decode().strip())" 2>&1) || fail "relay on $port: $banner ($(j
         [[ $banner == 220* ]] || fail "relay on $port said: $banner"
         ok "relay answers on $port under the sandbox: ${banner:0:40}"
     done
+    # The default spool, where the package made it, written by the agent.
+    [[ -d $work/rootfs/var/lib/smtpgate/spool/queue ]] ||
+        fail "the relay did not open its default spool /var/lib/smtpgate/spool"
+    ok "the relay runs from its built-in paths (users file, spool, TLS files)"
     # A denied connection from a process in the container lands in the relay.
     got=$(ctr systemd-run --wait --pipe --quiet python3 -c "
 import socket

@@ -15,16 +15,23 @@ line; exits non-zero if anything failed:
 2. The same structural checks on the chart's DaemonSet template, parsed after
    template actions are blanked out (no helm binary is needed for that), and
    the chart's values: every `.Values.x.y` a template uses exists in
-   values.yaml, and every key in values.yaml is used by some template.
+   values.yaml, and every key in values.yaml is used by some template;
+   values.yaml matches values.schema.json and the schema refuses a list of
+   bad values (jsonschema); metrics.port is the one source of the ConfigMap's
+   [metrics] listen, the container port, the Service and the monitors.
 3. Every config shipped (deploy/config/smtpgate.toml, the ConfigMap's, the
    chart's `config` value) is valid TOML, its metrics port matches the pod's,
    its cgroup attach path is inside a mounted path; with --smtpgate (or
    $SMTPGATE_BIN) each also passes `smtpgate check-config`.
-4. If installed: `helm lint` through the helm-sdkpy wheel (Helm's own Go code,
-   with default values and with every toggle flipped), and schema validation
+4. deploy/prometheus/rules.yml: every alert has a runbook_url to its section
+   of runbooks.md.
+5. If installed: `helm lint` through the helm-sdkpy wheel (Helm's own Go code,
+   with default values, with every toggle flipped, with an IPv6 metrics
+   listener, and with a value the schema refuses, which must fail), and
+   schema validation
    through kubernetes-validate. Under CI=true a missing one is a failure, so
    CI cannot pass by silently skipping them. Install them with:
-       pip install kubernetes-validate==1.37.0 cffi
+       pip install kubernetes-validate==1.37.0 cffi jsonschema
        pip install --no-deps --ignore-requires-python helm-sdkpy==0.1.32
    (helm-sdkpy declares Python >= 3.12 but works on 3.11, which is what the
    CI machines have.)
@@ -54,6 +61,8 @@ RAW = ROOT / "deploy/kubernetes/daemonset.yaml"
 CHART = ROOT / "deploy/kubernetes/helm/smtpgate"
 EXAMPLE_CONFIG = ROOT / "deploy/config/smtpgate.toml"
 CONTAINERFILE = ROOT / "deploy/container/Containerfile"
+RULES = ROOT / "deploy/prometheus/rules.yml"
+RUNBOOKS = ROOT / "deploy/prometheus/runbooks.md"
 
 CAPS = {"BPF", "NET_ADMIN", "PERFMON", "NET_BIND_SERVICE"}
 # Sections the manifests already use but the agent may not accept yet. If
@@ -308,12 +317,91 @@ def check_chart(r: Report, smtpgate: str | None) -> None:
             r.check(f"{where}/templates/{t.name}: metrics port from .Values.metrics.port",
                     "containerPort: {{ .Values.metrics.port }}" in ds_text)
             facts["metrics_port"] = values.get("metrics", {}).get("port")
-            check_config(r, f"{where} values.config", values.get("config", ""), smtpgate, facts)
+            check_config(r, f"{where} ConfigMap (values.config + [metrics] from metrics.*)",
+                         chart_config(values), smtpgate, facts)
+    check_metrics_port(r, where, values)
+    check_schema(r, where, values)
     for flag, template in (("podMonitor", "podmonitor.yaml"), ("serviceMonitor", "servicemonitor.yaml")):
         text = (CHART / "templates" / template).read_text()
         r.check(f"{where}: {template} is behind monitoring.{flag}.enabled",
                 text.lstrip().startswith(f"{{{{- if .Values.monitoring.{flag}.enabled }}}}"))
     helm_lint(r, values)
+
+
+CONFIGMAP_LISTEN = 'listen = "{{ $addr }}:{{ .Values.metrics.port }}"'
+
+
+def chart_config(values: dict) -> str:
+    """The ConfigMap's smtpgate.toml as templates/configmap.yaml writes it
+    (checked textually in check_metrics_port): values.config, then a
+    [metrics] table from metrics.listenAddress and metrics.port."""
+    m = values.get("metrics", {})
+    addr = str(m.get("listenAddress", ""))
+    if ":" in addr:
+        addr = f"[{addr}]"
+    return f'{values.get("config", "")}\n[metrics]\nlisten = "{addr}:{m.get("port")}"\n'
+
+
+def check_metrics_port(r: Report, where, values: dict) -> None:
+    """One value, metrics.port, for the listener in the ConfigMap, the
+    container port (checked with the DaemonSet), the Service and the
+    monitors (by the port's name)."""
+    t = {n: (CHART / "templates" / n).read_text()
+         for n in ("configmap.yaml", "service.yaml", "servicemonitor.yaml", "podmonitor.yaml")}
+    r.check(f"{where}/templates/configmap.yaml: [metrics] listen from metrics.listenAddress and metrics.port",
+            "[metrics]" in t["configmap.yaml"] and CONFIGMAP_LISTEN in t["configmap.yaml"])
+    # The template refuses a [metrics] of the user's own; its regex (a Go
+    # string literal) must catch what it claims to and nothing else.
+    m = re.search(r'regexMatch "((?:[^"\\]|\\.)*)" \.Values\.config', t["configmap.yaml"])
+    pattern = m and re.sub(r"\\(.)", r"\1", m.group(1))
+    bad = ['[metrics]\nlisten = "0.0.0.0:1"', 'mode = "audit"\n  [ metrics ]\n', "[metrics.x]\n",
+           'metrics.listen = "0.0.0.0:1"', "metrics = { enabled = false }"]
+    good = [values.get("config", ""), '[relay]\n# metrics: see the chart\nenabled = true\n']
+    r.check(f"{where}/templates/configmap.yaml: refuses a [metrics] of values.config's own",
+            bool(pattern) and all(re.search(pattern, b) for b in bad)
+            and not any(re.search(pattern, g) for g in good), f"pattern {pattern!r}")
+    r.check(f"{where}: values.config has no [metrics] (the chart writes it)",
+            bool(pattern) and not re.search(pattern, values.get("config", "")))
+    r.check(f"{where}/templates/service.yaml: port from .Values.metrics.port, targetPort by name",
+            "port: {{ .Values.metrics.port }}" in t["service.yaml"] and "targetPort: metrics" in t["service.yaml"])
+    for n in ("servicemonitor.yaml", "podmonitor.yaml"):
+        r.check(f"{where}/templates/{n}: scrapes the port named metrics",
+                re.search(r"- port: metrics\n", t[n]) is not None)
+
+
+# Values that values.schema.json must refuse, each with why it matters.
+BAD_VALUES = [
+    ("a misspelt top-level key", lambda v: v.update(logLevle="debug")),
+    ("a misspelt nested key", lambda v: v["monitoring"]["podMonitor"].update(enabeld=True)),
+    ("the metrics port as a string", lambda v: v["metrics"].update(port="9725")),
+    ("a port above 65535", lambda v: v["metrics"].update(port=97250)),
+    ("an unknown pull policy", lambda v: v["image"].update(pullPolicy="Sometimes")),
+    ("a relative host path", lambda v: v["hostPaths"].update(state="var/lib/smtpgate")),
+    ("a scrape interval without a unit", lambda v: v["monitoring"]["serviceMonitor"].update(interval="30")),
+    ("a [metrics] table in config", lambda v: v.update(config=v["config"] + '\n[metrics]\nlisten = "0.0.0.0:1"\n')),
+]
+
+
+def check_schema(r: Report, where, values: dict) -> None:
+    schema_path = CHART / "values.schema.json"
+    if not r.check(f"{where}/values.schema.json exists", schema_path.exists()):
+        return
+    import json
+    schema = json.loads(schema_path.read_text())
+    try:
+        import jsonschema
+    except ImportError:
+        r.skip(f"{where}: values.schema.json (jsonschema)", "python3 jsonschema is not installed")
+        return
+    validator = jsonschema.Draft7Validator(schema)
+    r.check(f"{where}/values.schema.json: a valid draft-07 schema",
+            not list(jsonschema.Draft7Validator(jsonschema.Draft7Validator.META_SCHEMA).iter_errors(schema)))
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(values)]
+    r.check(f"{where}: values.yaml matches values.schema.json", not errors, "; ".join(errors))
+    for what, mutate in BAD_VALUES:
+        v = copy.deepcopy(values)
+        mutate(v)
+        r.check(f"{where}/values.schema.json refuses {what}", not validator.is_valid(v))
 
 
 def helm_lint(r: Report, values: dict) -> None:
@@ -331,7 +419,14 @@ def helm_lint(r: Report, values: dict) -> None:
     flipped["podAnnotations"] = {"example.com/a": "b"}
     flipped["podLabels"] = {"team": "mail"}
     flipped["imagePullSecrets"] = [{"name": "regcred"}]
-    for name, vals in (("default values", None), ("every toggle flipped", flipped)):
+    # Helm validates values against values.schema.json itself: a value the
+    # schema refuses must fail the lint, not only the Python check above.
+    bad = copy.deepcopy(values)
+    bad["metrics"]["port"] = "9725"
+    for name, vals in (("default values", None), ("every toggle flipped", flipped),
+                       ("IPv6 metrics listener", {**copy.deepcopy(values),
+                                                  "metrics": {"port": 9725, "listenAddress": "::"}}),
+                       ("refuses metrics.port as a string", bad)):
         with tempfile.TemporaryDirectory() as tmp:
             chart = Path(tmp) / "smtpgate"
             shutil.copytree(CHART, chart)
@@ -345,10 +440,15 @@ def helm_lint(r: Report, values: dict) -> None:
                 continue
             # Severity 3 is an error, 2 a warning; the Go error text does not
             # survive the JSON bridge, only the file it was found in.
-            bad = [m for m in result.get("Messages") or [] if m.get("Severity", 0) >= 2]
-            r.check(f"helm lint ({name})", not bad and not result.get("Errors"),
+            errs = [m for m in result.get("Messages") or [] if m.get("Severity", 0) >= 2]
+            if vals is bad:
+                r.check(f"helm lint ({name})",
+                        any(m.get("Path") == "values.yaml" and m.get("Severity") == 3 for m in errs),
+                        f"lint passed values the schema forbids: {result}")
+                continue
+            r.check(f"helm lint ({name})", not errs and not result.get("Errors"),
                     "; ".join(f"severity {m['Severity']} in {m['Path']} (run `helm lint` for the text)"
-                              for m in bad))
+                              for m in errs))
 
 
 # --- Configs --------------------------------------------------------------------
@@ -367,9 +467,12 @@ def check_config(r: Report, where: str, text: str, smtpgate: str | None, facts: 
                 port is not None and port == facts.get("metrics_port"),
                 f"listen {listen!r}, pod port {facts.get('metrics_port')}")
         relay = cfg.get("relay", {})
+        # Left out, they are the relay's defaults (agent/paths), which are
+        # these.
+        users_file = relay.get("users_file", "/etc/smtpgate/users.toml")
+        spool_dir = str(relay.get("spool_dir", "/var/lib/smtpgate/spool"))
         r.check(f"{where}: [relay] users_file and spool_dir are where the pod mounts them",
-                relay.get("users_file") == "/etc/smtpgate/users.toml"
-                and str(relay.get("spool_dir", "")).startswith("/var/lib/smtpgate/"),
+                users_file == "/etc/smtpgate/users.toml" and spool_dir.startswith("/var/lib/smtpgate/"),
                 f"users_file {relay.get('users_file')!r}, spool_dir {relay.get('spool_dir')!r}")
         cg_mount = facts.get("cgroup_mount")
         for a in cfg.get("attach", []):
@@ -484,6 +587,28 @@ def check_containerfile(r: Report) -> None:
             m.group(1) if m else "no BPF_LINKER_VERSION in xtask/src/bootstrap.rs")
 
 
+def check_alerts(r: Report) -> None:
+    """Every alert links its runbook the way Prometheus tooling expects
+    (a `runbook_url` annotation, not free text), to a section of
+    runbooks.md that exists."""
+    where = RULES.relative_to(ROOT)
+    rules = [rule for g in yaml.safe_load(RULES.read_text())["groups"] for rule in g["rules"]
+             if "alert" in rule]
+    # GitHub's anchors: the heading, lower-cased.
+    anchors = {m.group(1).lower() for m in re.finditer(r"^## (\S+)\s*$", RUNBOOKS.read_text(), re.M)}
+    r.check(f"{where}: has alerts", bool(rules))
+    for rule in rules:
+        ann = rule.get("annotations", {})
+        url = ann.get("runbook_url", "")
+        name = rule["alert"]
+        r.check(f"{where}: {name} has runbook_url, no free-text runbook",
+                bool(url) and "runbook" not in ann, str(sorted(ann)))
+        page, _, anchor = url.partition("#")
+        r.check(f"{where}: {name}'s runbook_url points at its section of {RUNBOOKS.name}",
+                page.endswith("/deploy/prometheus/runbooks.md") and anchor == name.lower()
+                and anchor in anchors, url)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smtpgate", default=os.environ.get("SMTPGATE_BIN"),
@@ -494,6 +619,7 @@ def main() -> int:
     check_raw(r, args.smtpgate)
     check_chart(r, args.smtpgate)
     check_containerfile(r)
+    check_alerts(r)
     skipped = f", {r.skipped} skipped" if r.skipped else ""
     print(f"validate-manifests: {r.passed} passed, {r.failed} failed{skipped}")
     return 1 if r.failed else 0

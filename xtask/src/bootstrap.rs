@@ -35,6 +35,11 @@ const PACKAGES: &[&str] = &[
     "systemd-container", // systemd-nspawn
     "debootstrap",
     "python3-seccomp",
+    // deploy/tests/container-test.sh: builds and runs the image (rootful,
+    // host network, vfs storage: the rootless and overlay helpers podman
+    // recommends are not used). runc: crun refuses hybrid cgroup trees.
+    "podman",
+    "runc",
 ];
 
 /// Commands the tests call, each with the package that brings it.
@@ -57,6 +62,8 @@ const COMMANDS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("systemd-nspawn", "systemd-container"),
     ("debootstrap", "debootstrap"),
+    ("podman", "podman"),
+    ("runc", "runc"),
     ("dpkg-deb", "dpkg"),
 ];
 

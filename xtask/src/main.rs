@@ -79,6 +79,16 @@ fn main() -> anyhow::Result<()> {
             // A filtered run is someone chasing one test: skip the rest.
             if args.is_empty() {
                 tests?;
+                // The relay without its default legacy-hashes feature: the
+                // unit tests check that such hashes are then refused with
+                // the reason (and that everything else still works).
+                status(cargo().args([
+                    "test",
+                    "-p",
+                    "smtpgate-relay",
+                    "--no-default-features",
+                    "--lib",
+                ]))?;
                 fuzz_briefly()?;
                 deploy_tests()?;
                 return Ok(());

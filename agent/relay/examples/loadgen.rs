@@ -9,6 +9,8 @@
 //!   ... --example loadgen -- --addr 127.0.0.1:587 --ca cert.pem --user alice --pass pw --from alice@example.com
 //! Only loopback targets make sense here; the tool refuses anything else.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

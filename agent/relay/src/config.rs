@@ -45,12 +45,13 @@ pub struct RelayConfig {
     /// Text of the 530 reply that intercepted unauthenticated senders get.
     pub intercept_message: String,
     /// PEM certificate chain. Default: "/etc/smtpgate/relay.crt".
+    /// (The path defaults are `smtpgate_paths`: what the package creates.)
     pub tls_cert: PathBuf,
     /// PEM private key. Default: "/etc/smtpgate/relay.key".
     pub tls_key: PathBuf,
-    /// Users file (see `users` module docs). Default: "/etc/smtpgate/relay-users.toml".
+    /// Users file (see `users` module docs). Default: "/etc/smtpgate/users.toml".
     pub users_file: PathBuf,
-    /// Spool directory. Default: "/var/spool/smtpgate/relay".
+    /// Spool directory. Default: "/var/lib/smtpgate/spool".
     pub spool_dir: PathBuf,
     /// Concurrent delivery attempts. Default: 8.
     pub delivery_workers: usize,
@@ -123,10 +124,10 @@ impl Default for RelayConfig {
             submissions_listen: Some("[::]:465".parse().expect("literal")),
             intercept_listen: None,
             intercept_message: "Direct port 25 delivery is not allowed from this host; submit mail on port 587 (STARTTLS) or 465 (TLS) with your credentials".into(),
-            tls_cert: "/etc/smtpgate/relay.crt".into(),
-            tls_key: "/etc/smtpgate/relay.key".into(),
-            users_file: "/etc/smtpgate/relay-users.toml".into(),
-            spool_dir: "/var/spool/smtpgate/relay".into(),
+            tls_cert: smtpgate_paths::RELAY_TLS_CERT.into(),
+            tls_key: smtpgate_paths::RELAY_TLS_KEY.into(),
+            users_file: smtpgate_paths::RELAY_USERS_FILE.into(),
+            spool_dir: smtpgate_paths::RELAY_SPOOL_DIR.into(),
             delivery_workers: 8,
             upstream: None,
             nameservers: Vec::new(),

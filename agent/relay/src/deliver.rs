@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use argon2::password_hash::rand_core::{OsRng, RngCore};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
@@ -393,7 +392,7 @@ impl Deliverer {
             );
         let base = exp.min(r.max_backoff_secs);
         // ±20% jitter so messages that failed together do not retry together.
-        let jitter = 0.8 + 0.4 * (f64::from(OsRng.next_u32()) / f64::from(u32::MAX));
+        let jitter = 0.8 + 0.4 * crate::random::unit_f64();
         rec.next_attempt_unix_ms = now_ms() + secs(base * jitter).as_millis() as u64;
         let spool = self.spool.clone();
         let snapshot = rec.clone();

@@ -12,6 +12,12 @@
 //! config: [`RelayConfig::nameservers`] and [`RelayConfig::mx_tls`] ([`MxTls`]).
 //! A resolver that cannot be set up fails [`Relay::start`] with
 //! [`RelayError::Deliver`] (a [`ResolverError`] inside).
+//!
+//! Features: `legacy-hashes` (default) verifies bcrypt and SHA-512-crypt
+//! hashes from migrated users files; `lab-cert` adds `write_lab_cert`
+//! for tests and lab setups.
+
+#![forbid(unsafe_code)]
 
 mod client;
 pub mod config;
@@ -26,14 +32,21 @@ mod lookup;
 mod mem;
 pub mod parse;
 pub mod queue;
+mod random;
 pub mod reply;
 mod route;
+pub mod safeio;
 pub mod session;
 pub mod spool;
 pub mod stats;
 pub mod tls;
 pub mod users;
 pub mod verifier;
+
+/// Helpers shared with the integration tests (tests/common), one copy.
+#[cfg(test)]
+#[path = "../tests/common/fast_hash.rs"]
+mod test_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +61,9 @@ pub use config::{
 pub use lookup::ResolverError;
 pub use session::ListenerKind;
 pub use stats::{LatencySnapshot, RelayStats, StatsSnapshot};
-pub use tls::{TlsError, generate_lab_cert, write_lab_cert};
+pub use tls::TlsError;
+#[cfg(feature = "lab-cert")]
+pub use tls::{LabCert, generate_lab_cert, write_lab_cert};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {

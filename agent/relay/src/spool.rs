@@ -27,10 +27,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use argon2::password_hash::rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::safeio::{sync_dir, write_atomic, write_synced};
 use crate::stats::CommitCounters;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +125,7 @@ pub fn new_id() -> String {
     format!(
         "{:012x}{:016x}",
         now_ms() & 0xffff_ffff_ffff,
-        OsRng.next_u64()
+        crate::random::u64()
     )
 }
 
@@ -135,58 +135,6 @@ fn check_id(id: &str) -> Result<(), SpoolError> {
     } else {
         Err(SpoolError::BadId { id: id.into() })
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-/// temp file in the same directory, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    write_atomic_owned(path, bytes, mode, None)
-}
-
-/// `write_atomic`, the new file given `owner` (uid, gid) before it replaces
-/// the old one: a file an admin made readable to the agent's group stays so.
-pub fn write_atomic_owned(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    owner: Option<(u32, u32)>,
-) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{:x}",
-        name.to_string_lossy(),
-        OsRng.next_u64()
-    ));
-    let written = write_synced(&tmp, bytes, mode).and_then(|()| match owner {
-        Some((uid, gid)) => std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)),
-        None => Ok(()),
-    });
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
 }
 
 enum JobBody {
@@ -644,7 +592,7 @@ impl Spool {
                 .strip_suffix(".eml")
                 .or_else(|| name.strip_suffix(".done"))
                 .is_some_and(|id| !self.meta_path(id).exists());
-            if name.starts_with(".tmp-") || orphan {
+            if name.starts_with(crate::safeio::TEMP_PREFIX) || orphan {
                 let _ = fs::remove_file(e.path());
             }
         }

@@ -29,11 +29,13 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[cfg(feature = "lab-cert")]
     #[error("generating lab certificate: {source}")]
     Generate {
         #[source]
         source: rcgen::Error,
     },
+    #[cfg(feature = "lab-cert")]
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -111,12 +113,14 @@ impl TlsStore {
 
 /// A self-signed certificate for tests and lab setups only: clients must be
 /// told to trust it explicitly (or skip verification).
+#[cfg(feature = "lab-cert")]
 #[derive(Debug, Clone)]
 pub struct LabCert {
     pub cert_pem: String,
     pub key_pem: String,
 }
 
+#[cfg(feature = "lab-cert")]
 pub fn generate_lab_cert(names: &[&str]) -> Result<LabCert, TlsError> {
     let ck = rcgen::generate_simple_self_signed(
         names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
@@ -130,6 +134,7 @@ pub fn generate_lab_cert(names: &[&str]) -> Result<LabCert, TlsError> {
 
 /// Writes a lab certificate as `relay.crt` and `relay.key` under `dir` and
 /// returns their paths.
+#[cfg(feature = "lab-cert")]
 pub fn write_lab_cert(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf), TlsError> {
     let c = generate_lab_cert(names)?;
     let cert = dir.join("relay.crt");
@@ -138,7 +143,7 @@ pub fn write_lab_cert(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf), 
         path: cert.clone(),
         source,
     })?;
-    crate::spool::write_atomic(&key, c.key_pem.as_bytes(), 0o600).map_err(|source| {
+    crate::safeio::write_atomic(&key, c.key_pem.as_bytes(), 0o600).map_err(|source| {
         TlsError::Write {
             path: key.clone(),
             source,

@@ -21,12 +21,11 @@
 //! `smtpgate user add` takes effect without a restart.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::SystemTime;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString, rand_core::OsRng};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use serde::{Deserialize, Serialize};
 
 use crate::parse::Address;
@@ -106,6 +105,9 @@ pub struct UsersFile {
 pub struct UserSummary {
     pub name: String,
     pub scheme: &'static str,
+    /// False for a legacy hash in a build without `legacy-hashes`: the
+    /// relay refuses the file until `user passwd` replaces it.
+    pub built_in: bool,
     pub senders: Vec<String>,
     pub header_from: HeaderFrom,
 }
@@ -119,30 +121,99 @@ fn strip_dovecot_prefix(hash: &str) -> &str {
     hash
 }
 
-/// The hash scheme, or None when unsupported.
+/// The password hash schemes a users file may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Argon2,
+    Bcrypt,
+    Sha512Crypt,
+}
+
+impl Scheme {
+    fn of(hash: &str) -> Option<Self> {
+        let h = strip_dovecot_prefix(hash);
+        if h.starts_with("$argon2id$") || h.starts_with("$argon2i$") {
+            Some(Self::Argon2)
+        } else if h.starts_with("$2b$") || h.starts_with("$2y$") || h.starts_with("$2a$") {
+            Some(Self::Bcrypt)
+        } else if h.starts_with("$6$") {
+            Some(Self::Sha512Crypt)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Argon2 => "argon2",
+            Self::Bcrypt => "bcrypt",
+            Self::Sha512Crypt => "sha512-crypt",
+        }
+    }
+
+    /// Whether this build verifies the scheme: bcrypt and SHA-512-crypt,
+    /// which only migrated users files hold, need the `legacy-hashes`
+    /// feature.
+    pub fn built_in(self) -> bool {
+        match self {
+            Self::Argon2 => true,
+            Self::Bcrypt | Self::Sha512Crypt => cfg!(feature = "legacy-hashes"),
+        }
+    }
+}
+
+/// The hash scheme's name, or None when unsupported.
 pub fn scheme(hash: &str) -> Option<&'static str> {
-    let h = strip_dovecot_prefix(hash);
-    if h.starts_with("$argon2id$") || h.starts_with("$argon2i$") {
-        Some("argon2")
-    } else if h.starts_with("$2b$") || h.starts_with("$2y$") || h.starts_with("$2a$") {
-        Some("bcrypt")
-    } else if h.starts_with("$6$") {
-        Some("sha512-crypt")
-    } else {
-        None
+    Scheme::of(hash).map(Scheme::name)
+}
+
+/// What is wrong with `hash` for this build, if anything.
+fn hash_problem(hash: &str) -> Option<String> {
+    match Scheme::of(hash) {
+        None => Some("unsupported hash (want $argon2id$, $2b$/$2y$ or $6$)".into()),
+        Some(s) if !s.built_in() => Some(format!(
+            "{} hash, but this smtpgate was built without the legacy-hashes feature \
+             (bcrypt and SHA-512-crypt, for users files migrated from Dovecot or Postfix): \
+             set an argon2id password with `smtpgate user passwd`, or use a build with it",
+            s.name()
+        )),
+        Some(_) => None,
     }
 }
 
 /// Verifies `password` against `hash`. Each backend compares in constant time.
 pub fn verify_password(hash: &str, password: &str) -> bool {
     let h = strip_dovecot_prefix(hash);
-    match scheme(h) {
-        Some("argon2") => verify_argon2(h, password),
-        // bcrypt's $2y$ (PHP/Dovecot) is the same algorithm as $2b$.
-        Some("bcrypt") => bcrypt::verify(password, &h.replacen("$2y$", "$2b$", 1)).unwrap_or(false),
-        Some("sha512-crypt") => sha_crypt::sha512_check(password, h).is_ok(),
-        _ => false,
+    match Scheme::of(h) {
+        Some(Scheme::Argon2) => verify_argon2(h, password),
+        Some(Scheme::Bcrypt) => verify_bcrypt(h, password),
+        Some(Scheme::Sha512Crypt) => verify_sha512_crypt(h, password),
+        None => false,
     }
+}
+
+#[cfg(feature = "legacy-hashes")]
+fn verify_bcrypt(h: &str, password: &str) -> bool {
+    // bcrypt's $2y$ (PHP/Dovecot) is the same algorithm as $2b$.
+    bcrypt::verify(password, &h.replacen("$2y$", "$2b$", 1)).unwrap_or(false)
+}
+
+#[cfg(feature = "legacy-hashes")]
+fn verify_sha512_crypt(h: &str, password: &str) -> bool {
+    sha_crypt::sha512_check(password, h).is_ok()
+}
+
+// Without the feature no loaded users file holds these hashes (`load`
+// refuses them with the reason); a login with one fails like a wrong
+// password.
+#[cfg(not(feature = "legacy-hashes"))]
+fn verify_bcrypt(_: &str, _: &str) -> bool {
+    false
+}
+
+#[cfg(not(feature = "legacy-hashes"))]
+fn verify_sha512_crypt(_: &str, _: &str) -> bool {
+    false
 }
 
 /// `Argon2::verify_password`, with memory that goes back to the OS after
@@ -184,7 +255,14 @@ fn verify_argon2(h: &str, password: &str) -> bool {
 /// New hashes are argon2id with the crate's defaults (OWASP-recommended
 /// m=19 MiB, t=2, p=1).
 pub fn hash_password(password: &str) -> Result<String, UsersError> {
-    let salt = SaltString::generate(&mut OsRng);
+    // 16 bytes, what password-hash's `SaltString::generate` takes.
+    let mut bytes = [0u8; 16];
+    crate::random::fill(&mut bytes).map_err(|e| UsersError::Hash {
+        problem: format!("no random salt: {e}"),
+    })?;
+    let salt = SaltString::encode_b64(&bytes).map_err(|e| UsersError::Hash {
+        problem: e.to_string(),
+    })?;
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
@@ -215,9 +293,25 @@ impl UserEntry {
     }
 }
 
+/// What loading does with a hash this build cannot verify (bcrypt or
+/// SHA-512-crypt without `legacy-hashes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotBuiltIn {
+    /// The relay: refuse the file, naming the user and the feature, rather
+    /// than let that user fail every login without a word.
+    Refuse,
+    /// `smtpgate user list/passwd/remove/add`: keep the entry, so that the
+    /// way out (`user passwd` to an argon2id hash) works.
+    Keep,
+}
+
 impl UsersFile {
     /// Loads the file; a missing file is an empty user list (fresh install).
     pub fn load(path: &Path) -> Result<Self, UsersError> {
+        Self::load_with(path, NotBuiltIn::Refuse)
+    }
+
+    fn load_with(path: &Path, not_built_in: NotBuiltIn) -> Result<Self, UsersError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
@@ -229,7 +323,12 @@ impl UsersFile {
                 });
             }
         };
-        let file: Self = toml::from_str(&text).map_err(|source| UsersError::Parse {
+        Self::parse(path, &text, not_built_in)
+    }
+
+    /// `text` as the users file at `path` (named in errors), validated.
+    fn parse(path: &Path, text: &str, not_built_in: NotBuiltIn) -> Result<Self, UsersError> {
+        let file: Self = toml::from_str(text).map_err(|source| UsersError::Parse {
             path: path.into(),
             source,
         })?;
@@ -242,8 +341,9 @@ impl UsersFile {
             if name.is_empty() || name.contains(['\0', ' ', '\t']) {
                 return Err(bad("user names must be non-empty and contain no spaces"));
             }
-            if scheme(&u.hash).is_none() {
-                return Err(bad("unsupported hash (want $argon2id$, $2b$/$2y$ or $6$)"));
+            match Scheme::of(&u.hash) {
+                Some(s) if s.built_in() || not_built_in == NotBuiltIn::Keep => {}
+                _ => return Err(bad(&hash_problem(&u.hash).unwrap_or_default())),
             }
             if u.senders.is_empty() {
                 return Err(bad("needs at least one allowed sender"));
@@ -271,7 +371,7 @@ impl UsersFile {
             }
             Err(_) => (0o600, None),
         };
-        crate::spool::write_atomic_owned(path, text.as_bytes(), mode, owner).map_err(|source| {
+        crate::safeio::write_atomic_owned(path, text.as_bytes(), mode, owner).map_err(|source| {
             UsersError::Io {
                 op: "writing",
                 path: path.into(),
@@ -305,7 +405,14 @@ pub fn user_add_hash(
     hash: &str,
     senders: Vec<String>,
 ) -> Result<(), UsersError> {
-    let mut f = UsersFile::load(path)?;
+    if let Some(problem) = hash_problem(hash) {
+        return Err(UsersError::Invalid {
+            path: path.into(),
+            user: name.into(),
+            problem,
+        });
+    }
+    let mut f = UsersFile::load_with(path, NotBuiltIn::Keep)?;
     if f.users.contains_key(name) {
         return Err(UsersError::Exists { user: name.into() });
     }
@@ -321,7 +428,7 @@ pub fn user_add_hash(
 }
 
 pub fn user_remove(path: &Path, name: &str) -> Result<(), UsersError> {
-    let mut f = UsersFile::load(path)?;
+    let mut f = UsersFile::load_with(path, NotBuiltIn::Keep)?;
     f.users
         .remove(name)
         .ok_or_else(|| UsersError::NoSuchUser { user: name.into() })?;
@@ -329,7 +436,7 @@ pub fn user_remove(path: &Path, name: &str) -> Result<(), UsersError> {
 }
 
 pub fn user_passwd(path: &Path, name: &str, password: &str) -> Result<(), UsersError> {
-    let mut f = UsersFile::load(path)?;
+    let mut f = UsersFile::load_with(path, NotBuiltIn::Keep)?;
     let hash = hash_password(password)?;
     f.users
         .get_mut(name)
@@ -339,11 +446,12 @@ pub fn user_passwd(path: &Path, name: &str, password: &str) -> Result<(), UsersE
 }
 
 pub fn user_list(path: &Path) -> Result<Vec<UserSummary>, UsersError> {
-    Ok(UsersFile::load(path)?
+    Ok(UsersFile::load_with(path, NotBuiltIn::Keep)?
         .users
         .into_iter()
         .map(|(name, u)| UserSummary {
             name,
+            built_in: Scheme::of(&u.hash).is_some_and(Scheme::built_in),
             scheme: scheme(&u.hash).unwrap_or("unknown"),
             senders: u.senders,
             header_from: u.header_from,
@@ -351,28 +459,14 @@ pub fn user_list(path: &Path) -> Result<Vec<UserSummary>, UsersError> {
         .collect())
 }
 
-/// Saves, then reloads through the validating loader so a bad entry never
-/// stays on disk silently.
+/// Saves after running the result through the validating parser, so a bad
+/// entry never reaches the disk. In memory: a check file next to the real
+/// one would expose the hashes under the umask's mode for a moment.
 fn validate_then_save(f: &UsersFile, path: &Path) -> Result<(), UsersError> {
-    let tmp = path.with_extension("check");
-    let mut file = std::fs::File::create(&tmp).map_err(|source| UsersError::Io {
-        op: "creating",
-        path: tmp.clone(),
-        source,
-    })?;
-    file.write_all(
-        toml::to_string_pretty(f)
-            .expect("users file serialises")
-            .as_bytes(),
-    )
-    .map_err(|source| UsersError::Io {
-        op: "writing",
-        path: tmp.clone(),
-        source,
-    })?;
-    let check = UsersFile::load(&tmp);
-    let _ = std::fs::remove_file(&tmp);
-    check?;
+    let text = toml::to_string_pretty(f).expect("users file serialises");
+    // Entries already in the file keep the leniency they were loaded
+    // with; a new hash was checked by the caller.
+    UsersFile::parse(path, &text, NotBuiltIn::Keep)?;
     f.save(path)
 }
 
@@ -437,6 +531,7 @@ impl UserDb {
 
 #[cfg(test)]
 mod tests {
+    use crate::test_support::fast_hash;
 
     #[test]
     fn rewriting_keeps_the_files_mode() {
@@ -449,7 +544,7 @@ mod tests {
         user_add_hash(
             &path,
             "alice",
-            "$6$salt$hash",
+            &fast_hash("pw"),
             vec!["alice@example.org".into()],
         )
         .unwrap();
@@ -461,11 +556,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn schemes_verify() {
+    fn argon2_verifies() {
         let a = hash_password("pw").unwrap();
         assert!(a.starts_with("$argon2id$"));
         assert!(verify_password(&a, "pw"));
         assert!(!verify_password(&a, "PW"));
+        assert!(verify_password(&format!("{{ARGON2ID}}{a}"), "pw"));
+        assert!(!verify_password("plain", "plain"));
+    }
+
+    #[cfg(feature = "legacy-hashes")]
+    #[test]
+    fn legacy_schemes_verify() {
         let b = bcrypt::hash("pw", 4).unwrap();
         assert!(verify_password(&b, "pw") && !verify_password(&b, "px"));
         let y = b.replacen("$2b$", "$2y$", 1);
@@ -475,7 +577,54 @@ mod tests {
         let s = sha_crypt::sha512_simple("pw", &params).unwrap();
         assert!(s.starts_with("$6$"));
         assert!(verify_password(&s, "pw") && !verify_password(&s, "pv"));
-        assert!(!verify_password("plain", "plain"));
+        // What Dovecot's `doveadm pw -s SHA512-CRYPT` writes, prefix and all.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        user_add_hash(
+            &p,
+            "carol",
+            &format!("{{SHA512-CRYPT}}{s}"),
+            vec!["c@example.com".into()],
+        )
+        .unwrap();
+        assert_eq!(user_list(&p).unwrap()[0].scheme, "sha512-crypt");
+        assert!(user_list(&p).unwrap()[0].built_in);
+    }
+
+    /// Without `legacy-hashes` a migrated file's bcrypt or SHA-512-crypt
+    /// hash is refused with the reason, and `user passwd` is the way out.
+    #[cfg(not(feature = "legacy-hashes"))]
+    #[test]
+    fn legacy_hash_without_the_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        // Shaped like SHA-512-crypt and bcrypt hashes: recognised by their
+        // prefixes, never computed in this build.
+        let sha512 = "$6$rounds=1000$saltsalt$placeholder";
+        let bcrypt = "$2y$04$abcdefghijklmnopqrstuu5ZmYfu5gI1Gk7x8AzU8M1oqXK3sNn6e";
+        for hash in [sha512, bcrypt] {
+            std::fs::write(
+                &p,
+                format!("[users.carol]\nhash = \"{hash}\"\nsenders = [\"carol@example.com\"]\n"),
+            )
+            .unwrap();
+            let e = UserDb::open(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("user carol") && e.contains("legacy-hashes"),
+                "{e}"
+            );
+            assert!(!verify_password(hash, "pw"));
+            // Listed, marked, and not importable either.
+            let l = user_list(&p).unwrap();
+            assert!(!l[0].built_in, "{l:?}");
+            let e = user_add_hash(&p, "dave", hash, vec!["d@example.com".into()]).unwrap_err();
+            assert!(e.to_string().contains("legacy-hashes"), "{e}");
+            // Other users can still be added meanwhile.
+            user_add_hash(&p, "erin", &fast_hash("x"), vec!["e@example.com".into()]).unwrap();
+            user_passwd(&p, "carol", "new-pw").unwrap();
+            let db = UserDb::open(&p).unwrap();
+            assert!(db.authenticate("carol", "new-pw").is_some());
+        }
     }
 
     #[test]
@@ -485,7 +634,7 @@ mod tests {
         user_add_hash(
             &p,
             "alice",
-            "$6$salt$hash",
+            &fast_hash("pw"),
             vec!["alice@example.com".into()],
         )
         .unwrap();
@@ -494,13 +643,13 @@ mod tests {
         assert_eq!(user_list(&p).unwrap()[0].header_from, HeaderFrom::Senders);
         std::fs::write(
             &p,
-            "[users.list]\nhash = \"$6$salt$hash\"\nsenders = [\"list@example.com\"]\nheader_from = \"any\"\n",
+            "[users.list]\nhash = \"$argon2id$x\"\nsenders = [\"list@example.com\"]\nheader_from = \"any\"\n",
         )
         .unwrap();
         assert_eq!(user_list(&p).unwrap()[0].header_from, HeaderFrom::Any);
         std::fs::write(
             &p,
-            "[users.list]\nhash = \"$6$salt$hash\"\nsenders = [\"list@example.com\"]\nheader_from = \"anything\"\n",
+            "[users.list]\nhash = \"$argon2id$x\"\nsenders = [\"list@example.com\"]\nheader_from = \"anything\"\n",
         )
         .unwrap();
         assert!(matches!(user_list(&p), Err(UsersError::Parse { .. })));

@@ -2,7 +2,10 @@
 //! the file named by the config's `[relay] users_file`; a running relay
 //! notices the change by itself.
 
-use std::{io::BufRead as _, path::PathBuf};
+use std::{
+    io::{BufRead as _, IsTerminal as _},
+    path::PathBuf,
+};
 
 use anyhow::Context as _;
 use smtpgate::{agent::load_config, paths};
@@ -38,51 +41,24 @@ enum Command {
     Passwd { name: String },
 }
 
+/// One line from standard input. At a terminal, rpassword prompts and
+/// reads with echo off (and puts the terminal back however the read ends).
+/// From a pipe (`echo pw | smtpgate user add ...`) there is no echo to
+/// hide: the line is taken byte for byte, where rpassword's line editing
+/// would drop control characters such as a tab.
 fn read_password() -> anyhow::Result<String> {
-    let tty = unsafe { libc::isatty(0) } == 1;
-    if tty {
-        eprint!("password: ");
-    }
-    let _echo = tty.then(EchoOff::new);
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("reading the password")?;
-    if tty {
-        eprintln!();
-    }
-    let pw = line.trim_end_matches(['\n', '\r']).to_owned();
+    let pw = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("password: ").context("reading the password")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password")?;
+        line.trim_end_matches(['\n', '\r']).to_owned()
+    };
     anyhow::ensure!(!pw.is_empty(), "empty password");
     Ok(pw)
-}
-
-/// Turns terminal echo off while a password is typed.
-struct EchoOff(Option<libc::termios>);
-
-impl EchoOff {
-    fn new() -> Self {
-        // SAFETY: tcgetattr/tcsetattr on stdin with a zeroed termios.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return Self(None);
-            }
-            let old = t;
-            t.c_lflag &= !libc::ECHO;
-            libc::tcsetattr(0, libc::TCSANOW, &t);
-            Self(Some(old))
-        }
-    }
-}
-
-impl Drop for EchoOff {
-    fn drop(&mut self) {
-        if let Some(old) = self.0 {
-            // SAFETY: restoring what `new` read.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, &old) };
-        }
-    }
 }
 
 pub fn execute(args: &Args) -> anyhow::Result<()> {
@@ -111,7 +87,14 @@ pub fn execute(args: &Args) -> anyhow::Result<()> {
         Command::List => {
             println!("{:<24} {:<14} SENDERS", "USER", "SCHEME");
             for u in users::user_list(file)? {
-                println!("{:<24} {:<14} {}", u.name, u.scheme, u.senders.join(", "));
+                // The relay refuses the file while such a hash is in it;
+                // say so where the admin looks, next to the cure.
+                let scheme = if u.built_in {
+                    u.scheme.to_owned()
+                } else {
+                    format!("{} (not built in: user passwd {})", u.scheme, u.name)
+                };
+                println!("{:<24} {:<14} {}", u.name, scheme, u.senders.join(", "));
             }
         }
     }

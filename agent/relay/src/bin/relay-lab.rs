@@ -4,6 +4,8 @@
 //! line on stdout, and runs until SIGINT/SIGTERM. The crash test kills it
 //! with SIGKILL mid-load; the loadgen example targets it.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use smtpgate_relay::{Listeners, Relay, RelayConfig};

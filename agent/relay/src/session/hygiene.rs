@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use argon2::password_hash::rand_core::{OsRng, RngCore};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{ListenerKind, Session};
@@ -160,7 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let _ = write!(
                 ByteWriter(&mut out),
                 "Message-ID: <{id}.{:016x}@{}>\r\n",
-                OsRng.next_u64(),
+                crate::random::u64(),
                 self.cfg().hostname
             );
         }

@@ -27,9 +27,7 @@ pub(crate) struct Harness {
     pub _dir: tempfile::TempDir,
 }
 
-fn fast_hash(pw: &str) -> String {
-    sha_crypt::sha512_simple(pw, &sha_crypt::Sha512Params::new(1000).unwrap()).unwrap()
-}
+use crate::test_support::fast_hash;
 
 pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
