@@ -52,6 +52,10 @@ pub struct RelayConfig {
     pub users_file: PathBuf,
     /// Spool directory. Default: "/var/spool/smtpgate/relay".
     pub spool_dir: PathBuf,
+    /// DKIM private keys, `<domain>/<selector>.key` (managed with `smtpgate
+    /// dkim`); re-read on reload. Missing or empty: nothing is signed.
+    /// Default: "/etc/smtpgate/dkim".
+    pub dkim_dir: PathBuf,
     /// Concurrent delivery attempts. Default: 8.
     pub delivery_workers: usize,
     /// Smarthost; without it mail goes straight to each recipient's MX.
@@ -127,6 +131,7 @@ impl Default for RelayConfig {
             tls_key: "/etc/smtpgate/relay.key".into(),
             users_file: "/etc/smtpgate/relay-users.toml".into(),
             spool_dir: "/var/spool/smtpgate/relay".into(),
+            dkim_dir: "/etc/smtpgate/dkim".into(),
             delivery_workers: 8,
             upstream: None,
             nameservers: Vec::new(),

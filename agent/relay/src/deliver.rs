@@ -233,10 +233,16 @@ impl Deliverer {
     /// One delivery attempt; true when the message is finished (delivered,
     /// bounced or dropped) and its task can end.
     async fn attempt(&self, rec: &mut QueueRecord) -> bool {
-        // Whole: lettre sends from a slice. The buffer goes back to the OS
+        // Whole, its DKIM signatures first: lettre sends from a slice. The buffer goes back to the OS
         // afterwards (`mem`), so memory is delivery_workers x message size
         // at most while sending, and not kept.
-        let body = match crate::mem::read_returned_on_free(&self.spool.body_path(&rec.id)).await {
+        let signature = rec.dkim_signature.as_deref().unwrap_or_default().as_bytes();
+        let body = match crate::mem::read_returned_on_free(
+            signature,
+            &self.spool.body_path(&rec.id),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(_) if !self.spool.exists(&rec.id) => {
                 // Deleted behind our back (offline `queue delete`): done.

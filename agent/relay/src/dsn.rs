@@ -151,6 +151,7 @@ pub fn build_with_id(
         // quotes, which need 8BITMIME at most: no SMTPUTF8 demand, so it
         // reaches even a sender whose next hop lacks SMTPUTF8.
         smtputf8: false,
+        dkim_signature: None,
     };
     (record, body)
 }
@@ -212,6 +213,7 @@ mod tests {
             is_dsn: false,
             size: 0,
             smtputf8: false,
+            dkim_signature: None,
         };
         let failed = RecipientStatus {
             address: "bob@example.net".into(),

@@ -18,6 +18,7 @@ pub mod config;
 pub mod dataread;
 mod date;
 mod deliver;
+pub mod dkim;
 pub mod dsn;
 pub mod headers;
 pub mod limits;
@@ -56,6 +57,8 @@ pub enum RelayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Dkim(#[from] dkim::DkimError),
     #[error(transparent)]
     Users(#[from] users::UsersError),
     #[error(transparent)]
@@ -153,6 +156,7 @@ impl Relay {
         tracing::info!(config = ?config, "starting relay");
         let config = Arc::new(config);
         let tls = Arc::new(tls::TlsStore::load(&config.tls_cert, &config.tls_key)?);
+        let dkim = Arc::new(dkim::DkimStore::load(&config.dkim_dir)?);
         let users = Arc::new(users::UserDb::open(&config.users_file)?);
         let stats = Arc::new(RelayStats::default());
         let spool_dir = config.spool_dir.clone();
@@ -193,6 +197,7 @@ impl Relay {
             verifier,
             config: config.clone(),
             tls,
+            dkim,
             users,
             stats,
             spool,
@@ -266,6 +271,12 @@ impl RelayControl {
         self.shared.tls.reload()
     }
 
+    /// Re-reads the DKIM keys directory; returns how many keys sign now.
+    /// On error the old keys stay.
+    pub fn reload_dkim(&self) -> Result<usize, dkim::DkimError> {
+        self.shared.dkim.reload()
+    }
+
     pub fn flush(&self) {
         self.deliverer.flush();
     }
@@ -296,6 +307,12 @@ impl RelayHandle {
     /// Re-reads the certificate and key (SIGHUP). On error the old ones stay.
     pub fn reload_tls(&self) -> Result<(), TlsError> {
         self.shared.tls.reload()
+    }
+
+    /// Re-reads the DKIM keys (SIGHUP): new keys sign from the next
+    /// message on, removed ones stop. On error the old keys stay.
+    pub fn reload_dkim(&self) -> Result<usize, dkim::DkimError> {
+        self.shared.dkim.reload()
     }
 
     /// Retries every queued message now (`smtpgate queue flush`).

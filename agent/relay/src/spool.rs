@@ -103,6 +103,12 @@ pub struct QueueRecord {
     /// relays from before the field.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smtputf8: bool,
+    /// DKIM-Signature fields (CRLF-terminated) sent before the body file's
+    /// bytes: they are computed while the body streams to disk, so they
+    /// exist only after it is written (`dkim` module). Left out when the
+    /// message is unsigned; older records have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim_signature: Option<String>,
 }
 
 impl QueueRecord {
@@ -798,6 +804,7 @@ mod tests {
             is_dsn: false,
             size: 5,
             smtputf8: false,
+            dkim_signature: None,
         }
     }
 

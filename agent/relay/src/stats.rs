@@ -34,6 +34,8 @@ pub struct RelayStats {
     pub auth_failures: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub messages_rejected: AtomicU64,
+    /// Accepted messages that carry at least one DKIM signature.
+    pub messages_signed: AtomicU64,
     /// Recipient deliveries (a message to three recipients counts three).
     pub recipients_delivered: AtomicU64,
     pub messages_delivered: AtomicU64,
@@ -81,6 +83,7 @@ pub struct StatsSnapshot {
     pub auth_failures: u64,
     pub messages_accepted: u64,
     pub messages_rejected: u64,
+    pub messages_signed: u64,
     pub recipients_delivered: u64,
     pub messages_delivered: u64,
     pub deliveries_deferred: u64,
@@ -167,6 +170,7 @@ impl RelayStats {
             auth_failures: self.auth_failures.load(Relaxed),
             messages_accepted: self.messages_accepted.load(Relaxed),
             messages_rejected: self.messages_rejected.load(Relaxed),
+            messages_signed: self.messages_signed.load(Relaxed),
             recipients_delivered: self.recipients_delivered.load(Relaxed),
             messages_delivered: self.messages_delivered.load(Relaxed),
             deliveries_deferred: self.deliveries_deferred.load(Relaxed),
