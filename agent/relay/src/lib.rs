@@ -159,6 +159,10 @@ impl Relay {
         let dkim = Arc::new(dkim::DkimStore::load(&config.dkim_dir)?);
         let users = Arc::new(users::UserDb::open(&config.users_file)?);
         let stats = Arc::new(RelayStats::default());
+        stats.dkim_keys.store(
+            dkim.snapshot().len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let spool_dir = config.spool_dir.clone();
         let counters = stats.spool_commits.clone();
         let spool =
@@ -247,6 +251,15 @@ impl Relay {
     }
 }
 
+fn reload_dkim(shared: &session::Shared) -> Result<usize, dkim::DkimError> {
+    let n = shared.dkim.reload()?;
+    shared
+        .stats
+        .dkim_keys
+        .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(n)
+}
+
 /// Cloneable control surface of a running relay, for the agent's SIGHUP
 /// handler, control socket and metrics scrape, which outlive no handle but
 /// must not own the one that shuts the relay down.
@@ -274,7 +287,7 @@ impl RelayControl {
     /// Re-reads the DKIM keys directory; returns how many keys sign now.
     /// On error the old keys stay.
     pub fn reload_dkim(&self) -> Result<usize, dkim::DkimError> {
-        self.shared.dkim.reload()
+        reload_dkim(&self.shared)
     }
 
     pub fn flush(&self) {
@@ -312,7 +325,7 @@ impl RelayHandle {
     /// Re-reads the DKIM keys (SIGHUP): new keys sign from the next
     /// message on, removed ones stop. On error the old keys stay.
     pub fn reload_dkim(&self) -> Result<usize, dkim::DkimError> {
-        self.shared.dkim.reload()
+        reload_dkim(&self.shared)
     }
 
     /// Retries every queued message now (`smtpgate queue flush`).

@@ -36,6 +36,8 @@ pub struct RelayStats {
     pub messages_rejected: AtomicU64,
     /// Accepted messages that carry at least one DKIM signature.
     pub messages_signed: AtomicU64,
+    /// DKIM keys signing now (gauge; set at start and on each reload).
+    pub dkim_keys: AtomicU64,
     /// Recipient deliveries (a message to three recipients counts three).
     pub recipients_delivered: AtomicU64,
     pub messages_delivered: AtomicU64,
@@ -84,6 +86,7 @@ pub struct StatsSnapshot {
     pub messages_accepted: u64,
     pub messages_rejected: u64,
     pub messages_signed: u64,
+    pub dkim_keys: u64,
     pub recipients_delivered: u64,
     pub messages_delivered: u64,
     pub deliveries_deferred: u64,
@@ -171,6 +174,7 @@ impl RelayStats {
             messages_accepted: self.messages_accepted.load(Relaxed),
             messages_rejected: self.messages_rejected.load(Relaxed),
             messages_signed: self.messages_signed.load(Relaxed),
+            dkim_keys: self.dkim_keys.load(Relaxed),
             recipients_delivered: self.recipients_delivered.load(Relaxed),
             messages_delivered: self.messages_delivered.load(Relaxed),
             deliveries_deferred: self.deliveries_deferred.load(Relaxed),

@@ -42,6 +42,9 @@ pub const READY: &str = "smtpgate_ready";
 pub const RELAY_SESSIONS: &str = "smtpgate_relay_sessions_total";
 pub const RELAY_SESSIONS_ACTIVE: &str = "smtpgate_relay_sessions_active";
 pub const RELAY_SESSIONS_REFUSED: &str = "smtpgate_relay_sessions_refused_total";
+pub const RELAY_SESSIONS_EVICTED: &str = "smtpgate_relay_sessions_evicted_total";
+pub const RELAY_DKIM_SIGNED: &str = "smtpgate_relay_dkim_signed_messages_total";
+pub const RELAY_DKIM_KEYS: &str = "smtpgate_relay_dkim_keys";
 pub const RELAY_AUTH: &str = "smtpgate_relay_auth_total";
 pub const RELAY_MESSAGES: &str = "smtpgate_relay_messages_total";
 pub const RELAY_RECIPIENTS_DELIVERED: &str = "smtpgate_relay_recipients_delivered_total";
@@ -130,6 +133,24 @@ pub const RELAY: &[Def] = &[
         &[],
     ),
     def(
+        RELAY_SESSIONS_EVICTED,
+        COUNTER,
+        "Unauthenticated relay sessions closed to make room for a newcomer (a flood of idle or slow connections evicts its own).",
+        &[],
+    ),
+    def(
+        RELAY_DKIM_SIGNED,
+        COUNTER,
+        "Messages the relay accepted with at least one DKIM signature.",
+        &[],
+    ),
+    def(
+        RELAY_DKIM_KEYS,
+        GAUGE,
+        "DKIM keys the relay signs with (after the last start or reload).",
+        &[],
+    ),
+    def(
         RELAY_AUTH,
         COUNTER,
         "Relay AUTH attempts, by result.",
@@ -179,6 +200,9 @@ pub const RELAY_METRICS: &[&str] = &[
     "smtpgate_relay_sessions_total",
     "smtpgate_relay_sessions_active",
     "smtpgate_relay_sessions_refused_total",
+    "smtpgate_relay_sessions_evicted_total",
+    "smtpgate_relay_dkim_signed_messages_total",
+    "smtpgate_relay_dkim_keys",
     "smtpgate_relay_auth_total",
     "smtpgate_relay_messages_total",
     "smtpgate_relay_recipients_delivered_total",

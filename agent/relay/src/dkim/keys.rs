@@ -55,7 +55,8 @@ impl Algorithm {
 
 impl std::fmt::Display for Algorithm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.dns_tag())
+        // `pad`, so table columns (`{:<9}`) line up.
+        f.pad(self.dns_tag())
     }
 }
 
@@ -563,6 +564,35 @@ mod tests {
         ));
         // A missing keys directory has no keys.
         assert!(list(&tmp.path().join("none")).unwrap().is_empty());
+    }
+
+    /// Keys that root makes with the CLI belong to the keys directory's
+    /// owner (the agent's user under the package), mode 0600: readable by
+    /// the agent, by no one else. Needs root to give files away, as CI has.
+    #[test]
+    fn new_keys_belong_to_the_keys_directory_owner() {
+        let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        });
+        assert!(
+            root,
+            "this test needs root to chown, as CI has; refusing to skip"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dkim");
+        fs::create_dir(&dir).unwrap();
+        // nobody:nogroup, standing in for smtpgate:smtpgate.
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        let k = generate(&dir, "example.com", Algorithm::Ed25519, None).unwrap();
+        for p in [k.path.clone(), dir.join("example.com")] {
+            let m = fs::metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", p.display());
+        }
+        let m = fs::metadata(&k.path).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        // And it still lists (root reads anything).
+        assert_eq!(list(&dir).unwrap(), vec![k]);
     }
 
     #[test]
