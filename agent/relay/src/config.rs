@@ -316,6 +316,14 @@ pub struct RetryConfig {
     /// Timeout for connecting to a next hop and for each of its replies;
     /// the message data gets one more second per 16 KiB. Default: 120.
     pub attempt_timeout_secs: f64,
+    /// A message still undelivered this long after it was queued gets one
+    /// warning DSN (RFC 3464 `Action: delayed`) to its sender, naming the
+    /// recipients still waiting, once per message. 0 turns warnings off.
+    /// Default: 14400 (4 h). Postfix has the same setting
+    /// (delay_warning_time) but off by default; sendmail warns after 4 h,
+    /// and a sender whose mail sits for days should hear about it before
+    /// the bounce.
+    pub delay_warning_secs: f64,
 }
 
 impl Default for RetryConfig {
@@ -326,6 +334,7 @@ impl Default for RetryConfig {
             max_lifetime_secs: 432_000.0,
             bounce_lifetime_secs: 432_000.0,
             attempt_timeout_secs: 120.0,
+            delay_warning_secs: 4.0 * 3600.0,
         }
     }
 }
@@ -461,6 +470,12 @@ impl RelayConfig {
                 "must be zero or more seconds",
             ));
         }
+        if !(self.retry.delay_warning_secs.is_finite() && self.retry.delay_warning_secs >= 0.0) {
+            return Err(invalid(
+                "retry.delay_warning_secs",
+                "must be zero (off) or more seconds",
+            ));
+        }
         if self.retry.max_backoff_secs < self.retry.initial_backoff_secs {
             return Err(invalid(
                 "retry.max_backoff_secs",
@@ -565,6 +580,13 @@ mod tests {
             RelayConfig::from_toml("[retry]\ninitial_backoff_secs = 10\nmax_backoff_secs = 1")
                 .is_err()
         );
+        assert!(err("[retry]\ndelay_warning_secs = -1").contains("zero (off) or more"));
+        // 0 turns warnings off; the default is 4 h.
+        let off = RelayConfig::from_toml("[retry]\ndelay_warning_secs = 0").unwrap();
+        assert!(off.retry.delay_warning_secs == 0.0);
+        assert!((RelayConfig::default().retry.delay_warning_secs - 14_400.0).abs() < f64::EPSILON);
+        let keys = RelayConfig::from_toml("dkim_dir = \"/srv/dkim\"").unwrap();
+        assert_eq!(keys.dkim_dir, PathBuf::from("/srv/dkim"));
     }
 
     fn err(text: &str) -> String {

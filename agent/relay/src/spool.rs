@@ -109,6 +109,10 @@ pub struct QueueRecord {
     /// message is unsigned; older records have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim_signature: Option<String>,
+    /// The sender got the delay warning (`retry.delay_warning_secs`): it
+    /// is sent once per message. Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 impl QueueRecord {
@@ -805,6 +809,7 @@ mod tests {
             size: 5,
             smtputf8: false,
             dkim_signature: None,
+            delay_warned: false,
         }
     }
 

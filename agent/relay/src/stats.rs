@@ -44,6 +44,8 @@ pub struct RelayStats {
     /// Delivery attempts that ended in a retry.
     pub deliveries_deferred: AtomicU64,
     pub messages_bounced: AtomicU64,
+    /// Delay warnings queued (one per message at most).
+    pub delay_warnings: AtomicU64,
     pub queue_length: AtomicU64,
     /// Spool group commit: shared with the committer thread.
     pub spool_commits: Arc<CommitCounters>,
@@ -91,6 +93,7 @@ pub struct StatsSnapshot {
     pub messages_delivered: u64,
     pub deliveries_deferred: u64,
     pub messages_bounced: u64,
+    pub delay_warnings: u64,
     pub queue_length: u64,
     /// Directory syncs of the spool (group-commit batches).
     pub spool_batches: u64,
@@ -179,6 +182,7 @@ impl RelayStats {
             messages_delivered: self.messages_delivered.load(Relaxed),
             deliveries_deferred: self.deliveries_deferred.load(Relaxed),
             messages_bounced: self.messages_bounced.load(Relaxed),
+            delay_warnings: self.delay_warnings.load(Relaxed),
             queue_length: self.queue_length.load(Relaxed),
             spool_batches: self.spool_commits.batches.load(Relaxed),
             spool_batched_messages: self.spool_commits.messages.load(Relaxed),

@@ -177,6 +177,7 @@ fn relay(r: &RelaySnapshot, out: &mut Vec<MetricFamily>) {
     out.push(one(names::RELAY_SESSIONS_EVICTED, s.sessions_evicted));
     out.push(one(names::RELAY_DKIM_SIGNED, s.messages_signed));
     out.push(one(names::RELAY_DKIM_KEYS, s.dkim_keys));
+    out.push(one(names::RELAY_DELAY_WARNINGS, s.delay_warnings));
     out.push(family(
         names::RELAY_AUTH,
         names::RESULTS

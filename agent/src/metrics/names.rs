@@ -45,6 +45,7 @@ pub const RELAY_SESSIONS_REFUSED: &str = "smtpgate_relay_sessions_refused_total"
 pub const RELAY_SESSIONS_EVICTED: &str = "smtpgate_relay_sessions_evicted_total";
 pub const RELAY_DKIM_SIGNED: &str = "smtpgate_relay_dkim_signed_messages_total";
 pub const RELAY_DKIM_KEYS: &str = "smtpgate_relay_dkim_keys";
+pub const RELAY_DELAY_WARNINGS: &str = "smtpgate_relay_delay_warnings_total";
 pub const RELAY_AUTH: &str = "smtpgate_relay_auth_total";
 pub const RELAY_MESSAGES: &str = "smtpgate_relay_messages_total";
 pub const RELAY_RECIPIENTS_DELIVERED: &str = "smtpgate_relay_recipients_delivered_total";
@@ -151,6 +152,12 @@ pub const RELAY: &[Def] = &[
         &[],
     ),
     def(
+        RELAY_DELAY_WARNINGS,
+        COUNTER,
+        "Delay warnings (RFC 3464 Action: delayed) queued to senders, at most one per message.",
+        &[],
+    ),
+    def(
         RELAY_AUTH,
         COUNTER,
         "Relay AUTH attempts, by result.",
@@ -203,6 +210,7 @@ pub const RELAY_METRICS: &[&str] = &[
     "smtpgate_relay_sessions_evicted_total",
     "smtpgate_relay_dkim_signed_messages_total",
     "smtpgate_relay_dkim_keys",
+    "smtpgate_relay_delay_warnings_total",
     "smtpgate_relay_auth_total",
     "smtpgate_relay_messages_total",
     "smtpgate_relay_recipients_delivered_total",

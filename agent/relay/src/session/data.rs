@@ -215,6 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             size: body.len() + dkim_signature.as_ref().map_or(0, |s| s.len() as u64),
             smtputf8: txn.smtputf8,
             dkim_signature,
+            delay_warned: false,
         };
         match self
             .shared
