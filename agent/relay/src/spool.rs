@@ -1,8 +1,8 @@
 //! Durable on-disk queue.
 //!
 //! Each message is two files in `<spool>/queue/`: `<id>.eml` (the bytes to
-//! send, Received header included) and `<id>.json` (envelope and
-//! per-recipient state). The `.json` file is the commit point: a message
+//! send, Received header included, after the record's DKIM signatures if it
+//! has any) and `<id>.json` (envelope and per-recipient state). The `.json` file is the commit point: a message
 //! exists iff its record exists. A third, `<id>.done`, is the delivery
 //! journal: one `delivered <address>` line appended the moment a next hop
 //! answers 250 for that recipient, folded into the record whenever it is
