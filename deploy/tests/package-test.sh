@@ -137,6 +137,7 @@ check_perms() { # path owner:group mode
 }
 check_perms /etc/smtpgate root:smtpgate 750
 check_perms /etc/smtpgate/users.toml root:smtpgate 640
+check_perms /etc/smtpgate/dkim smtpgate:smtpgate 700
 check_perms /var/lib/smtpgate smtpgate:smtpgate 750
 check_perms /var/lib/smtpgate/spool smtpgate:smtpgate 750
 [[ ! -e /etc/systemd/system/multi-user.target.wants/smtpgate.service ]] || fail "unit was enabled on install"
@@ -161,6 +162,20 @@ if smtpgate --help | grep -qE '^ +user'; then
         fail "after smtpgate user add, users.toml is $(stat -c '%U:%G %a' /etc/smtpgate/users.toml): the agent cannot read it"
     fi
     cp -p "$work/users.before" /etc/smtpgate/users.toml
+fi
+
+# `smtpgate dkim generate` runs as root; the key (0600) must be the agent's.
+if smtpgate --help | grep -qE '^ +dkim'; then
+    smtpgate dkim generate pkgtest.example --selector pkgtest >/dev/null ||
+        fail "smtpgate dkim generate failed"
+    key=/etc/smtpgate/dkim/pkgtest.example/pkgtest.key
+    check_perms "$key" smtpgate:smtpgate 600
+    if setpriv --reuid smtpgate --regid smtpgate --init-groups cat "$key" >/dev/null 2>&1; then
+        ok "the agent's user can read a key root generated"
+    else
+        fail "the agent's user cannot read $key"
+    fi
+    smtpgate dkim remove pkgtest.example >/dev/null || fail "smtpgate dkim remove failed"
 fi
 
 # --- Upgrade (same version again: postinst configure runs with the old version) ----

@@ -22,7 +22,10 @@ const PACKAGES: &[&str] = &[
     "libio-socket-inet6-perl", // ...and IPv6 (a Recommends)
     "postfix",                 // smtp-sink, smtp-source; a private one is a TLS MX
     "dnsmasq-base",            // lab DNS for the MX tests (no service, so no port 53)
-    "prometheus",              // promtool and a real Prometheus server
+    // The independent DKIM verifier (dkimpy) of agent/relay/tests/dkim.rs;
+    // it Depends on python3-nacl (Ed25519) and python3-dnspython.
+    "python3-dkim",
+    "prometheus", // promtool and a real Prometheus server
     "sasl2-bin",
     "jq",
     "curl",       // the metrics tests scrape with it
@@ -248,6 +251,13 @@ fn check_capabilities() -> anyhow::Result<()> {
     if output(Command::new("/usr/bin/python3").args(["-c", "import scapy.all"])).is_none() {
         missing.push("scapy for /usr/bin/python3 (package python3-scapy)".into());
     }
+    // Ed25519 verification in dkimpy needs nacl; a dkimpy without it passes
+    // RSA and fails every Ed25519 signature.
+    if output(Command::new("/usr/bin/python3").args(["-c", "import dkim, nacl, dns.resolver"]))
+        .is_none()
+    {
+        missing.push("dkimpy with nacl for /usr/bin/python3 (package python3-dkim)".into());
+    }
     if !std::path::Path::new("/dev/net/tun").exists() {
         // The L3-device tests need tun; it is a module on most kernels.
         let _ = Command::new("modprobe").arg("tun").status();
@@ -257,7 +267,7 @@ fn check_capabilities() -> anyhow::Result<()> {
     }
     if missing.is_empty() {
         eprintln!(
-            "bootstrap: capabilities checked (swaks TLS and IPv6, scapy, tun, {} commands)",
+            "bootstrap: capabilities checked (swaks TLS and IPv6, scapy, dkimpy, tun, {} commands)",
             COMMANDS.len()
         );
         return Ok(());

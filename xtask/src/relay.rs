@@ -120,7 +120,7 @@ pub fn setup_custom(
     };
     let config = format!(
         "{head}allowlist = [\"{}\", \"{}\"]\n{attach}\n[relay]\nenabled = true\nhostname = \"relay.lab\"\n\
-         tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\n{}\n\
+         tls_cert = {:?}\ntls_key = {:?}\nusers_file = {:?}\nspool_dir = {:?}\ndkim_dir = {:?}\n{}\n\
          {upstream}[relay.retry]\ninitial_backoff_secs = 0.2\n",
         lab::CLIENT_ALLOWED_V4,
         lab::CLIENT_ALLOWED_V6,
@@ -128,6 +128,8 @@ pub fn setup_custom(
         dir.join("relay.key").display().to_string(),
         dir.join("users.toml").display().to_string(),
         dir.join("spool").display().to_string(),
+        // The lab's own keys (none unless a test adds some), never the host's.
+        dir.join("dkim").display().to_string(),
         custom.relay,
     );
     // The user, added with the CLI, as an admin would.

@@ -354,6 +354,128 @@ fn cli_without_an_agent() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `smtpgate dkim generate|list|remove` on the keys directory of the
+/// config's `[relay] dkim_dir`, without an agent: the record printed, JSON
+/// for scripts, and every refusal with its code and exit status.
+#[test]
+fn dkim_cli_without_an_agent() {
+    let bin = smtpgate_bin();
+    let dir = std::env::temp_dir().join(format!("smtpgate-dkim-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    let cfg = dir.join("smtpgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[attach]]\nhook = \"tc-ingress\"\ninterface = \"lan0\"\n[relay]\ndkim_dir = {:?}\n",
+            keys.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .args(["dkim", "--config", cfg.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |args: &[&str]| -> (Option<i32>, serde_json::Value) {
+        let out = run(&[args, &["--output", "json"]].concat());
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out:?}"));
+        (out.status.code(), v)
+    };
+
+    // The record alone on stdout, ready for a zone file.
+    let out = ok(&run(&["generate", "Example.COM"]));
+    let line = out.trim_end();
+    assert!(!line.contains('\n'), "{out}");
+    let (name, rest) = line.split_once(" IN TXT ").expect(line);
+    assert!(
+        name.starts_with("s20") && name.ends_with("._domainkey.example.com."),
+        "{line}"
+    );
+    assert!(rest.starts_with("\"v=DKIM1; k=ed25519; p="), "{line}");
+    let (code, v) = json(&[
+        "generate",
+        "example.com",
+        "--algorithm",
+        "rsa",
+        "--selector",
+        "r1",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert!(
+        v["dns_record"]
+            .as_str()
+            .unwrap()
+            .starts_with("v=DKIM1; k=rsa; p=MIIB"),
+        "{v}"
+    );
+    let path = v["path"].as_str().unwrap();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "private key mode");
+
+    let (code, v) = json(&["list"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    assert!(ok(&run(&["list"])).contains("r1._domainkey.example.com. IN TXT \"v=DKIM1; k=rsa; p="));
+
+    // Refusals: exit 1, a code for scripts, nothing changed.
+    for (args, code, text) in [
+        (
+            &["generate", "example.com", "--selector", "r1"][..],
+            "conflict",
+            "already has a key with selector r1",
+        ),
+        (
+            &["generate", "../etc"][..],
+            "bad_request",
+            "is not a domain name",
+        ),
+        (
+            &["generate", "example.com", "--selector", "a/b"][..],
+            "bad_request",
+            "is not a DKIM selector",
+        ),
+        (
+            &["remove", "example.com"][..],
+            "bad_request",
+            "name the one to remove with --selector",
+        ),
+        (
+            &["remove", "example.net"][..],
+            "not_found",
+            "no DKIM key for example.net",
+        ),
+        (
+            &["remove", "example.com", "--selector", "zz"][..],
+            "not_found",
+            "with selector zz",
+        ),
+    ] {
+        fails(&run(args), text);
+        let (status, v) = json(args);
+        assert_eq!(status, Some(1), "{args:?}");
+        assert_eq!(v["error"]["code"], code, "{args:?}: {v}");
+    }
+    assert_eq!(
+        run(&["generate", "example.com", "--algorithm", "dsa"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(json(&["list"]).1.as_array().map(Vec::len), Some(2));
+
+    let (code, v) = json(&["remove", "example.com", "--selector", "r1"]);
+    assert_eq!((code, v["selector"].as_str()), (Some(0), Some("r1")), "{v}");
+    assert!(!std::path::Path::new(path).exists());
+    ok(&run(&["remove", "example.com"]));
+    assert_eq!(json(&["list"]).1, serde_json::json!([]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Steady attempts from an allowlisted and a denied client, over IPv4 and
 /// IPv6, while `change` runs; then every attempt is checked.
 fn under_traffic(lab: &mut Lab, seconds: u32, change: impl FnOnce(&mut Lab)) {

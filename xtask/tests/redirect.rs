@@ -285,6 +285,71 @@ fn local_processes_are_redirected_through_the_cgroup_hook() {
     );
 }
 
+/// DKIM through the real agent: a key made with `smtpgate dkim generate`
+/// (the CLI on the agent's config) signs only after `smtpgate reload`, the
+/// agent's reload path (SIGHUP's too), and then every message of alice's
+/// domain carries its signature.
+#[test]
+fn dkim_key_signs_after_agent_reload() {
+    if !privileged() {
+        return;
+    }
+    let (lab, agent) = setup("dkim", Options::default(), |_| LAN_INGRESS.to_owned());
+    let send = |body: &str| {
+        let t = swaks(
+            &lab,
+            Host::Client,
+            lab::CLIENT_DENIED_V4,
+            lab::INET_V4,
+            true,
+            body,
+        );
+        assert!(t.contains("250 2.0.0"), "{t}");
+        lab.wait_for("the sink to get it", Duration::from_secs(20), |lab| {
+            sink_messages(lab).iter().any(|m| m.contains(body))
+        })
+        .unwrap();
+        sink_messages(&lab)
+            .into_iter()
+            .find(|m| m.contains(body))
+            .unwrap()
+    };
+    let msg = send("before the key");
+    assert!(!msg.contains("DKIM-Signature:"), "{msg}");
+    let out = Command::new(xtask::agent::smtpgate_bin())
+        .args([
+            "dkim",
+            "generate",
+            "client.lab",
+            "--selector",
+            "lab1",
+            "--config",
+        ])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let record = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && record.starts_with("lab1._domainkey.client.lab. IN TXT \"v=DKIM1; k=ed25519; p="),
+        "{record}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg = send("key made, no reload yet");
+    assert!(!msg.contains("DKIM-Signature:"), "{msg}");
+    let out = lab.cli(&agent, &["reload"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg = send("after the reload");
+    assert!(
+        msg.contains("DKIM-Signature: v=1; a=ed25519-sha256; s=lab1; d=client.lab;"),
+        "{msg}"
+    );
+}
+
 /// The intercept listener exists only with action = "redirect": with the
 /// relay on and another action, nothing listens on its port, and switching
 /// to redirect at reload is refused (the listener is bound at start).

@@ -26,6 +26,9 @@ pub const RELAY_TLS_KEY: &str = "/etc/smtpgate/relay.key";
 pub const STATE_DIR: &str = "/var/lib/smtpgate";
 /// The relay's mail queue; the package creates it smtpgate:smtpgate 0750.
 pub const RELAY_SPOOL_DIR: &str = "/var/lib/smtpgate/spool";
+/// The relay's DKIM keys, `<domain>/<selector>.key`; the package makes it
+/// smtpgate:smtpgate 0700.
+pub const RELAY_DKIM_DIR: &str = "/etc/smtpgate/dkim";
 
 /// RuntimeDirectory.
 pub const RUNTIME_DIR: &str = "/run/smtpgate";

@@ -5,6 +5,8 @@
 //! Lab mode (default) starts everything on loopback: a relay in this process
 //! with a temp spool, and /usr/sbin/smtp-sink as its smarthost.
 //!   cargo run --release -p smtpgate-relay --example loadgen -- --sessions 16 --messages 50 --size 2000
+//! `--dkim none|ed25519|rsa|both` (lab mode) gives the sender's domain keys,
+//! so every message is signed.
 //! Against a running relay (e.g. relay-lab):
 //!   ... --example loadgen -- --addr 127.0.0.1:587 --ca cert.pem --user alice --pass pw --from alice@example.com
 //! Only loopback targets make sense here; the tool refuses anything else.
@@ -30,6 +32,9 @@ struct Opts {
     sessions: usize,
     messages: usize,
     size: usize,
+    /// Lab mode: DKIM keys for the sender's domain ("none", "ed25519",
+    /// "rsa" or "both"), to measure what signing costs.
+    dkim: String,
 }
 
 fn opts() -> Opts {
@@ -43,6 +48,7 @@ fn opts() -> Opts {
         sessions: 8,
         messages: 50,
         size: 2000,
+        dkim: "none".into(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -57,6 +63,7 @@ fn opts() -> Opts {
             "--sessions" => o.sessions = v.parse().expect("--sessions N"),
             "--messages" => o.messages = v.parse().expect("--messages N"),
             "--size" => o.size = v.parse().expect("--size BYTES"),
+            "--dkim" => o.dkim = v,
             other => panic!("unknown option {other}"),
         }
     }
@@ -203,8 +210,24 @@ async fn main() {
             .args(&sink_args)
             .spawn()
             .unwrap();
+        let dkim_dir = dir.path().join("dkim");
+        let domain = o.from.rsplit('@').next().unwrap_or_default().to_owned();
+        {
+            use smtpgate_relay::dkim::keys::{Algorithm, generate};
+            let algs: &[Algorithm] = match o.dkim.as_str() {
+                "none" => &[],
+                "ed25519" => &[Algorithm::Ed25519],
+                "rsa" => &[Algorithm::Rsa],
+                "both" => &[Algorithm::Ed25519, Algorithm::Rsa],
+                other => panic!("--dkim {other}: none, ed25519, rsa or both"),
+            };
+            for (i, a) in algs.iter().enumerate() {
+                generate(&dkim_dir, &domain, *a, Some(&format!("load{i}"))).unwrap();
+            }
+        }
         let mut cfg = smtpgate_relay::RelayConfig {
             hostname: "relay.lab".into(),
+            dkim_dir,
             submission_listen: Some("127.0.0.1:0".parse().unwrap()),
             submissions_listen: None,
             tls_cert: cert.clone(),

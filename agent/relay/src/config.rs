@@ -53,6 +53,10 @@ pub struct RelayConfig {
     pub users_file: PathBuf,
     /// Spool directory. Default: "/var/lib/smtpgate/spool".
     pub spool_dir: PathBuf,
+    /// DKIM private keys, `<domain>/<selector>.key` (managed with `smtpgate
+    /// dkim`); re-read on reload. Missing or empty: nothing is signed.
+    /// Default: "/etc/smtpgate/dkim".
+    pub dkim_dir: PathBuf,
     /// Concurrent delivery attempts. Default: 8.
     pub delivery_workers: usize,
     /// Smarthost; without it mail goes straight to each recipient's MX.
@@ -128,6 +132,7 @@ impl Default for RelayConfig {
             tls_key: smtpgate_paths::RELAY_TLS_KEY.into(),
             users_file: smtpgate_paths::RELAY_USERS_FILE.into(),
             spool_dir: smtpgate_paths::RELAY_SPOOL_DIR.into(),
+            dkim_dir: smtpgate_paths::RELAY_DKIM_DIR.into(),
             delivery_workers: 8,
             upstream: None,
             nameservers: Vec::new(),
@@ -312,6 +317,14 @@ pub struct RetryConfig {
     /// Timeout for connecting to a next hop and for each of its replies;
     /// the message data gets one more second per 16 KiB. Default: 120.
     pub attempt_timeout_secs: f64,
+    /// A message still undelivered this long after it was queued gets one
+    /// warning DSN (RFC 3464 `Action: delayed`) to its sender, naming the
+    /// recipients still waiting, once per message. 0 turns warnings off.
+    /// Default: 14400 (4 h). Postfix has the same setting
+    /// (delay_warning_time) but off by default; sendmail warns after 4 h,
+    /// and a sender whose mail sits for days should hear about it before
+    /// the bounce.
+    pub delay_warning_secs: f64,
 }
 
 impl Default for RetryConfig {
@@ -322,6 +335,7 @@ impl Default for RetryConfig {
             max_lifetime_secs: 432_000.0,
             bounce_lifetime_secs: 432_000.0,
             attempt_timeout_secs: 120.0,
+            delay_warning_secs: 4.0 * 3600.0,
         }
     }
 }
@@ -457,6 +471,12 @@ impl RelayConfig {
                 "must be zero or more seconds",
             ));
         }
+        if !(self.retry.delay_warning_secs.is_finite() && self.retry.delay_warning_secs >= 0.0) {
+            return Err(invalid(
+                "retry.delay_warning_secs",
+                "must be zero (off) or more seconds",
+            ));
+        }
         if self.retry.max_backoff_secs < self.retry.initial_backoff_secs {
             return Err(invalid(
                 "retry.max_backoff_secs",
@@ -561,6 +581,13 @@ mod tests {
             RelayConfig::from_toml("[retry]\ninitial_backoff_secs = 10\nmax_backoff_secs = 1")
                 .is_err()
         );
+        assert!(err("[retry]\ndelay_warning_secs = -1").contains("zero (off) or more"));
+        // 0 turns warnings off; the default is 4 h.
+        let off = RelayConfig::from_toml("[retry]\ndelay_warning_secs = 0").unwrap();
+        assert!(off.retry.delay_warning_secs == 0.0);
+        assert!((RelayConfig::default().retry.delay_warning_secs - 14_400.0).abs() < f64::EPSILON);
+        let keys = RelayConfig::from_toml("dkim_dir = \"/srv/dkim\"").unwrap();
+        assert_eq!(keys.dkim_dir, PathBuf::from("/srv/dkim"));
     }
 
     fn err(text: &str) -> String {

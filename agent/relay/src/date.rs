@@ -18,6 +18,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// (year, month) of `t` in UTC, for date-based names (DKIM selectors).
+pub fn year_month(t: SystemTime) -> (i64, u32) {
+    let secs = i64::try_from(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())).unwrap_or(0);
+    let (y, m, _) = civil_from_days(secs.div_euclid(86_400));
+    (y, m)
+}
+
 pub fn rfc5322(t: SystemTime) -> String {
     let secs = i64::try_from(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())).unwrap_or(0);
     let days = secs.div_euclid(86_400);

@@ -232,10 +232,16 @@ impl Deliverer {
     /// One delivery attempt; true when the message is finished (delivered,
     /// bounced or dropped) and its task can end.
     async fn attempt(&self, rec: &mut QueueRecord) -> bool {
-        // Whole: lettre sends from a slice. The buffer goes back to the OS
+        // Whole, its DKIM signatures first: lettre sends from a slice. The buffer goes back to the OS
         // afterwards (`mem`), so memory is delivery_workers x message size
         // at most while sending, and not kept.
-        let body = match crate::mem::read_returned_on_free(&self.spool.body_path(&rec.id)).await {
+        let signature = rec.dkim_signature.as_deref().unwrap_or_default().as_bytes();
+        let body = match crate::mem::read_returned_on_free(
+            signature,
+            &self.spool.body_path(&rec.id),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(_) if !self.spool.exists(&rec.id) => {
                 // Deleted behind our back (offline `queue delete`): done.
@@ -294,6 +300,7 @@ impl Deliverer {
         // recipient refused with 5xx must not wait days for another that
         // is deferred (Postfix bounces at once too).
         self.notify_failures(rec, &body).await;
+        self.warn_delayed(rec, &body).await;
         let unfinished = rec.pending().next().is_some()
             || rec
                 .recipients
@@ -382,6 +389,62 @@ impl Deliverer {
         }
     }
 
+    /// Whether `rec` is still owed its delay warning.
+    fn warning_due_at(&self, rec: &QueueRecord) -> Option<u64> {
+        let after = self.cfg.retry.delay_warning_secs;
+        // Nobody to tell for bounces and null-sender mail, and nothing to
+        // warn about past the point where it would bounce anyway.
+        (after > 0.0
+            && !rec.delay_warned
+            && !rec.is_dsn
+            && !rec.from.is_empty()
+            && after < self.cfg.retry.max_lifetime_secs)
+            .then(|| rec.created_unix_ms + secs(after).as_millis() as u64)
+    }
+
+    /// Once per message, when it has waited `retry.delay_warning_secs` and
+    /// recipients are still pending: an `Action: delayed` DSN to the sender
+    /// naming them. Marked in the record (the caller's rewrite makes it
+    /// stick); a warning that cannot be queued is tried again next attempt.
+    async fn warn_delayed(&self, rec: &mut QueueRecord, body: &[u8]) {
+        let Some(due) = self.warning_due_at(rec) else {
+            return;
+        };
+        let waiting: Vec<_> = rec.pending().cloned().collect();
+        if waiting.is_empty() || now_ms() < due {
+            return;
+        }
+        let refs: Vec<_> = waiting.iter().collect();
+        let until = std::time::UNIX_EPOCH
+            + Duration::from_millis(rec.created_unix_ms)
+            + secs(self.cfg.retry.max_lifetime_secs);
+        let report = crate::dsn::Report::Delayed {
+            waited: Duration::from_millis(now_ms().saturating_sub(rec.created_unix_ms)),
+            until,
+        };
+        let (dsn, dsn_body) = crate::dsn::build_report(
+            crate::dsn::delay_warning_id(&rec.id),
+            report,
+            &self.cfg.hostname,
+            rec,
+            &refs,
+            crate::dsn::header_section(body),
+        );
+        match self.spool.commit(dsn.clone(), dsn_body).await {
+            Ok(()) => {
+                RelayStats::inc(&self.stats.delay_warnings);
+                RelayStats::inc(&self.stats.queue_length);
+                let addrs: Vec<&str> = waiting.iter().map(|r| r.address.as_str()).collect();
+                tracing::info!(id = rec.id, dsn = dsn.id, recipients = ?addrs, "delay warning queued");
+                let _ = self.queued.send(dsn);
+                rec.delay_warned = true;
+            }
+            Err(e) => {
+                tracing::error!(id = rec.id, error = %e, "could not queue delay warning; will retry");
+            }
+        }
+    }
+
     async fn reschedule(&self, rec: &mut QueueRecord) {
         let r = &self.cfg.retry;
         let exp = r.initial_backoff_secs
@@ -394,6 +457,13 @@ impl Deliverer {
         // ±20% jitter so messages that failed together do not retry together.
         let jitter = 0.8 + 0.4 * crate::random::unit_f64();
         rec.next_attempt_unix_ms = now_ms() + secs(base * jitter).as_millis() as u64;
+        // An attempt at the warning's time, so it is not up to a whole
+        // backoff late (the attempt may deliver, and then none is due).
+        // (Only ahead: a warning that could not be queued waits for the
+        // next ordinary attempt rather than spinning.)
+        if let Some(due) = self.warning_due_at(rec).filter(|d| *d > now_ms()) {
+            rec.next_attempt_unix_ms = rec.next_attempt_unix_ms.min(due);
+        }
         let spool = self.spool.clone();
         let snapshot = rec.clone();
         match tokio::task::spawn_blocking(move || spool.rewrite(&snapshot)).await {

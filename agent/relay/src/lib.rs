@@ -24,6 +24,7 @@ pub mod config;
 pub mod dataread;
 mod date;
 mod deliver;
+pub mod dkim;
 pub mod dsn;
 pub mod headers;
 pub mod limits;
@@ -71,6 +72,8 @@ pub enum RelayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Dkim(#[from] dkim::DkimError),
     #[error(transparent)]
     Users(#[from] users::UsersError),
     #[error(transparent)]
@@ -168,8 +171,13 @@ impl Relay {
         tracing::info!(config = ?config, "starting relay");
         let config = Arc::new(config);
         let tls = Arc::new(tls::TlsStore::load(&config.tls_cert, &config.tls_key)?);
+        let dkim = Arc::new(dkim::DkimStore::load(&config.dkim_dir)?);
         let users = Arc::new(users::UserDb::open(&config.users_file)?);
         let stats = Arc::new(RelayStats::default());
+        stats.dkim_keys.store(
+            dkim.snapshot().len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let spool_dir = config.spool_dir.clone();
         let counters = stats.spool_commits.clone();
         let spool =
@@ -208,6 +216,7 @@ impl Relay {
             verifier,
             config: config.clone(),
             tls,
+            dkim,
             users,
             stats,
             spool,
@@ -257,6 +266,15 @@ impl Relay {
     }
 }
 
+fn reload_dkim(shared: &session::Shared) -> Result<usize, dkim::DkimError> {
+    let n = shared.dkim.reload()?;
+    shared
+        .stats
+        .dkim_keys
+        .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(n)
+}
+
 /// Cloneable control surface of a running relay, for the agent's SIGHUP
 /// handler, control socket and metrics scrape, which outlive no handle but
 /// must not own the one that shuts the relay down.
@@ -279,6 +297,12 @@ impl RelayControl {
 
     pub fn reload_tls(&self) -> Result<(), TlsError> {
         self.shared.tls.reload()
+    }
+
+    /// Re-reads the DKIM keys directory; returns how many keys sign now.
+    /// On error the old keys stay.
+    pub fn reload_dkim(&self) -> Result<usize, dkim::DkimError> {
+        reload_dkim(&self.shared)
     }
 
     pub fn flush(&self) {
@@ -311,6 +335,12 @@ impl RelayHandle {
     /// Re-reads the certificate and key (SIGHUP). On error the old ones stay.
     pub fn reload_tls(&self) -> Result<(), TlsError> {
         self.shared.tls.reload()
+    }
+
+    /// Re-reads the DKIM keys (SIGHUP): new keys sign from the next
+    /// message on, removed ones stop. On error the old keys stay.
+    pub fn reload_dkim(&self) -> Result<usize, dkim::DkimError> {
+        reload_dkim(&self.shared)
     }
 
     /// Retries every queued message now (`smtpgate queue flush`).

@@ -20,12 +20,18 @@ pub(crate) fn returned_on_free<T>(len: usize) -> Vec<T> {
     Vec::with_capacity(len.max(floor))
 }
 
-/// Reads a whole file into a `returned_on_free` buffer.
-pub(crate) async fn read_returned_on_free(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+/// `prefix` followed by a whole file, in one `returned_on_free` buffer (a
+/// queued message is its DKIM signatures, kept in the record, then its
+/// body file).
+pub(crate) async fn read_returned_on_free(
+    prefix: &[u8],
+    path: &std::path::Path,
+) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncReadExt as _;
     let mut f = tokio::fs::File::open(path).await?;
     let len = usize::try_from(f.metadata().await?.len()).unwrap_or(usize::MAX);
-    let mut v = returned_on_free(len.saturating_add(1));
+    let mut v = returned_on_free(len.saturating_add(prefix.len()).saturating_add(1));
+    v.extend_from_slice(prefix);
     f.read_to_end(&mut v).await?;
     Ok(v)
 }

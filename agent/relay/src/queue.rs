@@ -13,10 +13,14 @@ pub fn list(spool_dir: &Path) -> Result<Vec<QueueRecord>, SpoolError> {
     Spool::open_offline(spool_dir).scan()
 }
 
-/// One message's record and raw bytes (as they will be sent).
+/// One message's record and raw bytes (as they will be sent: its DKIM
+/// signatures, from the record, then the body file).
 pub fn show(spool_dir: &Path, id: &str) -> Result<(QueueRecord, Vec<u8>), SpoolError> {
     let s = Spool::open_offline(spool_dir);
-    Ok((s.read_record(id)?, s.read_body(id)?))
+    let rec = s.read_record(id)?;
+    let mut msg = rec.dkim_signature.clone().unwrap_or_default().into_bytes();
+    msg.extend_from_slice(&s.read_body(id)?);
+    Ok((rec, msg))
 }
 
 /// Removes a message without bouncing it.

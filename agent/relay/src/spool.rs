@@ -1,8 +1,8 @@
 //! Durable on-disk queue.
 //!
 //! Each message is two files in `<spool>/queue/`: `<id>.eml` (the bytes to
-//! send, Received header included) and `<id>.json` (envelope and
-//! per-recipient state). The `.json` file is the commit point: a message
+//! send, Received header included, after the record's DKIM signatures if it
+//! has any) and `<id>.json` (envelope and per-recipient state). The `.json` file is the commit point: a message
 //! exists iff its record exists. A third, `<id>.done`, is the delivery
 //! journal: one `delivered <address>` line appended the moment a next hop
 //! answers 250 for that recipient, folded into the record whenever it is
@@ -103,6 +103,16 @@ pub struct QueueRecord {
     /// relays from before the field.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smtputf8: bool,
+    /// DKIM-Signature fields (CRLF-terminated) sent before the body file's
+    /// bytes: they are computed while the body streams to disk, so they
+    /// exist only after it is written (`dkim` module). Left out when the
+    /// message is unsigned; older records have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim_signature: Option<String>,
+    /// The sender got the delay warning (`retry.delay_warning_secs`): it
+    /// is sent once per message. Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 impl QueueRecord {
@@ -746,6 +756,8 @@ mod tests {
             is_dsn: false,
             size: 5,
             smtputf8: false,
+            dkim_signature: None,
+            delay_warned: false,
         }
     }
 

@@ -34,12 +34,18 @@ pub struct RelayStats {
     pub auth_failures: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub messages_rejected: AtomicU64,
+    /// Accepted messages that carry at least one DKIM signature.
+    pub messages_signed: AtomicU64,
+    /// DKIM keys signing now (gauge; set at start and on each reload).
+    pub dkim_keys: AtomicU64,
     /// Recipient deliveries (a message to three recipients counts three).
     pub recipients_delivered: AtomicU64,
     pub messages_delivered: AtomicU64,
     /// Delivery attempts that ended in a retry.
     pub deliveries_deferred: AtomicU64,
     pub messages_bounced: AtomicU64,
+    /// Delay warnings queued (one per message at most).
+    pub delay_warnings: AtomicU64,
     pub queue_length: AtomicU64,
     /// Spool group commit: shared with the committer thread.
     pub spool_commits: Arc<CommitCounters>,
@@ -81,10 +87,13 @@ pub struct StatsSnapshot {
     pub auth_failures: u64,
     pub messages_accepted: u64,
     pub messages_rejected: u64,
+    pub messages_signed: u64,
+    pub dkim_keys: u64,
     pub recipients_delivered: u64,
     pub messages_delivered: u64,
     pub deliveries_deferred: u64,
     pub messages_bounced: u64,
+    pub delay_warnings: u64,
     pub queue_length: u64,
     /// Directory syncs of the spool (group-commit batches).
     pub spool_batches: u64,
@@ -167,10 +176,13 @@ impl RelayStats {
             auth_failures: self.auth_failures.load(Relaxed),
             messages_accepted: self.messages_accepted.load(Relaxed),
             messages_rejected: self.messages_rejected.load(Relaxed),
+            messages_signed: self.messages_signed.load(Relaxed),
+            dkim_keys: self.dkim_keys.load(Relaxed),
             recipients_delivered: self.recipients_delivered.load(Relaxed),
             messages_delivered: self.messages_delivered.load(Relaxed),
             deliveries_deferred: self.deliveries_deferred.load(Relaxed),
             messages_bounced: self.messages_bounced.load(Relaxed),
+            delay_warnings: self.delay_warnings.load(Relaxed),
             queue_length: self.queue_length.load(Relaxed),
             spool_batches: self.spool_commits.batches.load(Relaxed),
             spool_batched_messages: self.spool_commits.messages.load(Relaxed),

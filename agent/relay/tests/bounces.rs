@@ -59,8 +59,12 @@ async fn bounce_of(sink_args: &[&str], mail_params: &str, rcpt: &str, msg: &str)
             m.iter().any(|d| d.contains("Final-Recipient"))
         })
         .await;
+    // The queue empties at the bounce's 250 (its record's unlink); the
+    // counters follow a moment later, so wait for them too (a loaded
+    // machine saw recipients_delivered still 0 here).
     until("empty queue", 10, || {
         smtpgate_relay::queue::list(&lab.spool).unwrap().is_empty()
+            && relay.stats().snapshot().recipients_delivered >= 1
     })
     .await;
     let s = relay.stats().snapshot();

@@ -6,6 +6,8 @@
 //! Defaults: 40 sessions x 8 MiB, enough to fail loudly if bodies sat in
 //! memory (320 MiB). The issue's full case is
 //! `SMTPGATE_RSS_SESSIONS=100 SMTPGATE_RSS_MIB=25 cargo test -p smtpgate-relay --test memory -- --nocapture`.
+//! Every message is DKIM-signed with an Ed25519 and an RSA key while it
+//! streams (`SMTPGATE_RSS_DKIM=0` sends them unsigned, for comparison).
 
 mod common;
 
@@ -26,8 +28,14 @@ fn env_or(name: &str, default: usize) -> usize {
 async fn many_slow_large_messages_keep_relay_memory_flat() {
     let sessions = env_or("SMTPGATE_RSS_SESSIONS", 40);
     let mib = env_or("SMTPGATE_RSS_MIB", 8);
+    let dkim = env_or("SMTPGATE_RSS_DKIM", 1) != 0;
     let lab = Lab::new();
     let mut cfg = lab.config(None);
+    if dkim {
+        use smtpgate_relay::dkim::keys::{Algorithm, generate};
+        generate(&cfg.dkim_dir, "example.com", Algorithm::Ed25519, Some("e")).unwrap();
+        generate(&cfg.dkim_dir, "example.com", Algorithm::Rsa, Some("r")).unwrap();
+    }
     cfg.limits.messages_per_hour = 0;
     cfg.limits.max_sessions = 1000;
     cfg.limits.max_sessions_per_client = 1000;
@@ -119,9 +127,17 @@ async fn many_slow_large_messages_keep_relay_memory_flat() {
     let queued = smtpgate_relay::queue::list(&lab.spool).unwrap();
     assert_eq!(queued.len(), sessions, "every message on disk");
     assert!(queued.iter().all(|r| r.size > (mib as u64) << 20));
+    assert!(
+        queued.iter().all(|r| r
+            .dkim_signature
+            .as_ref()
+            .map(|s| s.matches("DKIM-Signature:").count())
+            == dkim.then_some(2)),
+        "every message signed by both keys (or, with SMTPGATE_RSS_DKIM=0, none)"
+    );
     let per_session = (mid.saturating_sub(base)) as f64 / sessions as f64;
     eprintln!(
-        "{sessions} sessions x {mib} MiB in {elapsed:.1?}: relay RSS baseline {:.1} MiB, \
+        "{sessions} sessions x {mib} MiB (DKIM {dkim}) in {elapsed:.1?}: relay RSS baseline {:.1} MiB, \
          all mid-DATA {:.1} MiB ({per_session:.0} KiB per session), peak {:.1} MiB, after {:.1} MiB",
         base as f64 / 1024.0,
         mid as f64 / 1024.0,

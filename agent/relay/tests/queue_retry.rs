@@ -128,3 +128,93 @@ async fn expired_message_bounces_to_sender_with_multipart_report() {
     assert!(!msg.contains("body expire1"), "bounce carries headers only");
     relay.shutdown().await;
 }
+
+/// Issue 12's delay warnings: a message still queued after
+/// `retry.delay_warning_secs` (here 1 s, the smarthost down) gets one RFC
+/// 3464 `Action: delayed` warning to its sender, however many attempts
+/// follow, a restart included; when the smarthost is back the warning and
+/// the message itself both arrive.
+#[tokio::test]
+async fn one_delay_warning_while_upstream_down() {
+    let lab = Lab::new();
+    let port = free_port();
+    let mut cfg = lab.config(Some(port));
+    cfg.retry.delay_warning_secs = 1.0;
+    let relay = Relay::start(cfg.clone(), Listeners::default())
+        .await
+        .unwrap();
+    let addr = relay.addrs().submission.unwrap();
+    submit(addr, &lab.cert_pem(), "late").await;
+    let records = || smtpgate_relay::queue::list(&lab.spool).unwrap();
+    let warnings = || {
+        records()
+            .into_iter()
+            .filter(|r| r.is_dsn)
+            .collect::<Vec<_>>()
+    };
+    let original = || records().into_iter().find(|r| !r.is_dsn).unwrap();
+    until("the delay warning", 20, || !warnings().is_empty()).await;
+    let warned_at = original().attempts;
+    assert!(original().delay_warned);
+    // Not before its time, and not a whole backoff late either (attempts
+    // are 0.2 to 0.5 s apart here; one is scheduled at the warning's time).
+    let waited = warnings()[0].created_unix_ms - original().created_unix_ms;
+    assert!((1000..2500).contains(&waited), "warned after {waited} ms");
+    // More attempts, then a restart on the same spool, more attempts: still one.
+    until("three more attempts", 20, || {
+        original().attempts >= warned_at + 3
+    })
+    .await;
+    relay.shutdown().await;
+    let relay = Relay::start(cfg, Listeners::default()).await.unwrap();
+    until("three more after the restart", 20, || {
+        original().attempts >= warned_at + 6
+    })
+    .await;
+    let w = warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(
+        relay.stats().snapshot().delay_warnings,
+        0,
+        "the restart sent none"
+    );
+    assert_eq!(w[0].recipients[0].address, "alice@example.com");
+    assert!(w[0].from.is_empty(), "from <>");
+    let (_, text) = smtpgate_relay::queue::show(&lab.spool, &w[0].id).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    for needle in [
+        "Subject: Delayed Mail (still being retried)\r\n",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        "Final-Recipient: rfc822; r@example.net\r\nAction: delayed\r\nStatus: 4.",
+        "Will-Retry-Until: ",
+        "Subject: late\r\n",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in\n{text}");
+    }
+
+    let sink = Sink::start(&lab.dir.path().join("sink"), port);
+    relay.flush();
+    let dumps = sink
+        .wait_for(
+            "the message and its warning",
+            Duration::from_secs(30),
+            |m| {
+                m.iter().any(|d| d.contains("body late\n"))
+                    && m.iter()
+                        .any(|d| d.contains("Action: delayed\n") && d.contains("--\n"))
+            },
+        )
+        .await;
+    let warning = dumps
+        .iter()
+        .find(|d| d.contains("Action: delayed"))
+        .unwrap();
+    let (env, _) = common::sink_split(warning);
+    assert!(env.iter().any(|l| l == "X-Mail-Args: <>"), "{env:?}");
+    assert!(
+        env.iter().any(|l| l == "X-Rcpt-Args: <alice@example.com>"),
+        "{env:?}"
+    );
+    until("empty queue", 10, || records().is_empty()).await;
+    relay.shutdown().await;
+}

@@ -346,6 +346,10 @@ impl Agent {
             if let Err(e) = relay.reload_tls() {
                 warn!(error = %e, "relay TLS reload failed; keeping the old certificate");
             }
+            // New or removed DKIM keys; on error the old keys keep signing.
+            if let Err(e) = relay.reload_dkim() {
+                warn!(error = %e, "relay DKIM key reload failed; keeping the old keys");
+            }
         }
         match self.try_reload() {
             Ok(v) => {

@@ -5,6 +5,7 @@ mod check;
 mod check_config;
 mod client;
 mod detach;
+mod dkim;
 mod queue;
 mod reload;
 mod run;
@@ -56,6 +57,8 @@ enum Command {
     User(user::Args),
     /// Look at and act on the relay's queue.
     Queue(queue::Args),
+    /// Manage the relay's DKIM keys and print their DNS records.
+    Dkim(dkim::Args),
     /// Print shell completions.
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -194,6 +197,9 @@ const EXIT_STATUS_HELP: &str = "Exit status: 0 ok (check: allowed), 1 error, 2 u
 /// The exit status and the machine-readable code for an error.
 fn classify(e: &anyhow::Error) -> (u8, String) {
     use smtpgate::control::client::ClientError;
+    if let Some(d) = e.downcast_ref::<smtpgate_relay::dkim::DkimError>() {
+        return (exit::ERROR, dkim::error_code(d).into());
+    }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
             (exit::NO_AGENT, "no_agent".into())
@@ -229,6 +235,7 @@ pub fn main() -> ExitCode {
         Command::Detach(args) => detach::execute(&args, &cli.client),
         Command::User(args) => user::execute(&args),
         Command::Queue(args) => queue::execute(&args, &cli.client),
+        Command::Dkim(args) => dkim::execute(&args, &cli.client),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

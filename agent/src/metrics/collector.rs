@@ -198,6 +198,10 @@ fn relay(r: &RelaySnapshot, out: &mut Vec<MetricFamily>) {
     out.push(one(names::RELAY_SESSIONS, s.sessions_total));
     out.push(one(names::RELAY_SESSIONS_ACTIVE, s.sessions_active));
     out.push(one(names::RELAY_SESSIONS_REFUSED, s.sessions_refused));
+    out.push(one(names::RELAY_SESSIONS_EVICTED, s.sessions_evicted));
+    out.push(one(names::RELAY_DKIM_SIGNED, s.messages_signed));
+    out.push(one(names::RELAY_DKIM_KEYS, s.dkim_keys));
+    out.push(one(names::RELAY_DELAY_WARNINGS, s.delay_warnings));
     out.push(family(
         names::RELAY_AUTH,
         names::RESULTS

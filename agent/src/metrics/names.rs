@@ -46,6 +46,10 @@ pub const ALLOWLIST_FILE_VALID: &str = "smtpgate_allowlist_file_valid";
 pub const RELAY_SESSIONS: &str = "smtpgate_relay_sessions_total";
 pub const RELAY_SESSIONS_ACTIVE: &str = "smtpgate_relay_sessions_active";
 pub const RELAY_SESSIONS_REFUSED: &str = "smtpgate_relay_sessions_refused_total";
+pub const RELAY_SESSIONS_EVICTED: &str = "smtpgate_relay_sessions_evicted_total";
+pub const RELAY_DKIM_SIGNED: &str = "smtpgate_relay_dkim_signed_messages_total";
+pub const RELAY_DKIM_KEYS: &str = "smtpgate_relay_dkim_keys";
+pub const RELAY_DELAY_WARNINGS: &str = "smtpgate_relay_delay_warnings_total";
 pub const RELAY_AUTH: &str = "smtpgate_relay_auth_total";
 pub const RELAY_MESSAGES: &str = "smtpgate_relay_messages_total";
 pub const RELAY_RECIPIENTS_DELIVERED: &str = "smtpgate_relay_recipients_delivered_total";
@@ -158,6 +162,30 @@ pub const RELAY: &[Def] = &[
         &[],
     ),
     def(
+        RELAY_SESSIONS_EVICTED,
+        COUNTER,
+        "Unauthenticated relay sessions closed to make room for a newcomer (a flood of idle or slow connections evicts its own).",
+        &[],
+    ),
+    def(
+        RELAY_DKIM_SIGNED,
+        COUNTER,
+        "Messages the relay accepted with at least one DKIM signature.",
+        &[],
+    ),
+    def(
+        RELAY_DKIM_KEYS,
+        GAUGE,
+        "DKIM keys the relay signs with (after the last start or reload).",
+        &[],
+    ),
+    def(
+        RELAY_DELAY_WARNINGS,
+        COUNTER,
+        "Delay warnings (RFC 3464 Action: delayed) queued to senders, at most one per message.",
+        &[],
+    ),
+    def(
         RELAY_AUTH,
         COUNTER,
         "Relay AUTH attempts, by result.",
@@ -207,6 +235,10 @@ pub const RELAY_METRICS: &[&str] = &[
     "smtpgate_relay_sessions_total",
     "smtpgate_relay_sessions_active",
     "smtpgate_relay_sessions_refused_total",
+    "smtpgate_relay_sessions_evicted_total",
+    "smtpgate_relay_dkim_signed_messages_total",
+    "smtpgate_relay_dkim_keys",
+    "smtpgate_relay_delay_warnings_total",
     "smtpgate_relay_auth_total",
     "smtpgate_relay_messages_total",
     "smtpgate_relay_recipients_delivered_total",

@@ -281,6 +281,10 @@ fn relay_families_exist_only_with_the_relay_and_match_the_list() {
         "smtpgate_relay_sessions_total 0\n",
         "smtpgate_relay_sessions_active 0\n",
         "smtpgate_relay_sessions_refused_total 0\n",
+        "smtpgate_relay_sessions_evicted_total 0\n",
+        "smtpgate_relay_dkim_signed_messages_total 0\n",
+        "smtpgate_relay_dkim_keys 0\n",
+        "smtpgate_relay_delay_warnings_total 0\n",
         "smtpgate_relay_auth_total{result=\"success\"} 0\n",
         "smtpgate_relay_auth_total{result=\"failure\"} 0\n",
         "smtpgate_relay_messages_total{outcome=\"accepted\"} 0\n",
@@ -540,4 +544,38 @@ async fn readyz_names_what_is_down() {
     .await;
     assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
     assert!(out.contains("is down"), "{out}");
+}
+
+/// Relay stats that had no metric before (issue 12): pre-AUTH evictions,
+/// DKIM-signed messages, the keys loaded, delay warnings. Each lands in its own family with
+/// its own value, not a neighbour's.
+#[test]
+fn relay_evictions_and_dkim_are_exported() {
+    let mut r = relay();
+    r.stats = smtpgate_relay::StatsSnapshot {
+        sessions_refused: 2,
+        sessions_evicted: 7,
+        messages_accepted: 5,
+        messages_signed: 3,
+        dkim_keys: 4,
+        delay_warnings: 6,
+        ..Default::default()
+    };
+    let mut s = snapshot();
+    s.relay = Some(r);
+    let text = render(&s);
+    for line in [
+        "# TYPE smtpgate_relay_sessions_evicted_total counter\n",
+        "smtpgate_relay_sessions_evicted_total 7\n",
+        "smtpgate_relay_sessions_refused_total 2\n",
+        "# TYPE smtpgate_relay_dkim_signed_messages_total counter\n",
+        "smtpgate_relay_dkim_signed_messages_total 3\n",
+        "smtpgate_relay_messages_total{outcome=\"accepted\"} 5\n",
+        "# TYPE smtpgate_relay_dkim_keys gauge\n",
+        "smtpgate_relay_dkim_keys 4\n",
+        "# TYPE smtpgate_relay_delay_warnings_total counter\n",
+        "smtpgate_relay_delay_warnings_total 6\n",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::{Deadline, Fill, Flow, Limit, Phase, Session, SessionError};
 use crate::config::secs;
 use crate::dataread::{DataReader, Feed, Verdict};
+use crate::dkim::{KeySet, MessageSigner};
 use crate::headers;
 use crate::parse::Address;
 use crate::reply::{Reply, canned};
@@ -32,12 +33,13 @@ const MAX_HOPS: usize = 30;
 pub(crate) const MAX_HEADER_SECTION: usize = 128 * 1024;
 
 /// Where the incoming message stands.
-enum Stage {
+enum Stage<'k> {
     /// Still in the header section: kept in memory.
     Headers(Vec<u8>),
     /// Header section done; the rest goes to the spool (in memory while
-    /// small, see `spool::SPILL_AT`).
-    Body(IncomingBody),
+    /// small, see `spool::SPILL_AT`), and through the DKIM signer when the
+    /// signing domain has keys.
+    Body(IncomingBody, Option<MessageSigner<'k>>),
     /// Refused already (header checks): read to the end, then say why.
     Refused(Reply),
     /// Could not write to the spool: read to the end, then 451.
@@ -83,6 +85,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut received: u64 = 0;
         let id = new_id();
         let rcpts = self.txn.as_ref().expect("phase Rcpt").rcpts.clone();
+        // The keys as they are now: a reload during this DATA applies to
+        // the next message.
+        let keys = self.shared.dkim.snapshot();
         let mut stage = Stage::Headers(Vec::new());
         let mut out = Vec::new();
         loop {
@@ -111,7 +116,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(Flow::Close);
                 }
             };
-            stage = self.absorb(stage, &out, done, &id, &rcpts).await;
+            stage = self.absorb(stage, &out, done, &id, &rcpts, &keys).await;
             out.clear();
             if done {
                 break;
@@ -162,10 +167,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "Local error in processing, try again later",
                 ))
             }
-            (Verdict::Ok, Stage::Body(b)) => Ok(b),
+            (Verdict::Ok, Stage::Body(b, signer)) => signer
+                .map(MessageSigner::finish)
+                .transpose()
+                .map(|sig| (b, sig))
+                .map_err(|e| {
+                    // Keys are test-signed when loaded, so this is a bug or
+                    // a broken crypto library: the client retries rather
+                    // than the mail leaving unsigned (and failing DMARC).
+                    tracing::error!(error = %e, "DKIM signing failed");
+                    Reply::new(451, "4.3.0", "Local error in processing, try again later")
+                }),
             (Verdict::Ok, Stage::Headers(_)) => unreachable!("absorb ends the headers at the end"),
         };
-        let body = match refusal {
+        let (body, dkim_signature) = match refusal {
             Ok(b) => b,
             Err(r) => {
                 // Dropping the stage removed any temp file.
@@ -174,6 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Flow::Continue);
             }
         };
+        let signed = dkim_signature.is_some();
 
         let now = now_ms();
         let record = QueueRecord {
@@ -196,8 +212,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             auth_user: Some(user.clone()),
             client: self.peer.ip().to_string(),
             is_dsn: false,
-            size: body.len(),
+            size: body.len() + dkim_signature.as_ref().map_or(0, |s| s.len() as u64),
             smtputf8: txn.smtputf8,
+            dkim_signature,
+            delay_warned: false,
         };
         match self
             .shared
@@ -208,6 +226,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(()) => {
                 self.shared.limits.rate.record(&user, nrcpt);
                 RelayStats::inc(&self.shared.stats.messages_accepted);
+                if signed {
+                    RelayStats::inc(&self.shared.stats.messages_signed);
+                }
                 self.junk = 0;
                 RelayStats::inc(&self.shared.stats.queue_length);
                 tracing::info!(peer = %self.peer, user, id, from = %txn.from, rcpts = txn.rcpts.len(), "queued");
@@ -229,14 +250,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Takes the next unstuffed bytes of the message (`end`: there are no
     /// more) into the stage they belong to.
-    async fn absorb(
+    async fn absorb<'k>(
         &mut self,
-        stage: Stage,
+        stage: Stage<'k>,
         bytes: &[u8],
         end: bool,
         id: &str,
         rcpts: &[Address],
-    ) -> Stage {
+        keys: &'k KeySet,
+    ) -> Stage<'k> {
         match stage {
             Stage::Headers(mut buf) => {
                 buf.extend_from_slice(bytes);
@@ -249,28 +271,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Some(e) if e.fields_len > MAX_HEADER_SECTION => {
                         Stage::Refused(too_big_headers())
                     }
-                    Some(e) => self.start_body(&buf, e, id, rcpts).await,
+                    Some(e) => self.start_body(&buf, e, id, rcpts, keys).await,
                     None if buf.len() > MAX_HEADER_SECTION => Stage::Refused(too_big_headers()),
                     None => Stage::Headers(buf),
                 }
             }
-            Stage::Body(mut b) => match b.write(&self.shared.spool, id, bytes).await {
-                Ok(()) => Stage::Body(b),
-                Err(e) => Stage::Failed(e),
-            },
+            Stage::Body(mut b, mut signer) => {
+                if let Some(s) = &mut signer {
+                    s.write(bytes);
+                }
+                match b.write(&self.shared.spool, id, bytes).await {
+                    Ok(()) => Stage::Body(b, signer),
+                    Err(e) => Stage::Failed(e),
+                }
+            }
             done @ (Stage::Refused(_) | Stage::Failed(_)) => done,
         }
     }
 
     /// The header section is complete: check it, then open the spool file
-    /// with the fixed header block and what has arrived of the body.
-    async fn start_body(
+    /// with the fixed header block and what has arrived of the body, and
+    /// start signing if the signing domain has keys. The signer sees
+    /// exactly the bytes the spool gets, after the header fixes (Received,
+    /// Message-ID, Date), so the signature covers what is sent.
+    async fn start_body<'k>(
         &mut self,
         buf: &[u8],
         end: headers::HeaderEnd,
         id: &str,
         rcpts: &[Address],
-    ) -> Stage {
+        keys: &'k KeySet,
+    ) -> Stage<'k> {
         let section = &buf[..end.fields_len];
         if count_received(section) > MAX_HOPS {
             return Stage::Refused(Reply::new(
@@ -283,13 +314,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Stage::Refused(r);
         }
         let block = self.header_block(id, rcpts, section, end.blank_line);
+        let mut signer = self
+            .signing_domain(section)
+            .and_then(|d| keys.signer_for(&d));
         let mut body = IncomingBody::new();
         for part in [&block[..], &buf[end.body_start()..]] {
+            if let Some(s) = &mut signer {
+                s.write(part);
+            }
             if let Err(e) = body.write(&self.shared.spool, id, part).await {
                 return Stage::Failed(e);
             }
         }
-        Stage::Body(body)
+        Stage::Body(body, signer)
     }
 }
 

@@ -138,6 +138,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         None
     }
 
+    /// The domain whose DKIM keys sign the message: the header From:'s
+    /// (the first mailbox's), which DMARC aligns with, when the user may
+    /// send as that address, as every user bound by the default
+    /// `header_from = "senders"` may. Otherwise (a `header_from = "any"`
+    /// user writing someone else's From:) the envelope sender's, which is
+    /// always one of the user's: a free From: must not get the signature of
+    /// a domain the user does not own just because the relay holds its key.
+    pub(super) fn signing_domain(&self, section: &[u8]) -> Option<String> {
+        let login = self.login.as_ref()?;
+        let envelope = &self.txn.as_ref()?.from;
+        let from = headers::fields(section)
+            .iter()
+            .find(|f| f.is("From"))
+            .and_then(|f| headers::mailboxes(&f.value()).ok())
+            .and_then(|list| list.into_iter().next());
+        Some(match from {
+            Some(a) if login.entry.may_send_as(&a) => a.domain,
+            _ => envelope.domain.clone(),
+        })
+    }
+
     /// Everything that goes before the body: our Received header, the
     /// client's header fields unchanged, the fields we add, and the empty
     /// line if the message had one. Added fields go at the end of the

@@ -83,6 +83,8 @@ impl TlsInfo {
 pub struct Shared {
     pub config: Arc<RelayConfig>,
     pub tls: Arc<TlsStore>,
+    /// DKIM keys by signing domain (reloadable).
+    pub dkim: Arc<crate::dkim::DkimStore>,
     pub users: Arc<UserDb>,
     pub limits: Limits,
     /// Bounds concurrent password verifications.

@@ -50,11 +50,14 @@ pub(crate) fn harness(tweak: impl FnOnce(&mut RelayConfig)) -> Harness {
         ..RelayConfig::default()
     };
     cfg.limits.auth_failure_delay_secs = 0.0;
+    // Never the host's keys.
+    cfg.dkim_dir = dir.path().join("dkim");
     tweak(&mut cfg);
     let (tx, queued) = mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         tls: Arc::new(TlsStore::load(&cert, &key).unwrap()),
+        dkim: Arc::new(crate::dkim::DkimStore::load(&cfg.dkim_dir).unwrap()),
         users: Arc::new(UserDb::open(&users).unwrap()),
         limits: Limits::new(&cfg.limits),
         verifier: crate::verifier::Verifier::new(
@@ -1385,4 +1388,116 @@ async fn a_client_that_never_reads_cannot_hold_a_session() {
     let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
     assert!(ended.is_ok(), "a blocked write held the session");
     writer.abort();
+}
+
+/// The record of a `250 ... queued as ID` reply.
+fn stored_record(h: &Harness, reply: &str) -> QueueRecord {
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let id = reply.trim_end().rsplit(' ').next().unwrap();
+    h.shared.spool.read_record(id).unwrap()
+}
+
+#[tokio::test]
+async fn dkim_signs_for_the_from_domain_the_user_owns() {
+    use crate::dkim::keys::{Algorithm, generate};
+    let h = harness(|c| c.limits.messages_per_hour = 0);
+    let dir = h.shared.config.dkim_dir.clone();
+    generate(&dir, "example.com", Algorithm::Ed25519, Some("ed")).unwrap();
+    assert_eq!(h.shared.dkim.reload().unwrap(), 1);
+    let msg = |from: &str, body: &str| {
+        format!("From: {from}\r\nTo: r@example.net\r\nSubject: s\r\n\r\n{body}")
+    };
+    let mut c = h.authed("alice", "alice-pw").await;
+
+    // Her own From: signed for its domain, after Message-ID and Date were
+    // added (both in h=).
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            &msg("alice@example.com", "hi\r\n"),
+        )
+        .await;
+    let rec = stored_record(&h, &r);
+    let sig = rec.dkim_signature.clone().expect("signed");
+    assert!(
+        sig.starts_with(
+            "DKIM-Signature: v=1; a=ed25519-sha256; s=ed; d=example.com; c=relaxed/relaxed;"
+        ),
+        "{sig}"
+    );
+    let h_tag: String = sig
+        .split("h=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    for f in ["Date", "Message-ID", "Subject", "To", "From"] {
+        assert!(h_tag.split(':').any(|x| x == f), "{f} not in h={h_tag}");
+    }
+    assert_eq!(
+        h_tag.split(':').filter(|x| *x == "From").count(),
+        2,
+        "From oversigned: {h_tag}"
+    );
+    let body_len = h.shared.spool.read_body(&rec.id).unwrap().len() as u64;
+    assert_eq!(rec.size, body_len + sig.len() as u64);
+    // `queue show` gives the message as sent: signature first.
+    let (_, shown) =
+        crate::queue::show(h.shared.spool.queue_dir().parent().unwrap(), &rec.id).unwrap();
+    assert!(shown.starts_with(sig.as_bytes()));
+
+    // No key for example.org: unsigned, no error.
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            &msg("a@example.org", "hi\r\n"),
+        )
+        .await;
+    assert_eq!(stored_record(&h, &r).dkim_signature, None);
+
+    // A reload brings example.org's key in; a body far past SPILL_AT
+    // (streamed to disk) is signed as it streams.
+    generate(&dir, "example.org", Algorithm::Rsa, Some("rsa")).unwrap();
+    assert_eq!(h.shared.dkim.reload().unwrap(), 2);
+    let big = "x".repeat(900) + "\r\n";
+    let r = c
+        .send_mail(
+            "alice@example.com",
+            &["r@example.net"],
+            &msg("a@example.org", &big.repeat(300)),
+        )
+        .await;
+    let rec = stored_record(&h, &r);
+    assert!(rec.size > 256 * 1024);
+    let sig = rec.dkim_signature.expect("signed");
+    assert!(sig.contains("a=rsa-sha256; s=rsa; d=example.org;"), "{sig}");
+    assert_eq!(h.shared.stats.snapshot().messages_signed, 2);
+
+    // A `header_from = "any"` user writing example.org's From: gets the
+    // envelope's domain (list@example.com), never example.org's key.
+    let mut l = h.authed("list", "list-pw").await;
+    let r = l
+        .send_mail(
+            "list@example.com",
+            &["r@example.net"],
+            &msg("boss@example.org", "hi\r\n"),
+        )
+        .await;
+    let sig = stored_record(&h, &r).dkim_signature.expect("signed");
+    assert!(sig.contains("; d=example.com;"), "{sig}");
+    // Its own From: is its own domain, as for anyone.
+    let r = l
+        .send_mail(
+            "list@example.com",
+            &["r@example.net"],
+            &msg("list@example.com", "hi\r\n"),
+        )
+        .await;
+    let sig = stored_record(&h, &r).dkim_signature.expect("signed");
+    assert!(sig.contains("; d=example.com;"), "{sig}");
 }

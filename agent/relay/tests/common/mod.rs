@@ -93,6 +93,8 @@ impl Lab {
             tls_key: self.key.clone(),
             users_file: self.users.clone(),
             spool_dir: self.spool.clone(),
+            // The lab's own (empty unless a test adds keys), never the host's.
+            dkim_dir: self.dir.path().join("dkim"),
             upstream: sink_port.map(|p| UpstreamConfig {
                 host: "127.0.0.1".into(),
                 port: p,
