@@ -478,7 +478,7 @@ impl Agent {
             .context("loading a datapath with bigger tables")?;
         // The policy of now, in the new maps, before any program swap.
         let current = self.allowlist.compile();
-        next.install(&current)?;
+        apply_settings(&mut next, &self.config, &self.allowlist, &current)?;
         for p in &self.points {
             match &p.down {
                 None => next

@@ -494,9 +494,10 @@ impl Datapath {
 
     /// A datapath like this one but with tables of room for `needed`
     /// nodes: a new instance of the programs with fresh, bigger maps (pinned
-    /// in place of these), holding the same settings, ports and intercept
-    /// listeners. Nothing is attached: the caller installs the table and
-    /// attaches it at every point, which swaps the programs into the pinned
+    /// in place of these), holding the same settings (relay port and cgroup
+    /// included) and intercept listeners. Nothing is attached: the caller
+    /// writes the policy (ports, actions, exceptions, table) and attaches it
+    /// at every point, which swaps the programs into the pinned
     /// links one by one (BPF_LINK_UPDATE, as an upgrade does). Until a
     /// link is swapped it keeps running the old programs on the old maps,
     /// so every packet meets one whole policy or the other.
@@ -508,15 +509,6 @@ impl Datapath {
             ..self.settings
         };
         next.write_settings()?;
-        let words: Vec<u64> = (0..PORT_WORDS)
-            .map(|i| self.ports.get(&i, 0))
-            .collect::<Result<_, _>>()
-            .map_err(map_err("reading the ports map"))?;
-        for (i, w) in (0..PORT_WORDS).zip(words) {
-            next.ports
-                .set(i, w, 0)
-                .map_err(map_err("writing the ports map"))?;
-        }
         for (i, l) in &self.relay_listeners {
             next.relay
                 .set(*i, l, 0)
@@ -528,12 +520,6 @@ impl Datapath {
             next.relay_listeners.push((*i, clone));
         }
         next.tc_mode = self.tc_mode;
-        let exceptions: Vec<_> = self
-            .installed_exceptions
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        next.write_exceptions(exceptions)?;
         Ok(next)
     }
 
@@ -556,16 +542,8 @@ impl Datapath {
                 let key = common::exceptions::key_data(family, &bytes);
                 ((8 + u32::from(net.prefix_len()), key), ports)
             })
-            .collect();
-        self.write_exceptions(wanted)
-    }
-
-    fn write_exceptions(
-        &mut self,
-        wanted: Vec<((u32, common::exceptions::ExceptionKey), ExceptionPorts)>,
-    ) -> Result<(), DatapathError> {
+            .collect::<BTreeMap<_, _>>();
         use aya::maps::lpm_trie::Key;
-        let wanted: BTreeMap<_, _> = wanted.into_iter().collect();
         for (k, v) in &wanted {
             if self.installed_exceptions.get(k) != Some(v) {
                 self.exceptions

@@ -56,9 +56,7 @@ pub struct Event {
     pub pid: u32,
     pub sport: u16,
     pub dport: u16,
-    /// Events this CPU has left out in all because its per-second budget
-    /// was spent ([`EVENT_BUDGET`]).
-    pub unlogged: u32,
+    pub _pad: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub comm: [u8; 16],
@@ -85,7 +83,7 @@ pub const TOP_ENTRIES: u32 = 4096;
 ///
 /// The per-source limit alone does not bound the total: a flood of SYNs
 /// from 50 000 spoofed sources made the agent log 80 % of them (issue 15).
-/// What is left out is counted ([`Event::unlogged`]), and `top` and the
+/// What is left out is counted ([`Budget::unlogged`]), and `top` and the
 /// counters still see every attempt.
 pub const EVENT_BUDGET: u32 = 50;
 

@@ -201,22 +201,18 @@ fn covers(key: &LpmKey<ExceptionKey>, dport: u16) -> bool {
     }
 }
 
-/// [`excepted_packet`] for a connect(): the destination words as the
-/// context holds them (IPv4 in `ip4`, or IPv6, or IPv4-mapped IPv6).
+/// [`excepted_packet`] for a connect(): `dst` as [`connect_dst`] gives it.
 #[inline(always)]
-fn excepted_connect(ip4: u32, ip6: [u32; 4], v6: bool, mapped: bool, dport: u16) -> bool {
+fn excepted_connect(dst: &[u8; 16], v6: bool, dport: u16) -> bool {
     let mut key = LpmKey::new(0, [0u8; 17]);
-    if v6 && !mapped {
+    if v6 {
         key.prefix_len = 8 + 128;
         key.data[0] = 6;
-        for (i, w) in ip6.iter().enumerate() {
-            key.data[1 + i * 4..5 + i * 4].copy_from_slice(&w.to_ne_bytes());
-        }
+        key.data[1..17].copy_from_slice(dst);
     } else {
-        let w = if v6 { ip6[3] } else { ip4 };
         key.prefix_len = 8 + 32;
         key.data[0] = 4;
-        key.data[1..5].copy_from_slice(&w.to_ne_bytes());
+        key.data[1..5].copy_from_slice(&dst[..4]);
     }
     covers(&key, dport)
 }
@@ -714,7 +710,8 @@ fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
         Standing::NotAllowlisted
     };
     if standing == Standing::NotAllowlisted && cfg.exceptions != 0 {
-        if excepted_connect(dst4, dst6, v6, family == Family::Ipv4, port) {
+        let dst = connect_dst(dst4, dst6, v6, family == Family::Ipv4);
+        if excepted_connect(&dst, family == Family::Ipv6, port) {
             // Counted by the egress program, which sees the SYN.
             return ALLOW;
         }

@@ -102,7 +102,7 @@ pub fn denied(key: &SourceKey, verdict: Verdict, who: &Who, fill: impl FnOnce(&m
         pid: who.pid,
         sport: 0,
         dport: 0,
-        unlogged: unlogged(),
+        _pad: 0,
         src: key.addr,
         dst: [0; 16],
         comm: who.comm,
@@ -134,14 +134,4 @@ fn budget(now: u64) -> bool {
         (*b).sent += 1;
     }
     true
-}
-
-/// What this CPU has left out in all. Never reset here: the agent reads
-/// the sum over the CPUs each second and logs what it had not reported.
-#[inline(always)]
-fn unlogged() -> u32 {
-    match SMTPGATE_EVENT_BUDGET.get(0) {
-        Some(b) => b.unlogged,
-        None => 0,
-    }
 }
