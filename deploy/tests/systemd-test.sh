@@ -310,7 +310,12 @@ if ctr smtpgate --help | grep -qE '^ +user' && command -v openssl >/dev/null; th
     # listener and policy routes (netlink), all under the unit's sandbox.
     # No path keys in [relay]: the built-in defaults (users file, spool, TLS
     # files) must be what the package created and the unit lets it use.
-    sed -i 's/^action = "reject"/action = "redirect"/' "$work/rootfs/etc/smtpgate/smtpgate.toml"
+    # Redirect steers port 25 only (465/587 and the like get the fallback,
+    # reject), so this step needs 25 in ports: it assumes no agent on this
+    # host enforces port 25 at the root cgroup (as in CI), whose programs
+    # would judge the probe first.
+    sed -i -e 's/^action = "reject"/action = "redirect"/' -e 's/^ports = \[2525\]/ports = [25, 2525]/' \
+        "$work/rootfs/etc/smtpgate/smtpgate.toml"
     cat >> "$work/rootfs/etc/smtpgate/smtpgate.toml" <<'EOF'
 
 [relay]
@@ -338,10 +343,19 @@ print(s.recv(512).decode().strip())" 2>&1) || fail "relay on $port: $banner ($(j
     # A denied connection from a process in the container lands in the relay.
     got=$(ctr systemd-run --wait --pipe --quiet python3 -c "
 import socket
-s = socket.create_connection(('192.0.2.1', 2525), timeout=5)
+s = socket.create_connection(('192.0.2.1', 25), timeout=5)
 print(s.recv(512).decode().strip())" 2>&1) || fail "redirected connect failed: $got ($(journal | tail -5))"
     [[ $got == 220* ]] || fail "redirected connect got: $got"
-    ok "action = redirect: a denied connect lands in the relay: ${got:0:40}"
+    ok "action = redirect: a denied connect to port 25 lands in the relay: ${got:0:40}"
+    # Another SMTP port is not redirected: it gets the fallback, reject.
+    got=$(ctr systemd-run --wait --pipe --quiet python3 -c "
+import socket
+try:
+    socket.create_connection(('192.0.2.1', 2525), timeout=5); print('connected')
+except OSError as e:
+    print(e.errno)" 2>&1)
+    [[ $got == 1 ]] || fail "port 2525 under redirect should get EPERM (the fallback), got: $got"
+    ok "action = redirect: port 2525 gets the fallback (EPERM)"
     cp "$work/good.toml" "$work/rootfs/etc/smtpgate/smtpgate.toml"
     # Admin-made files survive purge by design; these are the test's own.
     rm "$work/rootfs/etc/smtpgate/relay.key" "$work/rootfs/etc/smtpgate/relay.crt"

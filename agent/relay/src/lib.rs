@@ -59,7 +59,7 @@ use tokio::task::JoinHandle;
 pub use config::{
     ConfigError, LimitsConfig, MxTls, RelayConfig, RetryConfig, UpstreamConfig, UpstreamTls,
 };
-pub use lookup::ResolverError;
+pub use lookup::{ResolverError, resolver_builder};
 pub use session::ListenerKind;
 pub use stats::{LatencySnapshot, RelayStats, StatsSnapshot};
 pub use tls::TlsError;

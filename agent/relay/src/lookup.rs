@@ -33,6 +33,49 @@ pub enum ResolverError {
         #[source]
         source: NetError,
     },
+    #[error("setting up the DNS resolver's TLS config: {message}")]
+    Tls { message: String },
+}
+
+/// A resolver builder for `nameservers` (`ip:port`, UDP and TCP), or for the
+/// system's /etc/resolv.conf when there are none: the one place the relay
+/// and the agent's name sources make theirs.
+///
+/// It is given a TLS client config of its own. mail-auth's `ring` feature
+/// switches hickory's DNS-over-TLS support on for the whole build, and
+/// hickory then loads the system's CA certificates when it builds a
+/// resolver: where there are none (a minimal container image), building
+/// failed. Neither resolver speaks DNS over TLS, so no roots is the honest
+/// config.
+pub fn resolver_builder(
+    nameservers: &[SocketAddr],
+) -> Result<hickory_resolver::ResolverBuilder<TokioRuntimeProvider>, ResolverError> {
+    let provider = TokioRuntimeProvider::default();
+    let builder = if nameservers.is_empty() {
+        TokioResolver::builder(provider).map_err(|source| ResolverError::System { source })?
+    } else {
+        let servers = nameservers
+            .iter()
+            .map(|ns| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = ns.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = ns.port();
+                NameServerConfig::new(ns.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ResolverError::Tls {
+        message: e.to_string(),
+    })?
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    Ok(builder.with_tls_config(tls))
 }
 
 /// Why a name could not be resolved.
@@ -90,31 +133,14 @@ impl Resolver {
         timeout: Duration,
         attempts: usize,
     ) -> Result<Self, ResolverError> {
-        let provider = TokioRuntimeProvider::default();
-        let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder(provider).map_err(|source| ResolverError::System { source })?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|ns| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = ns.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = ns.port();
-                    NameServerConfig::new(ns.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            let mut b = TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                provider,
-            );
-            let o = b.options_mut();
+        let mut builder = resolver_builder(nameservers)?;
+        if !nameservers.is_empty() {
+            let o = builder.options_mut();
             o.timeout = timeout;
             o.attempts = attempts;
             o.server_ordering_strategy =
                 hickory_resolver::config::ServerOrderingStrategy::UserProvidedOrder;
-            b
-        };
+        }
         let o: &mut ResolverOpts = builder.options_mut();
         // Both families, IPv4 first: a host whose IPv6 egress is broken
         // still delivers at once instead of after a connect timeout per MX.

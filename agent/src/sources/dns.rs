@@ -16,8 +16,8 @@ use std::{
 
 use hickory_resolver::{
     TokioResolver,
-    config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig as HickoryConfig},
-    net::{DnsError, NetError, runtime::TokioRuntimeProvider},
+    config::ResolveHosts,
+    net::{DnsError, NetError},
     proto::rr::{RData, RecordType},
 };
 use tokio::sync::{Mutex, watch};
@@ -122,24 +122,8 @@ impl Shared {
 }
 
 fn build(s: &ResolverConfig) -> Result<TokioResolver, String> {
-    let provider = TokioRuntimeProvider::default();
-    let mut builder = match &s.nameservers {
-        Some(list) => {
-            let servers = list
-                .iter()
-                .map(|addr| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = addr.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = addr.port();
-                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            TokioResolver::builder_with_config(HickoryConfig::from_name_servers(servers), provider)
-        }
-        None => TokioResolver::builder(provider)
-            .map_err(|e| format!("reading the system's resolver config (/etc/resolv.conf): {e}"))?,
-    };
+    let servers = s.nameservers.clone().unwrap_or_default();
+    let mut builder = smtpgate_relay::resolver_builder(&servers).map_err(|e| e.to_string())?;
     let o = builder.options_mut();
     o.timeout = s.timeout;
     o.attempts = 2;
